@@ -1,0 +1,419 @@
+"""HF transformers GPT-NeoX <-> our Flax GPT-NeoX, through one table used in both directions.
+
+Import reads a HF directory tensor by tensor (safetensors, sharded safetensors, or
+pytorch_model.bin) and places each tensor on the mesh, extending the vocabulary by K image
+rows as HF resize_token_embeddings(T + K) would. Export writes config.json, (sharded)
+model.safetensors and the tokenizer, with the table padding sliced off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from llmcxr_jax import sharding, vocab
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
+from llmcxr_jax.vocab import SpecialTokens, VocabLayout
+
+Shape = Callable[[GPTNeoXConfig], tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One tensor: Flax path (per layer for 'layers.{i}.'), HF key, and how the layout differs.
+
+    to Flax: (transpose if asked) then reshape to flax_shape; to HF: the inverse.
+    vocab rows (embeddings and head) are resized to T + K and padded to the stored table size.
+    """
+
+    flax: str
+    hf: str
+    flax_shape: Shape
+    hf_shape: Shape
+    transpose: bool = False
+    vocab_rows: bool = False
+    needs_bias: bool = False  # present only when config.attention_bias
+    hf_aliases: tuple[str, ...] = ()
+
+    def per_layer(self) -> bool:
+        return "{i}" in self.flax
+
+
+def _e(c): return c.hidden_size
+def _rows(c): return c.padded_vocab_size
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("embed_in.embedding", "gpt_neox.embed_in.weight",
+         lambda c: (_rows(c), _e(c)), lambda c: (c.vocab_size, _e(c)), vocab_rows=True),
+    Rule("embed_out.kernel", "embed_out.weight",
+         lambda c: (_e(c), _rows(c)), lambda c: (c.vocab_size, _e(c)), transpose=True, vocab_rows=True,
+         hf_aliases=("lm_head.weight",)),
+    Rule("final_layer_norm.scale", "gpt_neox.final_layer_norm.weight", lambda c: (_e(c),), lambda c: (_e(c),)),
+    Rule("final_layer_norm.bias", "gpt_neox.final_layer_norm.bias", lambda c: (_e(c),), lambda c: (_e(c),)),
+    Rule("layers.{i}.input_layernorm.scale", "gpt_neox.layers.{i}.input_layernorm.weight",
+         lambda c: (_e(c),), lambda c: (_e(c),)),
+    Rule("layers.{i}.input_layernorm.bias", "gpt_neox.layers.{i}.input_layernorm.bias",
+         lambda c: (_e(c),), lambda c: (_e(c),)),
+    Rule("layers.{i}.post_attention_layernorm.scale", "gpt_neox.layers.{i}.post_attention_layernorm.weight",
+         lambda c: (_e(c),), lambda c: (_e(c),)),
+    Rule("layers.{i}.post_attention_layernorm.bias", "gpt_neox.layers.{i}.post_attention_layernorm.bias",
+         lambda c: (_e(c),), lambda c: (_e(c),)),
+    # HF's fused rows are ordered (head, q/k/v, head_dim): a plain reshape recovers the heads.
+    Rule("layers.{i}.attention.query_key_value.kernel", "gpt_neox.layers.{i}.attention.query_key_value.weight",
+         lambda c: (_e(c), c.num_heads, 3, c.head_dim), lambda c: (3 * _e(c), _e(c)), transpose=True),
+    Rule("layers.{i}.attention.query_key_value.bias", "gpt_neox.layers.{i}.attention.query_key_value.bias",
+         lambda c: (c.num_heads, 3, c.head_dim), lambda c: (3 * _e(c),), needs_bias=True),
+    Rule("layers.{i}.attention.dense.kernel", "gpt_neox.layers.{i}.attention.dense.weight",
+         lambda c: (c.num_heads, c.head_dim, _e(c)), lambda c: (_e(c), _e(c)), transpose=True),
+    Rule("layers.{i}.attention.dense.bias", "gpt_neox.layers.{i}.attention.dense.bias",
+         lambda c: (_e(c),), lambda c: (_e(c),), needs_bias=True),
+    Rule("layers.{i}.mlp.dense_h_to_4h.kernel", "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight",
+         lambda c: (_e(c), c.intermediate_size), lambda c: (c.intermediate_size, _e(c)), transpose=True),
+    Rule("layers.{i}.mlp.dense_h_to_4h.bias", "gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias",
+         lambda c: (c.intermediate_size,), lambda c: (c.intermediate_size,)),
+    Rule("layers.{i}.mlp.dense_4h_to_h.kernel", "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight",
+         lambda c: (c.intermediate_size, _e(c)), lambda c: (_e(c), c.intermediate_size), transpose=True),
+    Rule("layers.{i}.mlp.dense_4h_to_h.bias", "gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias",
+         lambda c: (_e(c),), lambda c: (_e(c),)),
+)
+
+
+def active_rules(cfg: GPTNeoXConfig) -> list[Rule]:
+    return [r for r in RULES if cfg.attention_bias or not r.needs_bias]
+
+
+def expand(cfg: GPTNeoXConfig) -> Iterator[tuple[Rule, int | None, str, str]]:
+    """(rule, layer, flax path, hf key) for every tensor of this config."""
+    for rule in active_rules(cfg):
+        layers = range(cfg.num_layers) if rule.per_layer() else [None]
+        for i in layers:
+            yield rule, i, rule.flax.format(i=i), rule.hf.format(i=i)
+
+
+def hf_to_flax(rule: Rule, cfg: GPTNeoXConfig, t: np.ndarray) -> np.ndarray:
+    """One HF tensor (vocab rows already resized to T + K) -> Flax layout (rows padded)."""
+    if rule.vocab_rows:
+        t = np.concatenate([t, np.zeros((cfg.padded_vocab_size - t.shape[0],) + t.shape[1:], t.dtype)])
+    if rule.transpose:
+        t = t.T
+    return t.reshape(rule.flax_shape(cfg))
+
+
+def flax_to_hf(rule: Rule, cfg: GPTNeoXConfig, a: np.ndarray) -> np.ndarray:
+    """One Flax tensor -> HF layout with the padded rows sliced off."""
+    hf = rule.hf_shape(cfg)
+    if rule.vocab_rows:
+        hf = (cfg.padded_vocab_size,) + hf[1:]
+    a = a.reshape(hf[::-1]).T if rule.transpose else a.reshape(hf)
+    return a[: cfg.vocab_size] if rule.vocab_rows else a
+
+
+# ---------------------------------------------------------------- reading HF directories
+
+
+class HFCheckpointReader:
+    """Tensor-by-tensor access to model.safetensors, sharded safetensors, or pytorch_model.bin."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._where: dict[str, str] = {}
+        self._torch_cache: tuple[str, dict] | None = None
+        st_index = os.path.join(directory, "model.safetensors.index.json")
+        bin_index = os.path.join(directory, "pytorch_model.bin.index.json")
+        if os.path.isfile(st_index) or os.path.isfile(bin_index):
+            index = st_index if os.path.isfile(st_index) else bin_index
+            with open(index) as f:
+                self._where = {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+        elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+            self._index_file(os.path.join(directory, "model.safetensors"))
+        elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+            self._index_file(os.path.join(directory, "pytorch_model.bin"))
+        else:
+            raise FileNotFoundError(f"{directory} holds no model.safetensors, *.safetensors.index.json or "
+                                    "pytorch_model.bin; give a HF GPT-NeoX directory")
+        for path in set(self._where.values()):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"weight file {path} named by the index is missing")
+
+    def _index_file(self, path: str) -> None:
+        for k in self._file_keys(path):
+            self._where[k] = path
+
+    @staticmethod
+    def _file_keys(path: str) -> list[str]:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="np") as f:
+                return list(f.keys())
+        return list(_torch_load(path).keys())
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, key: str) -> np.ndarray:
+        path = self._where[key]
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="np") as f:
+                return np.asarray(f.get_tensor(key))
+        if self._torch_cache is None or self._torch_cache[0] != path:
+            self._torch_cache = (path, _torch_load(path))
+        return self._torch_cache[1][key].float().numpy()
+
+
+def _torch_load(path: str) -> dict:
+    import torch  # only .bin checkpoints need torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"HF model directory {directory} does not exist")
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no config.json; give a HF GPT-NeoX directory")
+    with open(path) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt_neox":
+        raise ValueError(f"{path} describes model_type {hf.get('model_type')!r}, not 'gpt_neox'")
+    return hf
+
+
+def rotary_from_hf(hf: dict[str, Any]) -> tuple[float, float]:
+    """(rotary_pct, rotary_base) from transformers 5 rope_parameters or 4.x rotary_pct/rotary_emb_base."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; only default RoPE")
+    pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))  # HF's defaults when absent
+    base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
+    return float(pct), float(base)
+
+
+def model_config_from_hf(hf: dict[str, Any], layout: VocabLayout, *, dtype: str, param_dtype: str,
+                         scan_layers: bool, remat_policy: str) -> GPTNeoXConfig:
+    pct, base = rotary_from_hf(hf)
+    return GPTNeoXConfig(
+        vocab_size=layout.size, padded_vocab_size=layout.padded_size, hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"], rotary_pct=pct, rotary_base=base,
+        max_position_embeddings=hf["max_position_embeddings"], layer_norm_eps=hf["layer_norm_eps"],
+        use_parallel_residual=hf.get("use_parallel_residual", True), attention_bias=hf.get("attention_bias", True),
+        hidden_act=hf.get("hidden_act", "gelu"), initializer_range=hf.get("initializer_range", 0.02),
+        dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
+
+
+def hf_config_from_model(cfg: GPTNeoXConfig, base: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
+    """config.json for an export; readable by transformers 4.x and 5.x."""
+    hf = dict(base or {})
+    for k in ("rope_scaling", "_name_or_path", "torch_dtype"):
+        hf.pop(k, None)
+    hf.update({
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": cfg.hidden_act,
+        "rotary_pct": cfg.rotary_pct, "rotary_emb_base": cfg.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base,
+                            "partial_rotary_factor": cfg.rotary_pct},
+        "max_position_embeddings": cfg.max_position_embeddings, "layer_norm_eps": cfg.layer_norm_eps,
+        "use_parallel_residual": cfg.use_parallel_residual, "attention_bias": cfg.attention_bias,
+        "initializer_range": cfg.initializer_range, "tie_word_embeddings": False, "dtype": dtype,
+    })
+    return hf
+
+
+# ---------------------------------------------------------------- import
+
+
+@dataclasses.dataclass
+class ImportedLM:
+    model: GPTNeoXForCausalLM
+    config: GPTNeoXConfig
+    layout: VocabLayout
+    special: SpecialTokens | None
+    tokenizer: Any  # tokenizers.Tokenizer or None
+    tokenizer_config: dict[str, Any] | None
+    hf_config: dict[str, Any]
+
+
+NEW_ROW_INITS = ("normal", "mean")
+
+
+def resize_vocab_rows(old: np.ndarray, rows: int, init: str, std: float, rng: np.random.Generator) -> np.ndarray:
+    """HF resize_token_embeddings(rows): keep the first min(old, rows) rows, initialise the rest."""
+    if init not in NEW_ROW_INITS:
+        raise ValueError(f"new-row init {init!r} is not one of {NEW_ROW_INITS}")
+    keep = min(old.shape[0], rows)
+    extra = rows - keep
+    if extra == 0:
+        return old[:rows]
+    if init == "normal":
+        new = rng.normal(0.0, std, size=(extra, old.shape[1])).astype(np.float32)
+    else:
+        new = np.broadcast_to(old.astype(np.float64).mean(0), (extra, old.shape[1])).astype(np.float32)
+    return np.concatenate([old[:keep].astype(np.float32), new])
+
+
+def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "normal", seed: int = 0,
+              dtype: str = "bfloat16", param_dtype: str = "float32", scan_layers: bool = False,
+              remat_policy: str = "none", progress: Callable[[str], None] | None = None) -> ImportedLM:
+    """A HF GPT-NeoX directory -> our model with K image rows, each tensor placed on `mesh`."""
+    hf = read_hf_config(directory)
+    reader = HFCheckpointReader(directory)
+    tok = special = tok_cfg = None
+    if vocab.has_tokenizer(directory):
+        tok, special, tok_cfg = vocab.load_tokenizer(directory)
+        text_size = vocab.text_size(tok)
+    else:
+        text_size = int(hf["vocab_size"])
+    layout = VocabLayout.create(text_size, image_codes, mesh.shape["tensor"])
+    cfg = model_config_from_hf(hf, layout, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                               remat_policy=remat_policy)
+    table_rows = int(hf["vocab_size"])
+    rng = np.random.default_rng(seed)
+    graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
+    shardings = sharding.param_shardings(params, mesh).to_pure_dict()
+    pure = params.to_pure_dict()
+    available = reader.keys()
+    per_layer: dict[str, list[jax.Array]] = {}
+    for rule, layer, flax_path, hf_key in expand(cfg):
+        key = _find_key(hf_key, rule, available, hf)
+        t = reader.get(key).astype(np.float32)
+        expected = rule.hf_shape(cfg)
+        if rule.vocab_rows:
+            expected = (table_rows,) + expected[1:]
+        if t.shape != expected:
+            raise ValueError(f"tensor {key} has shape {t.shape}, config.json implies {expected}")
+        if rule.vocab_rows:
+            t = resize_vocab_rows(t, layout.size, new_rows, cfg.initializer_range, rng)
+        a = hf_to_flax(rule, cfg, t).astype(cfg.weight_dtype)
+        if layer is not None and cfg.scan_layers:
+            path = rule.flax.replace("{i}.", "")
+            sh = _get(shardings, path)
+            per_sh = NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+            per_layer.setdefault(path, []).append(_place(a, per_sh))
+            if len(per_layer[path]) == cfg.num_layers:
+                _set(pure, path, _stack(per_layer.pop(path), sh))
+        else:
+            _set(pure, flax_path, _place(a, _get(shardings, flax_path)))
+        if progress:
+            progress(key)
+    params.replace_by_pure_dict(pure)
+    model = nnx.merge(graphdef, params)
+    return ImportedLM(model=model, config=cfg, layout=layout, special=special, tokenizer=tok,
+                      tokenizer_config=tok_cfg, hf_config=hf)
+
+
+def _find_key(hf_key: str, rule: Rule, available: set[str], hf: dict[str, Any]) -> str:
+    for k in (hf_key,) + rule.hf_aliases:
+        if k in available:
+            return k
+    if rule.flax.startswith("embed_out") and hf.get("tie_word_embeddings") and "gpt_neox.embed_in.weight" in available:
+        return "gpt_neox.embed_in.weight"
+    raise KeyError(f"checkpoint has no tensor {hf_key}; is it a GPTNeoXForCausalLM checkpoint?")
+
+
+def _place(a: np.ndarray, sh: NamedSharding) -> jax.Array:
+    """Host array -> global array; every process reads the same file, each keeps its shards."""
+    return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+
+def _stack(parts: list[jax.Array], sh: NamedSharding) -> jax.Array:
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sh)(*parts)
+
+
+def _key(part: str):
+    return int(part) if part.isdigit() else part
+
+
+def _get(tree: dict, path: str):
+    for p in path.split("."):
+        tree = tree[_key(p)]
+    return tree
+
+
+def _set(tree: dict, path: str, value) -> None:
+    parts = path.split(".")
+    _get(tree, ".".join(parts[:-1]))[_key(parts[-1])] = value
+
+
+# ---------------------------------------------------------------- export
+
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+
+
+def hf_tensors(model: GPTNeoXForCausalLM, dtype: str) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
+    """(HF key, loader, bytes) per tensor; the loader converts to float32, then casts to `dtype`."""
+    cfg = model.cfg
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    np_dtype = EXPORT_DTYPES[dtype]
+
+    def loader(rule, layer, flax_path):
+        def load():
+            if layer is not None and cfg.scan_layers:
+                a = _get(pure, rule.flax.replace("{i}.", ""))[layer]
+            else:
+                a = _get(pure, flax_path)
+            a = np.asarray(jax.device_get(a)).astype(np.float32)
+            return np.ascontiguousarray(flax_to_hf(rule, cfg, a).astype(np_dtype))
+        return load
+
+    for rule, layer, flax_path, hf_key in expand(cfg):
+        nbytes = int(np.prod(rule.hf_shape(cfg))) * np.dtype(np_dtype).itemsize
+        yield hf_key, loader(rule, layer, flax_path), nbytes
+
+
+def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32", hf_config: dict | None = None,
+              tokenizer=None, tokenizer_config: dict | None = None, special: SpecialTokens | None = None,
+              max_shard_bytes: int = 5 * 1024 ** 3, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Write a HF GPT-NeoX directory that AutoModelForCausalLM.from_pretrained loads.
+
+    Tensors go to model.safetensors, or to model-0000N-of-0000M.safetensors plus an index when
+    they exceed max_shard_bytes; one shard's tensors are in host memory at a time.
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
+    size = 0
+    for item in hf_tensors(model, dtype):
+        if shards[-1] and size + item[2] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[2]
+    total = len(shards)
+    names = ["model.safetensors"] if total == 1 else [
+        f"model-{n:05d}-of-{total:05d}.safetensors" for n in range(1, total + 1)]
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for key, load, _ in shard:
+            tensors[key] = load()
+            if progress:
+                progress(key)
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        del tensors
+    if total > 1:
+        index = {"metadata": {"total_size": sum(n for shard in shards for _, _, n in shard)},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k, _, _ in shard}}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    config = hf_config_from_model(model.cfg, hf_config, dtype)
+    if special is not None:
+        config.update(eos_token_id=special.eos_id, pad_token_id=special.pad_id)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        vocab.save_tokenizer(tokenizer, tokenizer_config or {}, out_dir)
+    return names

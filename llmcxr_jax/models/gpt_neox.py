@@ -1,0 +1,386 @@
+"""GPT-NeoX causal LM in Flax NNX, computing exactly what HF GPTNeoXForCausalLM computes.
+
+Module attribute names follow HF (embed_in, layers, attention.query_key_value, mlp.dense_h_to_4h,
+final_layer_norm, embed_out) so convert/hf_gpt_neox.py is one declarative table. Every Param
+carries `logical_axes`; sharding.py maps them to the mesh. Norms, softmax and logits run in
+float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from llmcxr_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTNeoXConfig:
+    """Shapes and numerics of the LM. Every field is explicit: configs/ supply the values."""
+
+    vocab_size: int  # real rows, T + K; logits at ids >= vocab_size are -inf
+    padded_vocab_size: int  # stored rows (VocabLayout.padded_size)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    rotary_pct: float
+    rotary_base: float
+    max_position_embeddings: int
+    layer_norm_eps: float
+    use_parallel_residual: bool
+    attention_bias: bool
+    hidden_act: str
+    initializer_range: float
+    dtype: str
+    param_dtype: str
+    scan_layers: bool
+    remat_policy: str
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_act != "gelu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; GPT-NeoX/Pythia/Dolly use 'gelu'")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> "GPTNeoXConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTNeoXConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"model config lacks {sorted(missing)}")
+        return cls(**{k: d[k] for k in names})
+
+
+@struct.dataclass
+class KVCache:
+    """Decoding cache for all layers. key/value: [layers, batch, max_len, heads, head_dim]."""
+
+    key: jax.Array
+    value: jax.Array
+    valid: jax.Array  # [batch, max_len] bool: positions holding a real (non-pad) token
+    index: jax.Array  # int32 scalar: next write position
+
+    @classmethod
+    def create(cls, config: GPTNeoXConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
+        zeros = jnp.zeros(shape, config.compute_dtype)
+        return cls(key=zeros, value=zeros, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _normal(std):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
+        self.eps = cfg.layer_norm_eps
+        self.scale = _param(rngs, _ones, (cfg.hidden_size,), cfg.weight_dtype, ("norm",))
+        self.bias = _param(rngs, _zeros, (cfg.hidden_size,), cfg.weight_dtype, ("norm",))
+
+    def __call__(self, x, out_dtype):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
+        return y.astype(out_dtype)
+
+
+def rotary_tables(positions: jax.Array, rotary_ndims: int, base: float):
+    """positions [batch, length] -> cos, sin [batch, length, rotary_ndims] (float32)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_ndims, 2, dtype=jnp.float32) / rotary_ndims))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, length, heads, head_dim]; rotates the first cos.shape[-1] dims, GPT-NeoX style."""
+    nd = cos.shape[-1]
+    if nd == 0:
+        return x
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    rot, rest = x[..., :nd], x[..., nd:]
+    half = nd // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, d, e, w = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.weight_dtype
+        std = cfg.initializer_range
+        # HF fuses q, k, v per head: output feature (head, part, dim) with part in (q, k, v).
+        self.query_key_value = nnx.Dict(
+            kernel=_param(rngs, _normal(std), (e, h, 3, d), w, ("embed", "heads", "qkv", "head_dim")))
+        self.dense = nnx.Dict(kernel=_param(rngs, _normal(std), (h, d, e), w, ("heads", "head_dim", "embed")))
+        if cfg.attention_bias:
+            self.query_key_value["bias"] = _param(rngs, _zeros, (h, 3, d), w, ("heads", "qkv", "head_dim"))
+            self.dense["bias"] = _param(rngs, _zeros, (e,), w, ("norm",))
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        """x [batch, q_len, embed]; mask [batch, q_len, kv_len] bool.
+
+        Without a cache, keys are x's own; with one, this step's keys are written at cache_index
+        and attention runs over the whole cache. Returns (out, (k, v) for the cache or None).
+        """
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        qkv = jnp.einsum("bse,ehtd->bshtd", x, self.query_key_value["kernel"].get_value().astype(dt))
+        if cfg.attention_bias:
+            qkv = qkv + self.query_key_value["bias"].get_value().astype(dt)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [batch, length, heads, head_dim]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            new_kv = (k, v)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores * (cfg.head_dim ** -0.5)
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dt))
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
+        out = jnp.einsum("bqhd,hde->bqe", out, self.dense["kernel"].get_value().astype(dt))
+        if cfg.attention_bias:
+            out = out + self.dense["bias"].get_value().astype(dt)
+        return out, new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, m, w, std = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype, cfg.initializer_range
+        self.dense_h_to_4h = nnx.Dict(kernel=_param(rngs, _normal(std), (e, m), w, ("embed", "mlp")),
+                                      bias=_param(rngs, _zeros, (m,), w, ("mlp",)))
+        self.dense_4h_to_h = nnx.Dict(kernel=_param(rngs, _normal(std), (m, e), w, ("mlp", "embed")),
+                                      bias=_param(rngs, _zeros, (e,), w, ("norm",)))
+
+    def __call__(self, x):
+        dt = self.cfg.compute_dtype
+        h = x @ self.dense_h_to_4h["kernel"].get_value().astype(dt) + self.dense_h_to_4h["bias"].get_value().astype(dt)
+        h = jax.nn.gelu(h, approximate=False)
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return h @ self.dense_4h_to_h["kernel"].get_value().astype(dt) + self.dense_4h_to_h["bias"].get_value().astype(dt)
+
+
+class Layer(nnx.Module):
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.input_layernorm = LayerNorm(cfg, rngs)
+        self.post_attention_layernorm = LayerNorm(cfg, rngs)
+        self.attention = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        dt = self.cfg.compute_dtype
+        attn, new_kv = self.attention(self.input_layernorm(x, dt), cos, sin, mask, cache_kv, cache_index)
+        if self.cfg.use_parallel_residual:
+            x = x + attn + self.mlp(self.post_attention_layernorm(x, dt))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x, dt))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_kv
+
+
+def _stacked_layers(cfg: GPTNeoXConfig, rngs: nnx.Rngs) -> Layer:
+    """num_layers Layers with parameters stacked on a leading 'layers' axis (for scan)."""
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+        return Layer(cfg, nnx.Rngs(params=key))
+
+    layers = make(jax.random.split(rngs.params(), cfg.num_layers))
+    for _, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+    return layers
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Left-padded batch: position = number of real tokens before this one (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Packed rows: positions restart at 0 where the segment id changes."""
+    idx = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+    return idx - start_idx
+
+
+class GPTNeoXForCausalLM(nnx.Module):
+    """GPT-NeoX LM. `__call__` for training/scoring, `decode` for KV-cache generation."""
+
+    def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        w, std, e = cfg.weight_dtype, cfg.initializer_range, cfg.hidden_size
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.embed_in = nnx.Dict(embedding=_param(rngs, _normal(std), (cfg.padded_vocab_size, e), w, ("vocab", "embed")))
+        if cfg.scan_layers:
+            self.layers = _stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_layer_norm = LayerNorm(cfg, rngs)
+        self.embed_out = nnx.Dict(kernel=_param(rngs, _normal(std), (e, cfg.padded_vocab_size), w, ("embed", "vocab")))
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """input_ids [batch, length] -> float32 logits [batch, length, padded_vocab].
+
+        attention_mask [batch, length] marks real tokens (left padding); segment_ids [batch,
+        length] (>0 real, 0 pad) packs several sequences per row with no attention across them.
+        Positions default to restarting per segment, or counting real tokens.
+        """
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = segment_ids > 0 if segment_ids is not None else jnp.ones((b, s), bool)
+        attention_mask = attention_mask.astype(bool)
+        if position_ids is None:
+            position_ids = (positions_from_segments(segment_ids) if segment_ids is not None
+                            else positions_from_mask(attention_mask))
+        causal = jnp.tril(jnp.ones((s, s), bool))[None]
+        mask = causal & attention_mask[:, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        x, _ = self._run_layers(input_ids, position_ids, mask, None)
+        return self._logits(x)
+
+    def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None):
+        """Run input_ids [batch, q_len] at cache.index.. over the cache -> (logits, new cache).
+
+        Prefill is a decode of the whole (left-padded) prompt; then one token per call.
+        """
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), bool)
+        attention_mask = attention_mask.astype(bool)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
+        if position_ids is None:
+            # position = real tokens before this one, counting those already in the cache
+            position_ids = positions_from_mask(valid)
+            position_ids = jax.lax.dynamic_slice_in_dim(position_ids, cache.index, s, axis=1)
+        max_len = cache.valid.shape[1]
+        q_idx = cache.index + jnp.arange(s)
+        causal = jnp.arange(max_len)[None, :] <= q_idx[:, None]  # [q_len, max_len]
+        mask = causal[None] & valid[:, None, :]
+        x, (k, v) = self._run_layers(input_ids, position_ids, mask, (cache.key, cache.value, cache.index))
+        new_cache = KVCache(key=k, value=v, valid=valid, index=cache.index + s)
+        return self._logits(x), new_cache
+
+    def _run_layers(self, input_ids, position_ids, mask, cache):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = jnp.take(self.embed_in["embedding"].get_value(), input_ids, axis=0).astype(dt)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        cos, sin = rotary_tables(position_ids, cfg.rotary_ndims, cfg.rotary_base)
+        policy = REMAT_POLICIES[cfg.remat_policy]
+
+        def layer_fn(layer_state, graphdef, x, kv, index):
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, cos, sin, mask, kv, index)
+
+        if cfg.remat_policy != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=policy, static_argnums=(1,))
+
+        index = cache[2] if cache is not None else None
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, xs):
+                layer_state, kv = xs
+                x, new_kv = layer_fn(layer_state, graphdef, x, kv, index)
+                return x, new_kv
+
+            kv_in = (cache[0], cache[1]) if cache is not None else None
+            x, new_kv = jax.lax.scan(body, x, (state, kv_in))
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                graphdef, state = nnx.split(layer)
+                kv = (cache[0][i], cache[1][i]) if cache is not None else None
+                x, out_kv = layer_fn(state, graphdef, x, kv, index)
+                if out_kv is not None:
+                    new_k.append(out_kv[0])
+                    new_v.append(out_kv[1])
+            new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        x = self.final_layer_norm(x, dt)
+        return x, new_kv
+
+    def _logits(self, x):
+        logits = jnp.einsum("bse,ev->bsv", x, self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+            real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+            logits = jnp.where(real, logits, -jnp.inf)
+        return logits
+
+
+def init_model(cfg: GPTNeoXConfig, seed: int) -> GPTNeoXForCausalLM:
+    return GPTNeoXForCausalLM(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: GPTNeoXConfig) -> GPTNeoXForCausalLM:
+    """Shapes, dtypes and metadata without allocating parameters."""
+    return nnx.eval_shape(lambda: GPTNeoXForCausalLM(cfg, nnx.Rngs(params=0)))
+
+
+def count_params(cfg: GPTNeoXConfig) -> int:
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))

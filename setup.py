@@ -1,0 +1,35 @@
+"""Install llmcxr-jax: `pip install -c requirements-lock.txt -e .[test]`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llmcxr-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of LLM-CXR (instruction-tuned LLM that reads and writes chest X-rays)",
+    packages=find_packages(include=["llmcxr_jax", "llmcxr_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch>=2.4",
+            "transformers>=5.0,<6",
+            "diffusers>=0.35",
+        ],
+        "tpu": ["libtpu==0.0.42.*"],
+    },
+    entry_points={"console_scripts": ["llmcxr=llmcxr_jax.cli:main"]},
+)
