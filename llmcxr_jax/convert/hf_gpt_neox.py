@@ -98,6 +98,16 @@ def expand(cfg: GPTNeoXConfig) -> Iterator[tuple[Rule, int | None, str, str]]:
             yield rule, i, rule.flax.format(i=i), rule.hf.format(i=i)
 
 
+def count_tensors(config: GPTNeoXConfig | dict[str, Any]) -> int:
+    """Tensors in a checkpoint of this model config (ours, or a HF config.json dict)."""
+    if isinstance(config, dict):
+        layers, bias = config["num_hidden_layers"], config.get("attention_bias", True)
+    else:
+        layers, bias = config.num_layers, config.attention_bias
+    rules = [r for r in RULES if bias or not r.needs_bias]
+    return sum(layers if r.per_layer() else 1 for r in rules)
+
+
 def hf_to_flax(rule: Rule, cfg: GPTNeoXConfig, t: np.ndarray) -> np.ndarray:
     """One HF tensor (vocab rows already resized to T + K) -> Flax layout (rows padded)."""
     if rule.vocab_rows:

@@ -1,0 +1,111 @@
+"""`llmcxr` command line: parses arguments and calls library functions; nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    def register(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return register
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "KIB": 1024, "MIB": 1024 ** 2, "GIB": 1024 ** 3, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * units[unit])
+    return int(t)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+    return bar, (lambda _key: bar.update(1))
+
+
+@command("import-hf", "HF GPT-NeoX directory -> orbax checkpoint with K image-token rows")
+def import_hf_cmd(args) -> None:
+    from llmcxr_jax import sharding
+    from llmcxr_jax.convert import hf_gpt_neox
+    from llmcxr_jax.train import checkpoint
+
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} is not empty; give a new directory")
+    mesh = sharding.make_mesh(args.mesh)
+    hf = hf_gpt_neox.read_hf_config(args.hf)
+    bar, tick = _progress(hf_gpt_neox.count_tensors(hf), "import")
+    imp = hf_gpt_neox.import_hf(args.hf, args.image_codes, mesh=mesh, new_rows=args.new_rows, seed=args.seed,
+                                dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=args.scan_layers,
+                                remat_policy="none", progress=tick)
+    bar.close()
+    meta = checkpoint.lm_metadata(imp.config, imp.layout, imp.special, mesh, imp.hf_config)
+    checkpoint.save_params(args.out, imp.model, meta, tokenizer=imp.tokenizer, tokenizer_config=imp.tokenizer_config)
+    print(json.dumps({"out": args.out, "text_size": imp.layout.text_size, "image_codes": imp.layout.image_codes,
+                      "vocab_rows": imp.layout.size, "padded_rows": imp.layout.padded_size,
+                      "tokenizer": imp.tokenizer is not None}))
+
+
+@command("export-hf", "orbax checkpoint -> HF GPT-NeoX directory (config, safetensors, tokenizer)")
+def export_hf_cmd(args) -> None:
+    from llmcxr_jax import sharding
+    from llmcxr_jax.convert import hf_gpt_neox
+    from llmcxr_jax.train import checkpoint
+
+    mesh = sharding.make_mesh(args.mesh)
+    lm = checkpoint.load_lm(args.ckpt, mesh)
+    bar, tick = _progress(hf_gpt_neox.count_tensors(lm.config), "export")
+    names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),
+                                  tokenizer=lm.tokenizer, tokenizer_config=lm.tokenizer_config, special=lm.special,
+                                  max_shard_bytes=_size(args.max_shard_size), progress=tick)
+    bar.close()
+    print(json.dumps({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcxr", description="LLM-CXR in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if name == "import-hf":
+            p.add_argument("--hf", required=True, help="HF GPT-NeoX directory (config.json + weights [+ tokenizer])")
+            p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
+            p.add_argument("--image-codes", type=int, default=1024, help="K, the VQ-GAN codebook size (LLM-CXR: 1024)")
+            p.add_argument("--new-rows", choices=("normal", "mean"), default="normal",
+                           help="init of the new rows: normal(0, initializer_range) as LLM-CXR, or the mean row")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--dtype", default="bfloat16", help="compute dtype recorded with the model")
+            p.add_argument("--param-dtype", default="float32", help="stored parameter dtype")
+            p.add_argument("--scan-layers", action="store_true", help="store layers stacked for lax.scan")
+            p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+        elif name == "export-hf":
+            p.add_argument("--ckpt", required=True, help="orbax checkpoint directory")
+            p.add_argument("--out", required=True, help="directory for the HF files")
+            p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+            p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+            p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn, _ = COMMANDS[args.command]
+    try:
+        fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"llmcxr {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""orbax checkpoints of the LM: item "state" ({"params": ...} or a full train state), item
+"metadata" (VocabLayout, model config, special tokens, mesh, the source HF config), and the
+tokenizer files under DIR/tokenizer/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from llmcxr_jax import sharding, vocab
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
+from llmcxr_jax.vocab import SpecialTokens, VocabLayout
+
+STATE, METADATA = "state", "metadata"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class LoadedLM:
+    model: GPTNeoXForCausalLM
+    config: GPTNeoXConfig
+    layout: VocabLayout
+    special: SpecialTokens | None
+    tokenizer: Any
+    tokenizer_config: dict[str, Any] | None
+    metadata: dict[str, Any]
+    step: int
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(directory), item_names=(STATE, METADATA))
+
+
+def lm_metadata(config: GPTNeoXConfig, layout: VocabLayout, special: SpecialTokens | None, mesh: Mesh,
+                hf_config: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "model_config": config.to_dict(),
+        "vocab": layout.to_dict(),
+        "special_tokens": special.to_dict() if special is not None else None,
+        "mesh": {name: int(size) for name, size in mesh.shape.items()},
+        "hf_config": hf_config,
+    }
+
+
+def save_params(directory: str, model: GPTNeoXForCausalLM, metadata: dict[str, Any], *, step: int = 0,
+                tokenizer=None, tokenizer_config: dict[str, Any] | None = None) -> None:
+    """A params-only checkpoint (what import-hf writes)."""
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    with _manager(directory) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave({"params": params}), METADATA: ocp.args.JsonSave(metadata)}))
+        mngr.wait_until_finished()
+    if tokenizer is not None and jax.process_index() == 0:
+        vocab.save_tokenizer(tokenizer, tokenizer_config or {}, os.path.join(directory, TOKENIZER_DIR))
+
+
+def latest_step(directory: str) -> int:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    with _manager(directory) as mngr:
+        step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no orbax checkpoint; give a directory written by "
+                                "`llmcxr import-hf` or `llmcxr train`")
+    return step
+
+
+def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
+    step = latest_step(directory) if step is None else step
+    with _manager(directory) as mngr:
+        return dict(mngr.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
+
+
+def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
+            remat_policy: str | None = None) -> LoadedLM:
+    """Restore params (from a params-only or full train-state checkpoint) sharded onto `mesh`."""
+    step = latest_step(directory) if step is None else step
+    meta = read_metadata(directory, step)
+    config = GPTNeoXConfig.from_dict(meta["model_config"])
+    config = config.replace(dtype=dtype or config.dtype, remat_policy=remat_policy or config.remat_policy)
+    layout = VocabLayout.from_dict(meta["vocab"])
+    layout.check_tensor_parallelism(mesh.shape["tensor"])
+    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
+    shardings = sharding.param_shardings(params, mesh)
+    target = {"params": jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                     params.to_pure_dict(), shardings.to_pure_dict())}
+    with _manager(directory) as mngr:
+        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)}))[STATE]
+    params.replace_by_pure_dict(restored["params"])
+    model = nnx.merge(graphdef, params)
+    tok = tok_cfg = None
+    tok_dir = os.path.join(directory, TOKENIZER_DIR)
+    if vocab.has_tokenizer(tok_dir):
+        tok, _, tok_cfg = vocab.load_tokenizer(tok_dir)
+        if vocab.text_size(tok) != layout.text_size:
+            raise ValueError(f"tokenizer in {tok_dir} has {vocab.text_size(tok)} tokens but the checkpoint's "
+                             f"vocabulary has T = {layout.text_size}; use the tokenizer saved with this checkpoint")
+    special = SpecialTokens.from_dict(meta["special_tokens"]) if meta.get("special_tokens") else None
+    return LoadedLM(model=model, config=config, layout=layout, special=special, tokenizer=tok,
+                    tokenizer_config=tok_cfg, metadata=meta, step=step)
