@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,11 +26,13 @@ def _size(text: str) -> int:
     return int(t)
 
 
+@contextlib.contextmanager
 def _progress(total: int, desc: str):
+    """A tensor-count progress bar on stderr, closed before any error is printed."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
-    return bar, (lambda _key: bar.update(1))
+    with tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield lambda _key: bar.update(1)
 
 
 @command("import-hf", "HF GPT-NeoX directory -> orbax checkpoint with K image-token rows")
@@ -42,11 +45,10 @@ def import_hf_cmd(args) -> None:
         raise ValueError(f"--out {args.out} is not empty; give a new directory")
     mesh = sharding.make_mesh(args.mesh)
     hf = hf_gpt_neox.read_hf_config(args.hf)
-    bar, tick = _progress(hf_gpt_neox.count_tensors(hf), "import")
-    imp = hf_gpt_neox.import_hf(args.hf, args.image_codes, mesh=mesh, new_rows=args.new_rows, seed=args.seed,
-                                dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=args.scan_layers,
-                                remat_policy="none", progress=tick)
-    bar.close()
+    with _progress(hf_gpt_neox.count_tensors(hf), "import") as tick:
+        imp = hf_gpt_neox.import_hf(args.hf, args.image_codes, mesh=mesh, new_rows=args.new_rows, seed=args.seed,
+                                    dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=args.scan_layers,
+                                    remat_policy="none", progress=tick)
     meta = checkpoint.lm_metadata(imp.config, imp.layout, imp.special, mesh, imp.hf_config)
     checkpoint.save_params(args.out, imp.model, meta, tokenizer=imp.tokenizer, tokenizer_config=imp.tokenizer_config)
     print(json.dumps({"out": args.out, "text_size": imp.layout.text_size, "image_codes": imp.layout.image_codes,
@@ -62,11 +64,10 @@ def export_hf_cmd(args) -> None:
 
     mesh = sharding.make_mesh(args.mesh)
     lm = checkpoint.load_lm(args.ckpt, mesh)
-    bar, tick = _progress(hf_gpt_neox.count_tensors(lm.config), "export")
-    names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),
-                                  tokenizer=lm.tokenizer, tokenizer_config=lm.tokenizer_config, special=lm.special,
-                                  max_shard_bytes=_size(args.max_shard_size), progress=tick)
-    bar.close()
+    with _progress(hf_gpt_neox.count_tensors(lm.config), "export") as tick:
+        names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),
+                                      tokenizer=lm.tokenizer, tokenizer_config=lm.tokenizer_config,
+                                      special=lm.special, max_shard_bytes=_size(args.max_shard_size), progress=tick)
     print(json.dumps({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype}))
 
 

@@ -47,7 +47,11 @@ def make_hf_model(path: str, vocab_size: int, *, parallel: bool = True, rotary_p
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=safe)
+    model.save_pretrained(path)
+    if not safe:  # the legacy pytorch_model.bin that dolly-v2-3b ships, with its embed_out key
+        os.remove(os.path.join(path, "model.safetensors"))
+        state = {k.replace("lm_head.", "embed_out."): v for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
     if legacy_config:  # rewrite config.json the way transformers 4.x (and dolly-v2-3b) store it
         import json
         with open(os.path.join(path, "config.json")) as f:

@@ -1,0 +1,254 @@
+"""HF GPT-NeoX <-> Flax: import with image rows, export, reload in transformers, bad inputs."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from hf_helpers import left_padded_batch, load_hf, make_hf_model, make_tokenizer_dir
+from llmcxr_jax import cli, sharding, vocab
+from llmcxr_jax.convert import hf_gpt_neox
+from llmcxr_jax.infer.generate import greedy_generate
+from llmcxr_jax.train import checkpoint
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+K = 38  # T = 303 after the Dolly keys, so T + K = 341 is odd and not a multiple of 128
+MESH = "1,-1,1"
+
+
+def _tensors(directory):
+    out = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="np") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _import(directory, k=K, **kw):
+    kw.setdefault("dtype", "float32")
+    return hf_gpt_neox.import_hf(directory, k, mesh=sharding.make_mesh(kw.pop("mesh", MESH)), **kw)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_tokenizer_dir(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tok_dir):
+    """Table of 300 rows (the tokenizer before the Dolly keys), so the import must grow it."""
+    d = str(tmp_path_factory.mktemp("hf"))
+    make_hf_model(d, 300, tokenizer_dir=tok_dir)
+    return d
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, hf_dir):
+    """HF -> import-hf -> orbax checkpoint -> export-hf, through the command line."""
+    ckpt = str(tmp_path_factory.mktemp("rt") / "ckpt")
+    out = str(tmp_path_factory.mktemp("rt") / "export")
+    assert cli.main(["import-hf", "--hf", hf_dir, "--out", ckpt, "--image-codes", str(K), "--dtype", "float32"]) == 0
+    assert cli.main(["export-hf", "--ckpt", ckpt, "--out", out]) == 0
+    return ckpt, out
+
+
+def test_round_trip_keeps_keys_and_text_rows(hf_dir, round_trip):
+    _, out = round_trip
+    src, dst = _tensors(hf_dir), _tensors(out)
+    assert set(src) == set(dst)
+    for key, t in src.items():
+        if key in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+            assert dst[key].shape == (303 + K, t.shape[1])
+            np.testing.assert_array_equal(dst[key][:300], t)  # the text rows the table had
+        else:
+            np.testing.assert_array_equal(dst[key], t)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["vocab_size"] == 341 and cfg["rotary_pct"] == 0.25
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.25
+
+
+def test_export_reloads_in_transformers_and_matches_on_image_tokens(round_trip):
+    ckpt, out = round_trip
+    lm = checkpoint.load_lm(ckpt, sharding.make_mesh(MESH), dtype="float32")
+    hf = load_hf(out)
+    assert hf.config.vocab_size == lm.layout.size == 341
+    rng = np.random.default_rng(0)
+    ids, mask, pos = left_padded_batch(rng, 303, [20, 12], 20)
+    ids[:, -8:] = lm.layout.image_token(rng.integers(0, K, (2, 8)))  # image codes inside the text
+    ids[:, -1] = lm.layout.image_token(K - 1)  # the last image id, right at the edge of the real rows
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.numpy()
+    got = np.asarray(lm.model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[..., :341][real], ref[real], atol=1e-4, rtol=0)
+    assert np.isneginf(got[..., 341:]).all() and got.shape[-1] == 384
+
+
+def test_exported_tokenizer_has_length_t_and_dolly_keys(round_trip):
+    from transformers import AutoTokenizer
+
+    _, out = round_trip
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 303
+    assert tok.convert_tokens_to_ids("### Response:\n") != tok.unk_token_id
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_greedy_decoding_matches_transformers_generate(tmp_path):
+    d = str(tmp_path / "hf")
+    hf = make_hf_model(d, 97, seed=3)
+    ours = _import(d, k=0).model
+    ids, mask, _ = left_padded_batch(np.random.default_rng(5), 97, [7, 4], 7)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                          max_new_tokens=20, pad_token_id=0).numpy()[:, 7:]
+    got = np.asarray(greedy_generate(ours, ids, mask, 20))
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_growing_table_matches_hf_resize_token_embeddings(tmp_path, tok_dir):
+    """Table longer than T (Pythia pads its table): image rows reuse rows T.. exactly as HF does."""
+    d = str(tmp_path / "hf")
+    make_hf_model(d, 320, tokenizer_dir=tok_dir)
+    imp = _import(d)
+    hf = load_hf(d)
+    hf.resize_token_embeddings(303 + K, mean_resizing=False)
+    ref = hf.gpt_neox.embed_in.weight.detach().numpy()
+    ours = np.asarray(imp.model.embed_in["embedding"].get_value())
+    assert ref.shape[0] == imp.layout.size == 341
+    np.testing.assert_array_equal(ours[:320], ref[:320])  # kept rows, including 303..319
+    new = ours[320:341]
+    assert abs(new.std() - 0.02) < 0.005 and abs(new.mean()) < 0.005  # normal(0, initializer_range)
+    assert not ours[341:].any()  # padding rows are zero
+
+
+def test_mean_init_of_new_rows(hf_dir):
+    imp = _import(hf_dir, new_rows="mean")
+    emb = np.asarray(imp.model.embed_in["embedding"].get_value())
+    src = _tensors(hf_dir)["gpt_neox.embed_in.weight"]
+    np.testing.assert_allclose(emb[300:341], np.broadcast_to(src.mean(0), (41, src.shape[1])), atol=1e-6)
+
+
+def test_legacy_config_bin_and_sharded_inputs_import_alike(tmp_path, hf_dir):
+    base = _import(hf_dir, k=0).model
+    ref = np.asarray(base.layers[1].attention.query_key_value["kernel"].get_value())
+    legacy = str(tmp_path / "legacy_bin")
+    make_hf_model(legacy, 300, legacy_config=True, safe=False)  # rotary_pct keys + pytorch_model.bin
+    assert "rope_parameters" not in json.load(open(os.path.join(legacy, "config.json")))
+    assert os.path.isfile(os.path.join(legacy, "pytorch_model.bin"))
+    sharded = str(tmp_path / "sharded")
+    load_hf(hf_dir).save_pretrained(sharded, max_shard_size="40KB")
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    for d in (legacy, sharded):
+        got = np.asarray(_import(d, k=0).model.layers[1].attention.query_key_value["kernel"].get_value())
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_scan_layers_import_and_export_equal_plain(tmp_path, hf_dir):
+    plain, scanned = _import(hf_dir), _import(hf_dir, scan_layers=True)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 341, (2, 9)))
+    np.testing.assert_allclose(np.asarray(scanned.model(ids)), np.asarray(plain.model(ids)), atol=1e-5, rtol=0)
+    hf_gpt_neox.export_hf(scanned.model, str(tmp_path / "a"))
+    hf_gpt_neox.export_hf(plain.model, str(tmp_path / "b"))
+    a, b = _tensors(str(tmp_path / "a")), _tensors(str(tmp_path / "b"))
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_sharded_export_loads_in_transformers(tmp_path, hf_dir):
+    imp = _import(hf_dir)
+    names = hf_gpt_neox.export_hf(imp.model, str(tmp_path / "out"), max_shard_bytes=60_000,
+                                  tokenizer=imp.tokenizer, tokenizer_config=imp.tokenizer_config)
+    assert len(names) > 2 and os.path.isfile(str(tmp_path / "out" / "model.safetensors.index.json"))
+    hf = load_hf(str(tmp_path / "out"))
+    ids = np.random.default_rng(3).integers(0, 341, (1, 10))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(imp.model(jnp.asarray(ids)))[..., :341], ref, atol=1e-4, rtol=0)
+
+
+def test_bf16_params_export_and_reload(tmp_path, hf_dir):
+    import ml_dtypes
+
+    imp = _import(hf_dir, param_dtype="bfloat16", dtype="bfloat16")
+    out = str(tmp_path / "bf16")
+    hf_gpt_neox.export_hf(imp.model, out, dtype="bfloat16")
+    t = _tensors(out)
+    assert t["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].dtype == ml_dtypes.bfloat16
+    ours = np.asarray(imp.model.layers[0].mlp.dense_h_to_4h["kernel"].get_value())
+    np.testing.assert_array_equal(t["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], ours.T)
+    hf = load_hf(out)  # transformers reads the bf16 files
+    assert hf.config.vocab_size == 341
+    back = _import(out, k=0, param_dtype="bfloat16")  # and we read them back bit for bit
+    np.testing.assert_array_equal(np.asarray(back.model.layers[0].mlp.dense_h_to_4h["kernel"].get_value()), ours)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _error(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.startswith("llmcxr")]
+    assert code == 2 and len(lines) == 1 and err.endswith(lines[0]), err  # progress bars aside, one line
+    return lines[0]
+
+
+def test_missing_directory(capsys, tmp_path):
+    err = _error(capsys, ["import-hf", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "does not exist" in err
+
+
+def test_other_architecture(capsys, tmp_path, hf_dir):
+    d = str(tmp_path / "llama")
+    shutil.copytree(hf_dir, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    assert "model_type 'llama', not 'gpt_neox'" in _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "o")])
+
+
+def test_tensor_shape_mismatch(capsys, tmp_path, hf_dir):
+    d = str(tmp_path / "bad")
+    shutil.copytree(hf_dir, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["intermediate_size"] = 100
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    err = _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "o")])
+    assert "dense_h_to_4h.weight has shape (128, 64), config.json implies (100, 64)" in err
+
+
+def test_missing_weights(capsys, tmp_path, hf_dir):
+    d = str(tmp_path / "noweights")
+    os.makedirs(d)
+    shutil.copy(os.path.join(hf_dir, "config.json"), d)
+    assert "holds no model.safetensors" in _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "o")])
+
+
+def test_vocabulary_mismatch_between_checkpoint_and_tokenizer(capsys, tmp_path, round_trip):
+    ckpt, _ = round_trip
+    bad = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, bad)
+    shutil.rmtree(os.path.join(bad, "tokenizer"))
+    make_tokenizer_dir(os.path.join(bad, "tokenizer"), vocab_size=280)
+    err = _error(capsys, ["export-hf", "--ckpt", bad, "--out", str(tmp_path / "o")])
+    assert "has 283 tokens but the checkpoint's vocabulary has T = 303" in err
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    os.makedirs(tmp_path / "empty")
+    assert "holds no orbax checkpoint" in _error(capsys, ["export-hf", "--ckpt", str(tmp_path / "empty"),
+                                                         "--out", str(tmp_path / "o")])
+
+
+def test_mesh_that_does_not_fit(capsys, tmp_path, hf_dir):
+    err = _error(capsys, ["import-hf", "--hf", hf_dir, "--out", str(tmp_path / "o"), "--mesh", "1,3,1"])
+    assert "uses 3 devices but 8 are present" in err
