@@ -3,9 +3,11 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors import safe_open
 
 from hf_helpers import left_padded_batch, load_hf, make_hf_model, make_tokenizer_dir
@@ -252,3 +254,34 @@ def test_not_a_checkpoint(capsys, tmp_path):
 def test_mesh_that_does_not_fit(capsys, tmp_path, hf_dir):
     err = _error(capsys, ["import-hf", "--hf", hf_dir, "--out", str(tmp_path / "o"), "--mesh", "1,3,1"])
     assert "uses 3 devices but 8 are present" in err
+
+
+def test_export_reads_params_out_of_a_full_train_state(tmp_path, round_trip):
+    """A training checkpoint (params + optimizer state + step) exports like a params-only one."""
+    ckpt, out = round_trip
+    lm = checkpoint.load_lm(ckpt, sharding.make_mesh(MESH))
+    params = nnx.state(lm.model, nnx.Param).to_pure_dict()
+    state = {"params": params, "opt_state": {"mu": jax.tree.map(jnp.zeros_like, params)}, "step": jnp.int32(7)}
+    full = str(tmp_path / "full")
+    checkpoint.save_state(full, state, lm.metadata, step=7)
+    shutil.copytree(os.path.join(ckpt, "tokenizer"), os.path.join(full, "tokenizer"))
+    assert cli.main(["export-hf", "--ckpt", full, "--out", str(tmp_path / "exp")]) == 0
+    a, b = _tensors(out), _tensors(str(tmp_path / "exp"))
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_import_places_each_tensor_sharded_on_the_mesh(hf_dir):
+    plain = _import(hf_dir)
+    sharded = _import(hf_dir, mesh="1,2,4", scan_layers=True)
+    layout = sharded.layout
+    kernel = sharded.model.layers.mlp.dense_h_to_4h["kernel"].get_value()  # [layers, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert layout.padded_size % 4 == 0
+    emb = sharded.model.embed_in["embedding"].get_value()
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    ids = jnp.asarray(np.random.default_rng(6).integers(0, 341, (2, 9)))
+    with jax.set_mesh(kernel.sharding.mesh):
+        got = nnx.jit(lambda m, x: m(x))(sharded.model, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain.model(ids)), atol=1e-5, rtol=0)

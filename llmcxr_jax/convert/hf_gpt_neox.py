@@ -373,7 +373,7 @@ def hf_tensors(model: GPTNeoXForCausalLM, dtype: str) -> Iterator[tuple[str, Cal
                 a = _get(pure, rule.flax.replace("{i}.", ""))[layer]
             else:
                 a = _get(pure, flax_path)
-            a = np.asarray(jax.device_get(a)).astype(np.float32)
+            a = _to_host(a).astype(np.float32)
             return np.ascontiguousarray(flax_to_hf(rule, cfg, a).astype(np_dtype))
         return load
 
@@ -382,13 +382,22 @@ def hf_tensors(model: GPTNeoXForCausalLM, dtype: str) -> Iterator[tuple[str, Cal
         yield hf_key, loader(rule, layer, flax_path), nbytes
 
 
+def _to_host(a: jax.Array) -> np.ndarray:
+    """The whole array on this host; across processes when it is spread over several."""
+    if a.is_fully_addressable:
+        return np.asarray(jax.device_get(a))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
 def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32", hf_config: dict | None = None,
               tokenizer=None, tokenizer_config: dict | None = None, special: SpecialTokens | None = None,
               max_shard_bytes: int = 5 * 1024 ** 3, progress: Callable[[str], None] | None = None) -> list[str]:
     """Write a HF GPT-NeoX directory that AutoModelForCausalLM.from_pretrained loads.
 
     Tensors go to model.safetensors, or to model-0000N-of-0000M.safetensors plus an index when
-    they exceed max_shard_bytes; one shard's tensors are in host memory at a time.
+    they exceed max_shard_bytes; one shard's tensors are in host memory at a time. Every
+    process must call it (arrays are gathered); only process 0 writes.
     """
     from safetensors.numpy import save_file
 
@@ -412,8 +421,11 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
             tensors[key] = load()
             if progress:
                 progress(key)
-        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        if jax.process_index() == 0:
+            save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
         del tensors
+    if jax.process_index() != 0:
+        return names
     if total > 1:
         index = {"metadata": {"total_size": sum(n for shard in shards for _, _, n in shard)},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k, _, _ in shard}}

@@ -85,6 +85,12 @@ class GPTNeoXConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_config(cls, c, layout) -> "GPTNeoXConfig":
+        """From a configs/gpt_neox.py ConfigDict and the VocabLayout that sizes the table."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "padded_vocab_size"}
+        return cls(vocab_size=layout.size, padded_vocab_size=layout.padded_size, **{k: c[k] for k in fields})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTNeoXConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         missing = names - set(d)

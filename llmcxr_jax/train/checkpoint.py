@@ -48,14 +48,20 @@ def lm_metadata(config: GPTNeoXConfig, layout: VocabLayout, special: SpecialToke
     }
 
 
+def save_state(directory: str, state: dict[str, Any], metadata: dict[str, Any], *, step: int) -> None:
+    """Item "state" (a pytree whose "params" entry holds the LM parameters) and item "metadata"."""
+    if "params" not in state:
+        raise ValueError("a checkpoint state needs a 'params' entry")
+    with _manager(directory) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)}))
+        mngr.wait_until_finished()
+
+
 def save_params(directory: str, model: GPTNeoXForCausalLM, metadata: dict[str, Any], *, step: int = 0,
                 tokenizer=None, tokenizer_config: dict[str, Any] | None = None) -> None:
     """A params-only checkpoint (what import-hf writes)."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    with _manager(directory) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave({"params": params}), METADATA: ocp.args.JsonSave(metadata)}))
-        mngr.wait_until_finished()
+    save_state(directory, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, metadata, step=step)
     if tokenizer is not None and jax.process_index() == 0:
         vocab.save_tokenizer(tokenizer, tokenizer_config or {}, os.path.join(directory, TOKENIZER_DIR))
 

@@ -1,0 +1,86 @@
+"""Python configs: `FILE[:VARIANT]` -> ml_collections.ConfigDict, then `KEY=VALUE` overrides.
+
+A config file defines get_config(arg) and may load a sibling file with `load_sibling`.
+An override naming a key that does not exist, or a value of the wrong type, is an error.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+
+def _load_module(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    name = "llmcxr_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config(arg)")
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """"configs/x.py:variant" (variant optional) plus ["a.b=1", ...] overrides."""
+    path, _, variant = spec.partition(":")
+    module = _load_module(path)
+    cfg = module.get_config(variant or None)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def load_sibling(this_file: str, name: str, variant: str | None) -> ml_collections.ConfigDict:
+    """For config files: get_config(variant) of another file in the same folder."""
+    return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), name)).get_config(variant)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.removeprefix("--config.").removeprefix("config.")
+        if not sep:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        parent, leaf = _parent(cfg, key)
+        old = parent[leaf]
+        parent[leaf] = _parse_like(old, text, key)
+
+
+def _parent(cfg: ml_collections.ConfigDict, key: str):
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise KeyError(f"config has no key {'.'.join(parts[:i + 1])!r} (override {key})")
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _parse_like(old, text: str, key: str):
+    if isinstance(old, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config key {key} is a bool; got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(old, int) and not isinstance(old, bool):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"config key {key} is an int; got {text!r}") from None
+    if isinstance(old, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"config key {key} is a float; got {text!r}") from None
+    if isinstance(old, str):
+        return text
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ValueError(f"config key {key} is a section; override its fields instead")
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
