@@ -332,7 +332,7 @@ class GPTNeoXForCausalLM(nnx.Module):
 
     def _run_layers(self, input_ids, position_ids, mask, cache):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        x = jnp.take(self.embed_in["embedding"].get_value(), input_ids, axis=0).astype(dt)
+        x = jnp.take(self.embed_in["embedding"].get_value(), input_ids, axis=0, mode="clip").astype(dt)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = rotary_tables(position_ids, cfg.rotary_ndims, cfg.rotary_base)
         policy = REMAT_POLICIES[cfg.remat_policy]
