@@ -20,6 +20,8 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "tqdm>=4.66",
+        "pyyaml>=6",
+        "pillow>=10",
     ],
     extras_require={
         "test": [
@@ -28,6 +30,8 @@ setup(
             "torch>=2.4",
             "transformers>=5.0,<6",
             "diffusers>=0.35",
+            "einops>=0.7",
+            "pyyaml>=6",
         ],
         "tpu": ["libtpu==0.0.42.*"],
     },

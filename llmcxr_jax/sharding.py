@@ -26,6 +26,13 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    # convolutional nets (VQ-GAN, discriminator, perceptual nets) are data parallel: replicated
+    "conv_height": None,
+    "conv_width": None,
+    "conv_in": None,
+    "conv_out": None,
+    "codebook": None,
+    "codebook_dim": None,
     # activations
     "activation_batch": ("data", "fsdp"),
     "activation_length": None,
@@ -36,6 +43,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "cache_batch": ("data", "fsdp"),
     "cache_length": None,
     "cache_heads": "tensor",
+    "activation_height": None,
+    "activation_width": None,
+    "activation_channels": None,
 }
 
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install llmcxr-jax and its test dependencies into the active virtualenv (CPU).
+# torch comes first from the machine's CPU wheel so nothing pulls a CUDA build; taming's
+# modules (parity tests only) install without their torchvision/lightning requirements.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -c requirements-lock.txt -e ".[test]"
+python -m pip install --quiet --no-deps -c requirements-lock.txt taming-transformers-rom1504==0.0.6
