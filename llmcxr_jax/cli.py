@@ -71,6 +71,38 @@ def export_hf_cmd(args) -> None:
     print(json.dumps({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype}))
 
 
+@command("import-vqgan", "taming / LLM-CXR VQ-GAN .ckpt -> orbax checkpoint (architecture inferred or from YAML)")
+def import_vqgan_cmd(args) -> None:
+    from llmcxr_jax.convert import taming_vqgan
+    from llmcxr_jax.train import checkpoint
+
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise ValueError(f"--out {args.out} is not empty; give a new directory")
+    sd = taming_vqgan.read_ckpt(args.taming)
+    if args.taming_config:
+        cfg = taming_vqgan.config_from_yaml(args.taming_config)
+    else:
+        cfg = taming_vqgan.config_from_state_dict(sd, resolution=args.resolution)
+    model, ignored = taming_vqgan.from_taming_state_dict(sd, cfg)
+    checkpoint.save_vqgan(args.out, model, extra_metadata={"source": os.path.abspath(args.taming)})
+    print(json.dumps({"out": args.out, "config": cfg.to_dict(), "codes_per_image": cfg.codes_per_image,
+                      "ignored_loss_tensors": len(ignored)}))
+
+
+@command("export-vqgan", "orbax VQ-GAN checkpoint -> taming .ckpt or diffusers VQModel directory")
+def export_vqgan_cmd(args) -> None:
+    from llmcxr_jax import sharding
+    from llmcxr_jax.convert import diffusers_vqgan, taming_vqgan
+    from llmcxr_jax.train import checkpoint
+
+    model, _ = checkpoint.load_vqgan(args.ckpt, sharding.make_mesh("-1,1,1"))
+    if args.format == "taming":
+        taming_vqgan.write_ckpt(model, args.out)
+    else:
+        diffusers_vqgan.export_diffusers(model, args.out)
+    print(json.dumps({"out": args.out, "format": args.format}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcxr", description="LLM-CXR in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
             p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
             p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
+        elif name == "import-vqgan":
+            p.add_argument("--taming", required=True, help="taming / LLM-CXR Lightning .ckpt (or a bare state dict)")
+            p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
+            p.add_argument("--taming-config", default=None, help="taming model YAML; default: infer from shapes")
+            p.add_argument("--resolution", type=int, default=256,
+                           help="input size when inferring (weights do not record it; LLM-CXR: 256)")
+        elif name == "export-vqgan":
+            p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory")
+            p.add_argument("--format", required=True, choices=("taming", "diffusers"))
+            p.add_argument("--out", required=True, help="FILE.ckpt for taming, a directory for diffusers")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""orbax checkpoints of the LM: item "state" ({"params": ...} or a full train state), item
+"""orbax checkpoints of the LM and the VQ-GAN: item "state" ({"params": ...} or a full train state), item
 "metadata" (VocabLayout, model config, special tokens, mesh, the source HF config), and the
 tokenizer files under DIR/tokenizer/.
 """
@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from llmcxr_jax import sharding, vocab
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
+from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 STATE, METADATA = "state", "metadata"
@@ -83,16 +84,12 @@ def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
         return dict(mngr.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
 
 
-def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
-            remat_policy: str | None = None) -> LoadedLM:
-    """Restore params (from a params-only or full train-state checkpoint) sharded onto `mesh`."""
-    step = latest_step(directory) if step is None else step
-    meta = read_metadata(directory, step)
-    config = GPTNeoXConfig.from_dict(meta["model_config"])
-    config = config.replace(dtype=dtype or config.dtype, remat_policy=remat_policy or config.remat_policy)
-    layout = VocabLayout.from_dict(meta["vocab"])
-    layout.check_tensor_parallelism(mesh.shape["tensor"])
-    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
+def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Fill an abstract module's Params from item state["params"], each placed by the rules table.
+
+    Works on params-only and full train-state checkpoints (the rest of the state is not read).
+    """
+    graphdef, params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(params, mesh)
     target = {"params": jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                      params.to_pure_dict(), shardings.to_pure_dict())}
@@ -101,7 +98,35 @@ def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str |
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)}))[STATE]
     params.replace_by_pure_dict(restored["params"])
-    model = nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params)
+
+
+def save_vqgan(directory: str, model: VQModel, *, step: int = 0, extra_metadata: dict[str, Any] | None = None) -> None:
+    meta = {"vqgan_config": model.cfg.to_dict(), **(extra_metadata or {})}
+    save_state(directory, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, meta, step=step)
+
+
+def load_vqgan(directory: str, mesh: Mesh, *, step: int | None = None) -> tuple[VQModel, dict[str, Any]]:
+    step = latest_step(directory) if step is None else step
+    meta = read_metadata(directory, step)
+    if "vqgan_config" not in meta:
+        raise ValueError(f"{directory} is not a VQ-GAN checkpoint (its metadata has no vqgan_config)")
+    cfg = VQGANConfig.from_dict(meta["vqgan_config"])
+    return restore_module(directory, step, abstract_vqgan(cfg), mesh), meta
+
+
+def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
+            remat_policy: str | None = None) -> LoadedLM:
+    """Restore params (from a params-only or full train-state checkpoint) sharded onto `mesh`."""
+    step = latest_step(directory) if step is None else step
+    meta = read_metadata(directory, step)
+    if "model_config" not in meta:
+        raise ValueError(f"{directory} is not a language-model checkpoint (its metadata has no model_config)")
+    config = GPTNeoXConfig.from_dict(meta["model_config"])
+    config = config.replace(dtype=dtype or config.dtype, remat_policy=remat_policy or config.remat_policy)
+    layout = VocabLayout.from_dict(meta["vocab"])
+    layout.check_tensor_parallelism(mesh.shape["tensor"])
+    model = restore_module(directory, step, abstract_model(config), mesh)
     tok = tok_cfg = None
     tok_dir = os.path.join(directory, TOKENIZER_DIR)
     if vocab.has_tokenizer(tok_dir):

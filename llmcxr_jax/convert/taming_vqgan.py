@@ -1,0 +1,168 @@
+"""taming-transformers / LLM-CXR VQ-GAN checkpoints <-> our Flax VQModel.
+
+Our attribute paths ARE taming's key names, so the table is a rename of leaf names plus the
+conv layout change (torch [out, in, kh, kw] <-> ours [kh, kw, in, out]). Lightning .ckpt files
+are read with torch.load(weights_only=True): nothing in the file is ever executed.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmcxr_jax.models.vqgan import DTYPES, VQGANConfig, VQModel, abstract_vqgan
+
+# our leaf name -> (taming leaf name, torch-layout transform, inverse)
+LEAVES = {
+    "kernel": ("weight", lambda a: a.transpose(3, 2, 0, 1), lambda t: t.transpose(2, 3, 1, 0)),
+    "scale": ("weight", lambda a: a, lambda t: t),
+    "bias": ("bias", lambda a: a, lambda t: t),
+    "embedding": ("embedding.weight", lambda a: a, lambda t: t),
+}
+# taming checkpoints carry the training loss (discriminator, LPIPS) under this prefix
+LOSS_PREFIX = "loss."
+
+
+def flat_params(model: nnx.Module) -> dict[str, Any]:
+    """{"encoder.down.0.block.1.conv1.kernel": array, ...} of a model's Params."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[".".join(str(p) for p in path)] = var.get_value()
+    return out
+
+
+def load_flat_params(model: nnx.Module, flat: dict[str, Any]) -> nnx.Module:
+    """Write {path: array} into a (possibly abstract) model and return a concrete one."""
+    graphdef, state = nnx.split(model)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(flat[".".join(str(p) for p in path)])
+    return nnx.merge(graphdef, state)
+
+
+def taming_key(path: str) -> str:
+    head, leaf = path.rsplit(".", 1)
+    if path == "quantize.embedding":
+        return "quantize.embedding.weight"
+    return f"{head}.{LEAVES[leaf][0]}"
+
+
+def to_taming_state_dict_names(cfg: VQGANConfig) -> list[str]:
+    """The taming keys a model of this config has (no arrays allocated)."""
+    return [taming_key(p) for p in flat_params(abstract_vqgan(cfg))]
+
+
+def to_taming_state_dict(model: VQModel) -> dict[str, np.ndarray]:
+    """Our params -> taming VQModel state dict (numpy, torch layout, float32)."""
+    out = {}
+    for path, value in flat_params(model).items():
+        leaf = path.rsplit(".", 1)[1]
+        out[taming_key(path)] = np.ascontiguousarray(LEAVES[leaf][1](np.asarray(value, np.float32)))
+    return out
+
+
+def from_taming_state_dict(state_dict: dict[str, np.ndarray], cfg: VQGANConfig) -> tuple[VQModel, list[str]]:
+    """taming state dict -> our model; loss.* keys are returned as ignored. Missing, extra or
+    misshapen tensors are one-line errors."""
+    abstract = abstract_vqgan(cfg)
+    ignored = sorted(k for k in state_dict if k.startswith(LOSS_PREFIX))
+    wanted = {taming_key(p): p for p in flat_params(abstract)}
+    model_keys = set(state_dict) - set(ignored)
+    missing = sorted(set(wanted) - model_keys)
+    extra = sorted(model_keys - set(wanted))
+    if missing:
+        raise ValueError(f"VQ-GAN checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
+    if extra:
+        raise ValueError(f"VQ-GAN checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[0]}")
+    shapes = {p: v.shape for p, v in flat_params(abstract).items()}
+    flat = {}
+    for key, path in wanted.items():
+        leaf = path.rsplit(".", 1)[1]
+        a = LEAVES[leaf][2](np.asarray(state_dict[key], np.float32))
+        if a.shape != shapes[path]:
+            raise ValueError(f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
+                             f"the config implies {LEAVES[leaf][1](np.zeros(shapes[path])).shape}")
+        flat[path] = jnp.asarray(a, DTYPES[cfg.param_dtype])
+    return load_flat_params(abstract, flat), ignored
+
+
+def config_from_state_dict(sd: dict[str, Any], *, resolution: int, dtype: str = "float32",
+                           param_dtype: str = "float32") -> VQGANConfig:
+    """Architecture from tensor shapes and key names (resolution is not stored in the weights)."""
+    def shape(key):
+        if key not in sd:
+            raise ValueError(f"VQ-GAN checkpoint lacks {key}; is it a taming VQModel state dict?")
+        return tuple(np.shape(sd[key]))
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m})
+    blocks = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)] if m})
+    if not levels or not blocks:
+        raise ValueError("VQ-GAN checkpoint has no encoder.down.* blocks; is it a taming VQModel state dict?")
+    ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
+    attn = tuple(resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    z_channels = shape("encoder.conv_out.weight")[0]
+    if shape("decoder.conv_in.weight")[1] != z_channels:
+        raise ValueError("encoder.conv_out and decoder.conv_in disagree on z_channels (double_z checkpoints "
+                         "are KL autoencoders, not VQ-GANs)")
+    n_embed, embed_dim = shape("quantize.embedding.weight")
+    return VQGANConfig(resolution=resolution, in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0],
+                       ch=ch, ch_mult=ch_mult, num_res_blocks=len(blocks), attn_resolutions=attn,
+                       z_channels=z_channels, embed_dim=embed_dim, n_embed=n_embed, beta=0.25, dropout=0.0,
+                       legacy_loss=True, dtype=dtype, param_dtype=param_dtype)
+
+
+def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> VQGANConfig:
+    """A taming model YAML (model.params.ddconfig, n_embed, embed_dim)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"taming config {path} does not exist")
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    try:
+        params = doc["model"]["params"]
+        dd = params["ddconfig"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path} has no model.params.ddconfig; give a taming VQGAN YAML") from None
+    if dd.get("double_z", False):
+        raise ValueError(f"{path} has double_z: true, a KL autoencoder, not a VQ-GAN")
+    return VQGANConfig(resolution=dd["resolution"], in_channels=dd["in_channels"], out_channels=dd["out_ch"],
+                       ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                       attn_resolutions=tuple(dd["attn_resolutions"]), z_channels=dd["z_channels"],
+                       embed_dim=params["embed_dim"], n_embed=params["n_embed"], beta=0.25,
+                       dropout=float(dd.get("dropout", 0.0)), legacy_loss=True, dtype=dtype,
+                       param_dtype=param_dtype)  # taming's VQModel fixes beta at 0.25
+
+
+def read_ckpt(path: str) -> dict[str, np.ndarray]:
+    """A Lightning .ckpt ({"state_dict": ...}) or a bare state dict -> {key: float32 numpy}."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"taming checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} needs arbitrary unpickling to load ({str(e).splitlines()[0][:120]}); refused. "
+                         "Re-save it with torch.save({'state_dict': model.state_dict()}, path)") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable torch checkpoint: {str(e).splitlines()[0][:160]}") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def write_ckpt(model: VQModel, path: str, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write {"state_dict": ...} that taming's VQModel loads (strict, minus its loss.* keys)."""
+    import torch
+
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_taming_state_dict(model).items()}
+    sd.update({k: torch.from_numpy(np.array(v)) for k, v in (extra or {}).items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"state_dict": sd}, path)
