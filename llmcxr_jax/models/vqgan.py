@@ -106,14 +106,16 @@ class Conv(nnx.Module):
                                 logical_axes=("conv_height", "conv_width", "conv_in", "conv_out"))
         self.bias = nnx.Param(uniform(rngs.params(), (c_out,), _w(cfg)), logical_axes=("conv_out",))
 
-    def __call__(self, x):
+    def __call__(self, x, kernel=None):
+        """kernel: an override of the stored kernel (to differentiate with respect to it alone)."""
         dt = _dt(self.cfg)
-        k = self.kernel.get_value().shape[0]
+        kernel = self.kernel.get_value() if kernel is None else kernel
+        k = kernel.shape[0]
         if self.stride == 2:
             padding = ((0, 1), (0, 1))
         else:
             padding = ((k // 2, k // 2),) * 2
-        y = jax.lax.conv_general_dilated(x.astype(dt), self.kernel.get_value().astype(dt), (self.stride,) * 2,
+        y = jax.lax.conv_general_dilated(x.astype(dt), kernel.astype(dt), (self.stride,) * 2,
                                          padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias.get_value().astype(dt)
 
@@ -273,14 +275,18 @@ class Decoder(nnx.Module):
         self.norm_out = GroupNorm(cfg, c)
         self.conv_out = Conv(cfg, c, cfg.out_channels, 3, rngs)
 
-    def __call__(self, z):
+    def features(self, z):
+        """Everything up to the last conv (taming's adaptive GAN weight is measured there)."""
         h = self.mid(self.conv_in(z))
         for i in reversed(range(self.cfg.num_levels)):
             h = self.up[i].blocks_and_attention(h)
             if i != 0:
                 h = self.up[i].upsample(h)
             h = constrain(h, ("activation_batch", "activation_height", "activation_width", "activation_channels"))
-        return self.conv_out(swish(self.norm_out(h)))
+        return swish(self.norm_out(h))
+
+    def __call__(self, z):
+        return self.conv_out(self.features(z))
 
 
 class VectorQuantizer(nnx.Module):
