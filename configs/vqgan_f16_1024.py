@@ -32,4 +32,46 @@ def get_config(variant=None):
     m.legacy_loss = True
     m.dtype = "float32"
     m.param_dtype = "float32"
+
+    d = c.discriminator = ml_collections.ConfigDict()  # taming's PatchGAN
+    d.input_channels = m.out_channels
+    d.ndf = 64 if variant == "f16_1024" else 16
+    d.n_layers = 3 if variant == "f16_1024" else 2
+    d.dtype = m.dtype
+    d.param_dtype = m.param_dtype
+
+    t = c.train = ml_collections.ConfigDict()
+    t.seed = 0
+    t.data = "shapes"  # generated images until the CXR pipeline lands
+    t.mesh = "-1,1,1"  # data parallel
+    t.learning_rate = 4.5e-6  # LLM-CXR / taming (Adam, betas 0.5, 0.9)
+    t.adam_b1 = 0.5
+    t.adam_b2 = 0.9
+    t.codebook_weight = 1.0
+    t.perceptual_weight = 1.0
+    t.cip_weight = 100.0  # LLM-CXR's clinical-information-preserving loss
+    t.disc_weight = 0.8
+    t.disc_factor = 1.0
+    t.disc_start = 0  # LLM-CXR fine-tunes a VQ-GAN whose discriminator is already on
+    t.ema_decay = 0.0
+    t.reseed_every = 0  # >0: every N steps, codes unused since the last reseed take encoder outputs
+    t.lpips_weights = ""  # local file from `llmcxr convert-weights lpips`
+    t.cip_weights = ""  # local file from `llmcxr convert-weights txv`
+    t.batch_size = 8  # LLM-CXR: 2
+    t.steps = 590_000
+    t.log_every = 50
+    t.eval_every = 5_000
+    t.grid_images = 8
+    t.checkpoint_every = 5_000
+    t.keep_checkpoints = 3
+    if variant == "tiny":  # runs locally: no perceptual nets, a larger step size, GAN late
+        t.learning_rate = 2e-3
+        t.perceptual_weight = 0.0
+        t.cip_weight = 0.0
+        t.disc_start = 250
+        t.disc_weight = 0.1
+        t.steps = 300
+        t.log_every = 25
+        t.eval_every = 100
+        t.checkpoint_every = 100
     return c

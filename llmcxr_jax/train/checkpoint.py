@@ -18,7 +18,7 @@ from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstra
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
-STATE, METADATA = "state", "metadata"
+STATE, METADATA, DATA_ITER = "state", "metadata", "data_iter"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -34,8 +34,35 @@ class LoadedLM:
     step: int
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(directory), item_names=(STATE, METADATA))
+def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, DATA_ITER, METADATA))
+
+
+class TrainCheckpointer:
+    """A training run's checkpoints: items "state" (any pytree), "data_iter" (JSON iterator
+    state) and "metadata"; keeps the newest `keep`; saves asynchronously."""
+
+    def __init__(self, directory: str, keep: int):
+        self.manager = _manager(directory, ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                        enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state), DATA_ITER: ocp.args.JsonSave(data_iter),
+            METADATA: ocp.args.JsonSave(metadata)}), force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings."""
+        out = self.manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state), DATA_ITER: ocp.args.JsonRestore()}))
+        return out[STATE], dict(out[DATA_ITER])
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def lm_metadata(config: GPTNeoXConfig, layout: VocabLayout, special: SpecialTokens | None, mesh: Mesh,
@@ -65,6 +92,13 @@ def save_params(directory: str, model: GPTNeoXForCausalLM, metadata: dict[str, A
     save_state(directory, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, metadata, step=step)
     if tokenizer is not None and jax.process_index() == 0:
         vocab.save_tokenizer(tokenizer, tokenizer_config or {}, os.path.join(directory, TOKENIZER_DIR))
+
+
+def has_checkpoint(directory: str) -> bool:
+    if not os.path.isdir(directory):
+        return False
+    with _manager(directory) as mngr:
+        return mngr.latest_step() is not None
 
 
 def latest_step(directory: str) -> int:

@@ -1,0 +1,110 @@
+"""VQ-GAN encode (images -> codes) and decode (codes -> images) throughput: our jitted Flax
+model vs diffusers' VQModel (PyTorch) on the same weights and batch, side by side.
+
+    python benchmarks/vqgan_codec.py                      # tiny config (64 px), CPU
+    python benchmarks/vqgan_codec.py --variant f16_1024 --batch 8   # LLM-CXR's 256 px tokenizer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def timed(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="tiny", choices=("tiny", "f16_1024"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import VQModel
+    from flax import nnx
+
+    from llmcxr_jax import configs
+    from llmcxr_jax.convert import diffusers_vqgan
+    from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
+
+    c = configs.load_config(os.path.join(ROOT, "configs", f"vqgan_f16_1024.py:{args.variant}"))
+    cfg = VQGANConfig(**{**c.model.to_dict(), "dtype": args.dtype})
+    ours = init_vqgan(cfg, 0)
+    with tempfile.TemporaryDirectory() as d:  # the same weights in both frameworks
+        diffusers_vqgan.export_diffusers(ours, d)
+        ref = VQModel.from_pretrained(d).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = ref.to(device)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+
+    r = cfg.resolution
+    x = np.random.default_rng(0).uniform(-1, 1, (args.batch, r, r, cfg.in_channels)).astype(np.float32)
+    graphdef, state = nnx.split(ours)
+    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
+    decode = jax.jit(lambda s, c: nnx.merge(graphdef, s).decode(c))
+    xj = jnp.asarray(x)
+    codes = encode(state, xj)
+    jax_enc = timed(lambda: jax.block_until_ready(encode(state, xj)), args.steps, args.warmup)
+    jax_dec = timed(lambda: jax.block_until_ready(decode(state, codes)), args.steps, args.warmup)
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), device=device)
+    n = cfg.latent_size
+    codes_t = torch.tensor(np.asarray(codes), device=device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def t_encode():
+        with torch.autocast(device_type=device, dtype=tdtype, enabled=args.dtype != "float32"):
+            h = ref.encode(xt).latents
+            ref.quantize(h)
+        sync()
+
+    @torch.no_grad()
+    def t_decode():
+        with torch.autocast(device_type=device, dtype=tdtype, enabled=args.dtype != "float32"):
+            z = ref.quantize.embedding(codes_t).reshape(args.batch, n, n, -1).permute(0, 3, 1, 2)
+            ref.decode(z, force_not_quantize=True)
+        sync()
+
+    torch_enc = timed(t_encode, args.steps, args.warmup)
+    torch_dec = timed(t_decode, args.steps, args.warmup)
+    result = {
+        "variant": args.variant, "resolution": r, "batch": args.batch, "dtype": args.dtype,
+        "jax_device": jax.devices()[0].device_kind, "torch_device": device, "cpu_count": os.cpu_count(),
+        "encode_images_per_s": {"jax": args.batch / jax_enc, "torch": args.batch / torch_enc,
+                                "ratio": torch_enc / jax_enc},
+        "decode_images_per_s": {"jax": args.batch / jax_dec, "torch": args.batch / torch_dec,
+                                "ratio": torch_dec / jax_dec},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Training records: metrics.jsonl lines with rate and ETA, and PNG grids of images."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricsLog:
+    """Appends one JSON line per log step (process 0 only) and prints a short progress line."""
+
+    def __init__(self, workdir: str, total_steps: int, name: str = "metrics.jsonl"):
+        self.path = os.path.join(workdir, name)
+        self.total = total_steps
+        self.t0 = time.time()
+        self.first_step: int | None = None
+
+    def write(self, step: int, values: dict[str, Any], echo: bool = True) -> None:
+        if jax.process_index() != 0:
+            return
+        if self.first_step is None:
+            self.first_step, self.t0 = step, time.time()
+        record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if echo:
+            done = step - self.first_step
+            rate = done / max(time.time() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            shown = " ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "step")
+            print(f"step {step}/{self.total} {rate:.2f} steps/s eta {eta:.0f}s {shown}", file=sys.stderr, flush=True)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plain(v):
+    v = np.asarray(jax.device_get(v))
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def save_image_grid(path: str, rows: list[np.ndarray]) -> None:
+    """rows: equal-shaped [n, H, W, C] arrays in [-1, 1] -> one PNG, one row each."""
+    from PIL import Image
+
+    tiles = []
+    for row in rows:
+        row = np.clip((np.asarray(row, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+        if row.shape[-1] == 1:
+            row = np.repeat(row, 3, axis=-1)
+        tiles.append(np.concatenate(list(row), axis=1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)

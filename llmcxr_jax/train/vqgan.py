@@ -1,0 +1,236 @@
+"""VQ-GAN training: one jitted, data-parallel update (generator step, then discriminator step on
+reconstructions from the updated generator, as taming's two Lightning optimizers do), orbax
+checkpoints of the whole state and the data position, exact resume, metrics and image grids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llmcxr_jax import sharding
+from llmcxr_jax.data.shapes import shape_batch
+from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
+from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
+from llmcxr_jax.train import checkpoint, vqgan_loss
+from llmcxr_jax.train.metrics import MetricsLog, save_image_grid
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass
+class Nets:
+    """Static halves (graphdefs) of the trained and frozen networks."""
+
+    gen: Any
+    disc: Any
+    perceptual: vqgan_loss.PerceptualFn | None
+    cip: vqgan_loss.PerceptualFn | None
+
+
+def loss_weights(t: ml_collections.ConfigDict) -> vqgan_loss.LossWeights:
+    return vqgan_loss.LossWeights(codebook_weight=t.codebook_weight, perceptual_weight=t.perceptual_weight,
+                                  cip_weight=t.cip_weight, disc_weight=t.disc_weight, disc_factor=t.disc_factor,
+                                  disc_start=t.disc_start)
+
+
+def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adam(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2)
+
+
+def init_state(config: ml_collections.ConfigDict):
+    """-> (Nets graphdefs, initial state pytree). State holds only arrays: orbax-friendly."""
+    vq_cfg = VQGANConfig(**config.model)
+    disc_cfg = DiscriminatorConfig(**config.discriminator)
+    t = config.train
+    gen = init_vqgan(vq_cfg, t.seed)
+    disc = init_discriminator(disc_cfg, t.seed + 1)
+    gen_gd, gen_params = nnx.split(gen, nnx.Param)
+    disc_gd, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
+    gen_params, disc_params = gen_params.to_pure_dict(), disc_params.to_pure_dict()
+    tx = optimizer(t)
+    state = {
+        "gen": gen_params, "disc": disc_params, "disc_stats": disc_stats.to_pure_dict(),
+        "opt_g": tx.init(gen_params), "opt_d": tx.init(disc_params),
+        "ema": jax.tree.map(jnp.copy, gen_params) if t.ema_decay > 0 else {},
+        "usage": jnp.zeros((vq_cfg.n_embed,), jnp.int32), "step": jnp.zeros((), jnp.int32),
+    }
+    return Nets(gen=gen_gd, disc=disc_gd, perceptual=None, cip=None), state
+
+
+def reseed_dead_codes(gen_params, usage, latents, key, n_embed: int):
+    """Codes unused since the last reseed take the values of random encoder outputs."""
+    flat = latents.reshape(-1, latents.shape[-1]).astype(jnp.float32)
+    picks = flat[jax.random.randint(key, (n_embed,), 0, flat.shape[0])]
+    book = gen_params["quantize"]["embedding"]
+    dead = (usage == 0)[:, None]
+    new = dict(gen_params)
+    new["quantize"] = {"embedding": jnp.where(dead, picks.astype(book.dtype), book)}
+    return new, jnp.sum(dead)
+
+
+def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
+    t = config.train
+    w = loss_weights(t)
+    tx = optimizer(t)
+    n_embed = config.model.n_embed
+
+    def train_step(state, images):
+        step = state["step"]
+        (_, (metrics, stats, codes, _)), g_grads = jax.value_and_grad(vqgan_loss.generator_loss, has_aux=True)(
+            state["gen"], nets.gen, state["disc"], state["disc_stats"], nets.disc, images, step, w,
+            nets.perceptual, nets.cip)
+        updates, opt_g = tx.update(g_grads, state["opt_g"], state["gen"])
+        gen = optax.apply_updates(state["gen"], updates)
+        # the discriminator sees reconstructions of the updated generator, as in taming's loop
+        new_gen = nnx.merge(nets.gen, gen)
+        latents = new_gen.encode_latents(images)
+        reconstructions = jax.lax.stop_gradient(new_gen.decode_latents(new_gen.quantize(latents)[0]))
+        (_, (d_metrics, stats)), d_grads = jax.value_and_grad(vqgan_loss.discriminator_loss, has_aux=True)(
+            state["disc"], stats, nets.disc, images, reconstructions, step, w)
+        d_updates, opt_d = tx.update(d_grads, state["opt_d"], state["disc"])
+        disc = optax.apply_updates(state["disc"], d_updates)
+        usage = state["usage"] + jnp.bincount(codes.reshape(-1), length=n_embed).astype(jnp.int32)
+        if t.reseed_every > 0:
+            due = (step + 1) % t.reseed_every == 0
+            key = jax.random.fold_in(jax.random.PRNGKey(t.seed), step)
+            reseeded, n_dead = reseed_dead_codes(gen, usage, jax.lax.stop_gradient(latents), key, n_embed)
+            gen = jax.tree.map(lambda a, b: jnp.where(due, a, b), reseeded, gen)
+            metrics["reseeded_codes"] = jnp.where(due, n_dead, 0)
+            usage = jnp.where(due, jnp.zeros_like(usage), usage)
+        ema = state["ema"]
+        if t.ema_decay > 0:
+            ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1.0 - t.ema_decay) * p, ema, gen)
+        metrics.update(d_metrics)
+        metrics.update(vqgan_loss.codebook_stats(codes, n_embed))
+        metrics["g_grad_norm"] = optax.global_norm(g_grads)
+        metrics["d_grad_norm"] = optax.global_norm(d_grads)
+        new_state = {"gen": gen, "disc": disc, "disc_stats": stats, "opt_g": opt_g, "opt_d": opt_d, "ema": ema,
+                     "usage": usage, "step": step + 1}
+        return new_state, metrics
+
+    return train_step
+
+
+def image_batches(config: ml_collections.ConfigDict, start_index: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This host's share of each global batch, with the index of the next unseen image."""
+    t, m = config.train, config.model
+    if t.data != "shapes":
+        raise ValueError(f"train.data {t.data!r} is not available yet; use 'shapes' (generated images)")
+    per_host = t.batch_size // jax.process_count()
+    index = start_index
+    while True:
+        first = index + jax.process_index() * per_host
+        yield shape_batch(t.seed, first, per_host, m.resolution, m.in_channels), index + t.batch_size
+        index += t.batch_size
+
+
+def _check(config: ml_collections.ConfigDict, mesh) -> None:
+    t = config.train
+    data_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % data_size or t.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size {t.batch_size} does not divide over {data_size} data-parallel devices "
+                         f"and {jax.process_count()} processes; make it a multiple of {data_size}")
+    if (t.perceptual_weight > 0 and not t.lpips_weights) or (t.cip_weight > 0 and not t.cip_weights):
+        raise ValueError("perceptual_weight / cip_weight > 0 need train.lpips_weights / train.cip_weights: local "
+                         "files made by `llmcxr convert-weights`; or set the weight to 0")
+
+
+def _workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(workdir, "config.json")
+    now = json.loads(config.to_json_best_effort())
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before["model"] != now["model"] or before["discriminator"] != now["discriminator"]:
+            raise ValueError(f"{workdir} holds a run of a different model; give a new --workdir")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(now, f, indent=2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          perceptual: vqgan_loss.PerceptualFn | None = None, cip: vqgan_loss.PerceptualFn | None = None,
+          echo: bool = True) -> dict[str, Any]:
+    """Train (or resume) in `workdir` until config.train.steps; stop_after simulates an
+    interruption after that many steps of this call. Returns the final host state."""
+    t = config.train
+    mesh = sharding.make_mesh(t.mesh)
+    _check(config, mesh)
+    _workdir_config(workdir, config)
+    nets, state = init_state(config)
+    nets.perceptual, nets.cip = perceptual, cip
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = jax.tree.map(lambda _: replicated, state)
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    step_fn = jax.jit(make_train_step(config, nets), in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, None), donate_argnums=(0,))
+    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    next_index = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
+        state, data_iter = ckpt.restore(latest, abstract)
+        next_index = int(data_iter["next_index"])
+    else:
+        state = jax.device_put(state, state_sh)
+    step = int(state["step"])
+    log = MetricsLog(workdir, t.steps)
+    metadata = {"vqgan_config": VQGANConfig(**config.model).to_dict(),
+                "discriminator_config": DiscriminatorConfig(**config.discriminator).to_dict()}
+    preempted = {"flag": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    batches = image_batches(config, next_index)
+    reconstruct = jax.jit(lambda params, x: nnx.merge(nets.gen, params).reconstruct(x)[0])
+    done_here = 0
+    try:
+        while step < t.steps:
+            host_batch, next_index = next(batches)
+            images = jax.make_array_from_process_local_data(batch_sh, host_batch)
+            state, metrics = step_fn(state, images)
+            step += 1
+            done_here += 1
+            if step % t.log_every == 0 or step == t.steps:
+                log.write(step, metrics, echo=echo)
+            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                _write_grid(workdir, step, reconstruct, state, host_batch[: t.grid_images])
+            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted["flag"]
+            if step % t.checkpoint_every == 0 or last:
+                ckpt.save(step, state, {"next_index": next_index}, metadata)
+            if last:
+                break
+    finally:
+        ckpt.close()
+        signal.signal(signal.SIGTERM, previous)
+    state = jax.device_get(state)
+    if step == t.steps:
+        export_model(state, nets, workdir)
+    return state
+
+
+def _write_grid(workdir: str, step: int, reconstruct, state, images: np.ndarray) -> None:
+    rec = reconstruct(state["ema"] if state["ema"] else state["gen"], jnp.asarray(images))
+    if jax.process_index() == 0:
+        save_image_grid(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), [images, np.asarray(rec)])
+
+
+def export_model(state, nets: Nets, workdir: str, use_ema: bool = True):
+    """The trained generator as an orbax VQ-GAN checkpoint under workdir/vqgan (for encode-images)."""
+    params = state["ema"] if (use_ema and state["ema"]) else state["gen"]
+    model = nnx.merge(nets.gen, params)
+    out = os.path.join(workdir, "vqgan")
+    if checkpoint.has_checkpoint(out):
+        return model
+    checkpoint.save_vqgan(out, model, step=int(state["step"]))
+    return model
