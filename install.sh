@@ -8,3 +8,5 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -c requirements-lock.txt -e ".[test]"
 python -m pip install --quiet --no-deps -c requirements-lock.txt taming-transformers-rom1504==0.0.6
+# torchxrayvision's DenseNet code (CIP parity test); its torchvision import is stood in for by the test
+python -m pip install --quiet --no-deps -c requirements-lock.txt torchxrayvision==1.5.7

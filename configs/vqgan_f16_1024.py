@@ -65,7 +65,8 @@ def get_config(variant=None):
     t.checkpoint_every = 5_000
     t.keep_checkpoints = 3
     if variant == "tiny":  # runs locally: no perceptual nets, a larger step size, GAN late
-        t.learning_rate = 2e-3
+        t.learning_rate = 5e-4
+        t.reseed_every = 25
         t.perceptual_weight = 0.0
         t.cip_weight = 0.0
         t.disc_start = 250

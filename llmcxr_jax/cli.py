@@ -103,6 +103,39 @@ def export_vqgan_cmd(args) -> None:
     print(json.dumps({"out": args.out, "format": args.format}))
 
 
+@command("train-vqgan", "train the VQ-GAN (taming losses + CIP) in WORKDIR; rerun to resume")
+def train_vqgan_cmd(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import vqgan as train_vqgan
+
+    config = configs.load_config(args.config, args.overrides)
+    state = train_vqgan.train(config, args.workdir)
+    print(json.dumps({"workdir": args.workdir, "step": int(state["step"]),
+                      "vqgan": os.path.join(args.workdir, "vqgan"),
+                      "metrics": os.path.join(args.workdir, "metrics.jsonl")}))
+
+
+@command("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for train-vqgan")
+def convert_weights_cmd(args) -> None:
+    from llmcxr_jax.convert import perceptual_weights as W
+
+    if args.net == "lpips":
+        if args.taming and not (args.vgg16 or args.lin):
+            vgg, lin = W.split_taming_lpips(W.read_torch_state_dict(args.taming, what="taming checkpoint"))
+        elif args.vgg16 and args.lin and not args.taming:
+            vgg = W.read_torch_state_dict(args.vgg16, what="torchvision vgg16 state dict")
+            lin = W.read_torch_state_dict(args.lin, what="lpips lin weights (lpips/weights/v0.1/vgg.pth)")
+        else:
+            raise ValueError("lpips needs --vgg16 VGG16.pth and --lin vgg.pth, or --taming FILE.ckpt")
+        arrays = W.convert_lpips(vgg, lin)
+    else:
+        if not args.state_dict:
+            raise ValueError("txv needs --state-dict DENSENET.pth (a torchxrayvision DenseNet state dict)")
+        arrays = W.convert_txv_densenet(W.read_torch_state_dict(args.state_dict, what="torchxrayvision DenseNet state dict"))
+    W.save_weights(arrays, args.out)
+    print(json.dumps({"out": args.out, "net": args.net, "tensors": len(arrays)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcxr", description="LLM-CXR in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--taming-config", default=None, help="taming model YAML; default: infer from shapes")
             p.add_argument("--resolution", type=int, default=256,
                            help="input size when inferring (weights do not record it; LLM-CXR: 256)")
+        elif name == "convert-weights":
+            p.add_argument("net", choices=("lpips", "txv"))
+            p.add_argument("--vgg16", default=None, help="torchvision vgg16 state dict (vgg16-397923af.pth)")
+            p.add_argument("--lin", default=None, help="lpips weights/v0.1/vgg.pth")
+            p.add_argument("--taming", default=None,
+                           help="taming / LLM-CXR VQ-GAN .ckpt carrying loss.perceptual_loss.* (instead of --vgg16/--lin)")
+            p.add_argument("--state-dict", default=None,
+                           help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
+            p.add_argument("--out", required=True, help="safetensors file to write")
+        elif name == "train-vqgan":
+            p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/vqgan_f16_1024.py:tiny")
+            p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
         elif name == "export-vqgan":
             p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory")
             p.add_argument("--format", required=True, choices=("taming", "diffusers"))
@@ -139,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--config.")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides) or ' '.join(extra)}")
+    args.overrides = overrides
     fn, _ = COMMANDS[args.command]
     try:
         fn(args)

@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from hf_helpers import left_padded_batch, load_hf, make_hf_model, make_tokenizer_dir
-from llmcxr_jax import cli, sharding, vocab
+from llmcxr_jax import cli, sharding
 from llmcxr_jax.convert import hf_gpt_neox
 from llmcxr_jax.infer.generate import greedy_generate
 from llmcxr_jax.train import checkpoint

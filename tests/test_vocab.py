@@ -1,6 +1,5 @@
 """VocabLayout arithmetic and the tokenizer directory handling."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -19,7 +19,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llmcxr_jax import sharding
+from llmcxr_jax.convert import perceptual_weights
 from llmcxr_jax.data.shapes import shape_batch
+from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 from llmcxr_jax.train import checkpoint, vqgan_loss
@@ -30,12 +32,26 @@ BATCH_AXES = ("data", "fsdp")
 
 @dataclasses.dataclass
 class Nets:
-    """Static halves (graphdefs) of the trained and frozen networks."""
+    """Static halves: graphdefs of the trained networks, pure apply functions of the frozen ones
+    (their weights travel as a step argument, never as jit constants)."""
 
     gen: Any
     disc: Any
-    perceptual: vqgan_loss.PerceptualFn | None
-    cip: vqgan_loss.PerceptualFn | None
+    lpips: Callable | None = None  # (lpips state, images, reconstructions) -> [b]
+    cip: Callable | None = None  # (densenet state, preprocessed images) -> [b, 1024]
+
+
+def frozen_losses(nets: Nets, frozen: dict[str, Any]):
+    """-> (perceptual fn, cip fn) of (images, reconstructions) -> per-image distance [b]."""
+    def perceptual(x, r):
+        return nets.lpips(frozen["lpips"], x, r)
+
+    def cip(x, r):  # LLM-CXR's CIP loss: squared L2 between 1024-d features, averaged over features
+        fx = nets.cip(frozen["cip"], perceptual_nets.cip_preprocess(x))
+        fr = nets.cip(frozen["cip"], perceptual_nets.cip_preprocess(r))
+        return jnp.mean(jnp.square(fx - fr), axis=-1)
+
+    return (perceptual if nets.lpips is not None else None), (cip if nets.cip is not None else None)
 
 
 def loss_weights(t: ml_collections.ConfigDict) -> vqgan_loss.LossWeights:
@@ -65,7 +81,25 @@ def init_state(config: ml_collections.ConfigDict):
         "ema": jax.tree.map(jnp.copy, gen_params) if t.ema_decay > 0 else {},
         "usage": jnp.zeros((vq_cfg.n_embed,), jnp.int32), "step": jnp.zeros((), jnp.int32),
     }
-    return Nets(gen=gen_gd, disc=disc_gd, perceptual=None, cip=None), state
+    return Nets(gen=gen_gd, disc=disc_gd), state
+
+
+def load_frozen_nets(config: ml_collections.ConfigDict, lpips_model=None, cip_model=None):
+    """-> (lpips apply, cip apply, frozen states) for the terms whose weight is > 0. Models given
+    here (tests use random weights) win over the weight files named in the config."""
+    t, m = config.train, config.model
+    frozen: dict[str, Any] = {}
+    lpips_apply = cip_apply = None
+    if t.perceptual_weight > 0:
+        if lpips_model is None:
+            lpips_model = perceptual_weights.load_lpips(
+                t.lpips_weights, perceptual_nets.LPIPSConfig(dtype=m.dtype, param_dtype=m.param_dtype))
+        lpips_apply, frozen["lpips"] = perceptual_nets.frozen_apply(lpips_model, "__call__")
+    if t.cip_weight > 0:
+        if cip_model is None:
+            cip_model = perceptual_weights.load_txv_densenet(t.cip_weights, dtype=m.dtype, param_dtype=m.param_dtype)
+        cip_apply, frozen["cip"] = perceptual_nets.frozen_apply(cip_model, "features")
+    return lpips_apply, cip_apply, frozen
 
 
 def reseed_dead_codes(gen_params, usage, latents, key, n_embed: int):
@@ -85,11 +119,12 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
     tx = optimizer(t)
     n_embed = config.model.n_embed
 
-    def train_step(state, images):
+    def train_step(state, frozen, images):
         step = state["step"]
+        perceptual, cip = frozen_losses(nets, frozen)
         (_, (metrics, stats, codes, _)), g_grads = jax.value_and_grad(vqgan_loss.generator_loss, has_aux=True)(
             state["gen"], nets.gen, state["disc"], state["disc_stats"], nets.disc, images, step, w,
-            nets.perceptual, nets.cip)
+            perceptual, cip)
         updates, opt_g = tx.update(g_grads, state["opt_g"], state["gen"])
         gen = optax.apply_updates(state["gen"], updates)
         # the discriminator sees reconstructions of the updated generator, as in taming's loop
@@ -135,13 +170,14 @@ def image_batches(config: ml_collections.ConfigDict, start_index: int) -> Iterat
         index += t.batch_size
 
 
-def _check(config: ml_collections.ConfigDict, mesh) -> None:
+def _check(config: ml_collections.ConfigDict, mesh, given: tuple[bool, bool] = (False, False)) -> None:
     t = config.train
     data_size = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % data_size or t.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size {t.batch_size} does not divide over {data_size} data-parallel devices "
                          f"and {jax.process_count()} processes; make it a multiple of {data_size}")
-    if (t.perceptual_weight > 0 and not t.lpips_weights) or (t.cip_weight > 0 and not t.cip_weights):
+    if (t.perceptual_weight > 0 and not (t.lpips_weights or given[0])) or \
+            (t.cip_weight > 0 and not (t.cip_weights or given[1])):
         raise ValueError("perceptual_weight / cip_weight > 0 need train.lpips_weights / train.cip_weights: local "
                          "files made by `llmcxr convert-weights`; or set the weight to 0")
 
@@ -161,20 +197,20 @@ def _workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-          perceptual: vqgan_loss.PerceptualFn | None = None, cip: vqgan_loss.PerceptualFn | None = None,
-          echo: bool = True) -> dict[str, Any]:
+          lpips_model=None, cip_model=None, echo: bool = True) -> dict[str, Any]:
     """Train (or resume) in `workdir` until config.train.steps; stop_after simulates an
     interruption after that many steps of this call. Returns the final host state."""
     t = config.train
     mesh = sharding.make_mesh(t.mesh)
-    _check(config, mesh)
+    _check(config, mesh, given=(lpips_model is not None, cip_model is not None))
     _workdir_config(workdir, config)
     nets, state = init_state(config)
-    nets.perceptual, nets.cip = perceptual, cip
+    nets.lpips, nets.cip, frozen = load_frozen_nets(config, lpips_model, cip_model)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = jax.tree.map(lambda _: replicated, state)
+    frozen = jax.device_put(frozen, replicated)
     batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    step_fn = jax.jit(make_train_step(config, nets), in_shardings=(state_sh, batch_sh),
+    step_fn = jax.jit(make_train_step(config, nets), in_shardings=(state_sh, replicated, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=(0,))
     ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     next_index = 0
@@ -198,10 +234,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         while step < t.steps:
             host_batch, next_index = next(batches)
             images = jax.make_array_from_process_local_data(batch_sh, host_batch)
-            state, metrics = step_fn(state, images)
+            state, metrics = step_fn(state, frozen, images)
             step += 1
             done_here += 1
-            if step % t.log_every == 0 or step == t.steps:
+            if step % t.log_every == 0 or step == t.steps or step == 1:
                 log.write(step, metrics, echo=echo)
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                 _write_grid(workdir, step, reconstruct, state, host_batch[: t.grid_images])
