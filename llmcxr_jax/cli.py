@@ -118,20 +118,21 @@ def train_vqgan_cmd(args) -> None:
 @command("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for train-vqgan")
 def convert_weights_cmd(args) -> None:
     from llmcxr_jax.convert import perceptual_weights as W
+    from llmcxr_jax.convert.torch_files import read_torch_state_dict
 
     if args.net == "lpips":
         if args.taming and not (args.vgg16 or args.lin):
-            vgg, lin = W.split_taming_lpips(W.read_torch_state_dict(args.taming, what="taming checkpoint"))
+            vgg, lin = W.split_taming_lpips(read_torch_state_dict(args.taming, what="taming checkpoint"))
         elif args.vgg16 and args.lin and not args.taming:
-            vgg = W.read_torch_state_dict(args.vgg16, what="torchvision vgg16 state dict")
-            lin = W.read_torch_state_dict(args.lin, what="lpips lin weights (lpips/weights/v0.1/vgg.pth)")
+            vgg = read_torch_state_dict(args.vgg16, what="torchvision vgg16 state dict")
+            lin = read_torch_state_dict(args.lin, what="lpips lin weights (lpips/weights/v0.1/vgg.pth)")
         else:
             raise ValueError("lpips needs --vgg16 VGG16.pth and --lin vgg.pth, or --taming FILE.ckpt")
         arrays = W.convert_lpips(vgg, lin)
     else:
         if not args.state_dict:
             raise ValueError("txv needs --state-dict DENSENET.pth (a torchxrayvision DenseNet state dict)")
-        arrays = W.convert_txv_densenet(W.read_torch_state_dict(args.state_dict, what="torchxrayvision DenseNet state dict"))
+        arrays = W.convert_txv_densenet(read_torch_state_dict(args.state_dict, what="torchxrayvision DenseNet state dict"))
     W.save_weights(arrays, args.out)
     print(json.dumps({"out": args.out, "net": args.net, "tensors": len(arrays)}))
 

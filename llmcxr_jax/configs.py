@@ -6,11 +6,21 @@ An override naming a key that does not exist, or a value of the wrong type, is a
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
 from typing import Sequence
 
 import ml_collections
+
+
+def dataclass_from_dict(cls, d: dict, what: str):
+    """A frozen config dataclass from a dict that must name every field (extra keys ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = names - set(d)
+    if missing:
+        raise ValueError(f"{what} lacks {sorted(missing)}")
+    return cls(**{k: d[k] for k in names})
 
 
 def _load_module(path: str):

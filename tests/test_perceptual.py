@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from llmcxr_jax.convert import perceptual_weights as W
+from llmcxr_jax.convert.torch_files import read_torch_state_dict
 from llmcxr_jax.models import perceptual as P
 
 LPIPS_CFG = P.LPIPSConfig(dtype="float32", param_dtype="float32")
@@ -281,19 +282,19 @@ def test_read_torch_state_dict(tmp_path):
 
     path = str(tmp_path / "sd.pth")
     torch.save({"a.weight": torch.ones(2, 3, dtype=torch.bfloat16), "n": torch.tensor(3)}, path)
-    sd = W.read_torch_state_dict(path)
+    sd = read_torch_state_dict(path)
     assert sd["a.weight"].dtype == np.float32 and sd["a.weight"].shape == (2, 3) and int(sd["n"]) == 3
     torch.save({"state_dict": {"b": torch.zeros(1)}}, path)
-    assert list(W.read_torch_state_dict(path)) == ["b"]
+    assert list(read_torch_state_dict(path)) == ["b"]
     torch.save(torch.nn.Linear(2, 2), path)  # a whole pickled model, like xrv's released .pt files
     with pytest.raises(ValueError, match="needs arbitrary unpickling"):
-        W.read_torch_state_dict(path)
+        read_torch_state_dict(path)
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable torch file"):
-        W.read_torch_state_dict(path)
+        read_torch_state_dict(path)
     with pytest.raises(FileNotFoundError, match="vgg16 state dict .* does not exist"):
-        W.read_torch_state_dict(str(tmp_path / "missing.pth"), what="vgg16 state dict")
+        read_torch_state_dict(str(tmp_path / "missing.pth"), what="vgg16 state dict")
 
 
 @pytest.mark.torch

@@ -5,7 +5,6 @@ DenseNet-121. torch files are read with weights_only=True: nothing in them is ex
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Callable, Mapping
 
 import jax
@@ -188,25 +187,3 @@ def load_txv_densenet(path: str, *, dtype: str, param_dtype: str) -> DenseNet:
             f"--state-dict DENSENET.pth --out {path}` (DENSENET.pth: torch.save(xrv.models.DenseNet("
             f"weights='densenet121-res224-all').state_dict(), 'DENSENET.pth'))")
     return _load(lambda: DenseNet(txv_densenet121(dtype, param_dtype), rngs=None), path, hint)
-
-
-def read_torch_state_dict(path: str, what: str = "torch state dict") -> dict[str, np.ndarray]:
-    """torch.load(weights_only=True): a state dict (or {"state_dict": ...}) -> numpy; nothing in
-    the file is executed, so a whole pickled model is refused with the way to re-save it."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():
-            raise ValueError(f"{path} needs arbitrary unpickling (a whole pickled model?); refused. Re-save its "
-                             "weights with torch.save(model.state_dict(), path)") from None
-        raise ValueError(f"{path} is not a readable torch file: {str(e).splitlines()[0][:120]}") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable torch file: {str(e).splitlines()[0][:120]}") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}

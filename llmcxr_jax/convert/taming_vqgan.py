@@ -7,7 +7,6 @@ are read with torch.load(weights_only=True): nothing in the file is ever execute
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from typing import Any
 
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.convert.torch_files import read_torch_state_dict
 from llmcxr_jax.models.vqgan import DTYPES, VQGANConfig, VQModel, abstract_vqgan
 
 # our leaf name -> (taming leaf name, torch-layout transform, inverse)
@@ -141,21 +141,7 @@ def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "f
 
 def read_ckpt(path: str) -> dict[str, np.ndarray]:
     """A Lightning .ckpt ({"state_dict": ...}) or a bare state dict -> {key: float32 numpy}."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"taming checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} needs arbitrary unpickling to load ({str(e).splitlines()[0][:120]}); refused. "
-                         "Re-save it with torch.save({'state_dict': model.state_dict()}, path)") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {str(e).splitlines()[0][:160]}") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict of tensors")
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+    return read_torch_state_dict(path, what="taming checkpoint")
 
 
 def write_ckpt(model: VQModel, path: str, extra: dict[str, np.ndarray] | None = None) -> None:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from llmcxr_jax.configs import dataclass_from_dict
 from llmcxr_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -92,11 +93,7 @@ class GPTNeoXConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTNeoXConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d)
-        if missing:
-            raise ValueError(f"model config lacks {sorted(missing)}")
-        return cls(**{k: d[k] for k in names})
+        return dataclass_from_dict(cls, d, "model config")
 
 
 @struct.dataclass

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.configs import dataclass_from_dict
 from llmcxr_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -76,11 +77,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQGANConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(d)
-        if missing:
-            raise ValueError(f"VQ-GAN config lacks {sorted(missing)}")
-        return cls(**{k: d[k] for k in names})
+        return dataclass_from_dict(cls, d, "VQ-GAN config")
 
     def replace(self, **kw) -> "VQGANConfig":
         return dataclasses.replace(self, **kw)
