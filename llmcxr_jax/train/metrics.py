@@ -23,7 +23,7 @@ class MetricsLog:
     def write(self, step: int, values: dict[str, Any], echo: bool = True) -> None:
         if jax.process_index() != 0:
             return
-        if self.first_step is None:
+        if self.first_step is None or step <= self.first_step:
             self.first_step, self.t0 = step, time.time()
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:

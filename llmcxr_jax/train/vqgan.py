@@ -229,6 +229,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     batches = image_batches(config, next_index)
     reconstruct = jax.jit(lambda params, x: nnx.merge(nets.gen, params).reconstruct(x)[0])
+    held_out = eval_images(config)
+    if step == 0 and t.eval_every:
+        _evaluate(workdir, 0, reconstruct, state, held_out, log)
     done_here = 0
     try:
         while step < t.steps:
@@ -240,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             if step % t.log_every == 0 or step == t.steps or step == 1:
                 log.write(step, metrics, echo=echo)
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                _write_grid(workdir, step, reconstruct, state, host_batch[: t.grid_images])
+                _evaluate(workdir, step, reconstruct, state, held_out, log)
             last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted["flag"]
             if step % t.checkpoint_every == 0 or last:
                 ckpt.save(step, state, {"next_index": next_index}, metadata)
@@ -255,10 +258,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return state
 
 
-def _write_grid(workdir: str, step: int, reconstruct, state, images: np.ndarray) -> None:
-    rec = reconstruct(state["ema"] if state["ema"] else state["gen"], jnp.asarray(images))
+def eval_images(config: ml_collections.ConfigDict) -> np.ndarray:
+    """A fixed held-out batch (images no training step sees) for eval_l1 and the grids."""
+    t, m = config.train, config.model
+    return shape_batch(t.seed + 1_000_003, 0, t.grid_images, m.resolution, m.in_channels)
+
+
+def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: "MetricsLog") -> None:
+    """Reconstruction L1 / PSNR of the held-out batch (EMA weights when kept), and its PNG grid."""
+    rec = np.asarray(reconstruct(state["ema"] if state["ema"] else state["gen"], jnp.asarray(images)))
+    mse = float(np.mean(np.square(rec - images)))
+    log.write(step, {"eval_l1": float(np.mean(np.abs(rec - images))), "eval_psnr": 10 * np.log10(4.0 / mse)},
+              echo=False)
     if jax.process_index() == 0:
-        save_image_grid(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), [images, np.asarray(rec)])
+        save_image_grid(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), [images, rec])
 
 
 def export_model(state, nets: Nets, workdir: str, use_ema: bool = True):
