@@ -112,9 +112,8 @@ class KVCache:
         return cls(key=zeros, value=zeros, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
-def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
-    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
-    return nnx.Param(value, logical_axes=tuple(axes))
+def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
 def _normal(std):
