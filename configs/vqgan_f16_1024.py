@@ -47,6 +47,7 @@ def get_config(variant=None):
     t.learning_rate = 4.5e-6  # LLM-CXR / taming (Adam, betas 0.5, 0.9)
     t.adam_b1 = 0.5
     t.adam_b2 = 0.9
+    t.warmup_steps = 0
     t.codebook_weight = 1.0
     t.perceptual_weight = 1.0
     t.cip_weight = 100.0  # LLM-CXR's clinical-information-preserving loss

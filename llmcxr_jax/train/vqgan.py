@@ -61,7 +61,11 @@ def loss_weights(t: ml_collections.ConfigDict) -> vqgan_loss.LossWeights:
 
 
 def optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.adam(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2)
+    """Adam with a linear warmup over train.warmup_steps (0: constant rate, as taming)."""
+    rate = t.learning_rate
+    if t.warmup_steps > 0:
+        rate = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+    return optax.adam(rate, b1=t.adam_b1, b2=t.adam_b2)
 
 
 def init_state(config: ml_collections.ConfigDict):
