@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KERNEL_SIZE = 4
 PADDING = 1
 LEAKY_SLOPE = 0.2
@@ -45,9 +45,7 @@ class DiscriminatorConfig:
         for name in ("input_channels", "ndf", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        check_dtypes(self)
 
     @property
     def compute_dtype(self):

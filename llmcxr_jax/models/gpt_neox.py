@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmcxr_jax.configs import dataclass_from_dict
+from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -24,7 +25,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,7 @@ class GPTNeoXConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; GPT-NeoX/Pythia/Dolly use 'gelu'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        check_dtypes(self)
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
 

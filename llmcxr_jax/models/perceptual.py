@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 _ACTIVATION_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 _OIHW_TO_HWIO = (2, 3, 1, 0)
@@ -40,12 +40,6 @@ def _full(shape: tuple[int, ...], value: float, dtype) -> jax.Array:
     return jnp.asarray(np.full(shape, value, np.dtype(dtype)))
 
 
-def _check_dtypes(cfg) -> None:
-    for name in ("dtype", "param_dtype"):
-        if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"{name} {getattr(cfg, name)!r} is not one of {sorted(DTYPES)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class LPIPSConfig:
     """LPIPS-VGG16 v0.1 (architecture fixed). dtype is the VGG conv compute dtype; the scaling,
@@ -55,7 +49,7 @@ class LPIPSConfig:
     param_dtype: str
 
     def __post_init__(self):
-        _check_dtypes(self)
+        check_dtypes(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +72,7 @@ class DenseNetConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.block_config or min(self.block_config) < 1:
             raise ValueError(f"block_config {self.block_config} needs at least one block of >= 1 layers")
-        _check_dtypes(self)
+        check_dtypes(self)
 
     @property
     def num_features(self) -> int:

@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax.configs import dataclass_from_dict
+from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +51,7 @@ class VQGANConfig:
         for c in [self.ch * m for m in self.ch_mult] + [self.z_channels]:
             if c % 32:
                 raise ValueError(f"channel count {c} is not a multiple of GroupNorm's 32 groups")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        check_dtypes(self)
 
     @property
     def num_levels(self) -> int:
