@@ -22,6 +22,8 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6",
         "pillow>=10",
+        "array_record>=0.8",
+        "tensorflow-datasets>=4.9.10,<5",  # builder + data_source only; no TensorFlow needed
     ],
     extras_require={
         "test": [
