@@ -24,8 +24,3 @@ def shape_image(seed: int, index: int, size: int, channels: int) -> np.ndarray:
         img = np.where(inside, level, img)
     img = np.clip(img, -1.0, 1.0).astype(np.float32)
     return np.repeat(img[..., None], channels, axis=-1)
-
-
-def shape_batch(seed: int, start: int, count: int, size: int, channels: int) -> np.ndarray:
-    """Images start .. start + count - 1 as [count, size, size, channels]."""
-    return np.stack([shape_image(seed, start + i, size, channels) for i in range(count)])

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llmcxr_jax import sharding
 from llmcxr_jax.convert import perceptual_weights
-from llmcxr_jax.data.shapes import shape_batch
+from llmcxr_jax.data import image_stream as image_stream_lib
 from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
@@ -161,16 +161,24 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
     return train_step
 
 
-def image_batches(config: ml_collections.ConfigDict, start_index: int) -> Iterator[tuple[np.ndarray, int]]:
-    """This host's share of each global batch, with the index of the next unseen image."""
+def image_stream(config: ml_collections.ConfigDict):
+    """train.data: "shapes" (generated) or a MIMIC-CXR-JPG layout root (train split trains,
+    validate/test images are held out)."""
     t, m = config.train, config.model
-    if t.data != "shapes":
-        raise ValueError(f"train.data {t.data!r} is not available yet; use 'shapes' (generated images)")
+    if t.data == "shapes":
+        return image_stream_lib.ShapeStream(t.seed, m.resolution, m.in_channels)
+    train_paths, eval_paths = image_stream_lib.corpus_image_paths(t.data)
+    return image_stream_lib.FileStream(train_paths, eval_paths, t.seed, m.resolution, m.in_channels)
+
+
+def image_batches(config: ml_collections.ConfigDict, stream, start_index: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This host's share of each global batch, with the index of the next unseen image."""
+    t = config.train
     per_host = t.batch_size // jax.process_count()
     index = start_index
     while True:
         first = index + jax.process_index() * per_host
-        yield shape_batch(t.seed, first, per_host, m.resolution, m.in_channels), index + t.batch_size
+        yield stream.images(range(first, first + per_host)), index + t.batch_size
         index += t.batch_size
 
 
@@ -231,9 +239,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 "discriminator_config": DiscriminatorConfig(**config.discriminator).to_dict()}
     preempted = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
-    batches = image_batches(config, next_index)
+    stream = image_stream(config)
+    batches = image_batches(config, stream, next_index)
     reconstruct = jax.jit(lambda params, x: nnx.merge(nets.gen, params).reconstruct(x)[0])
-    held_out = eval_images(config)
+    held_out = stream.held_out(t.grid_images)
     if step == 0 and t.eval_every:
         _evaluate(workdir, 0, reconstruct, state, held_out, log)
     done_here = 0
@@ -260,12 +269,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if step == t.steps:
         export_model(state, nets, workdir)
     return state
-
-
-def eval_images(config: ml_collections.ConfigDict) -> np.ndarray:
-    """A fixed held-out batch (images no training step sees) for eval_l1 and the grids."""
-    t, m = config.train, config.model
-    return shape_batch(t.seed + 1_000_003, 0, t.grid_images, m.resolution, m.in_channels)
 
 
 def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: "MetricsLog") -> None:
