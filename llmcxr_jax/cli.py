@@ -35,6 +35,27 @@ def _progress(total: int, desc: str):
         yield lambda _key: bar.update(1)
 
 
+@contextlib.contextmanager
+def _count_bar(total: int, desc: str, unit: str):
+    """A progress bar fed cumulative counts; it appears only once work starts, so input errors
+    found up front stay one line."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 @command("import-hf", "HF GPT-NeoX directory -> orbax checkpoint with K image-token rows")
 def import_hf_cmd(args) -> None:
     from llmcxr_jax import sharding
@@ -137,6 +158,48 @@ def convert_weights_cmd(args) -> None:
     print(json.dumps({"out": args.out, "net": args.net, "tensors": len(arrays)}))
 
 
+@command("synth", "write a synthetic CXR corpus (images, reports, labels, VQA, Dolly) in the MIMIC-CXR-JPG layout")
+def synth_cmd(args) -> None:
+    from llmcxr_jax.data import synthetic
+
+    with _count_bar(args.num_images, "synth", "img") as progress:
+        summary = synthetic.synthesize(args.out, num_images=args.num_images, image_size=args.image_size,
+                                       seed=args.seed, progress=progress)
+    keep = ("root", "images", "studies", "subjects", "splits", "vqa_pairs", "dolly_rows")
+    print(json.dumps({k: summary[k] for k in keep if k in summary}))
+
+
+@command("encode-images", "CXR images of a MIMIC-CXR-JPG root -> VQ-GAN codes in ArrayRecord shards (resumable)")
+def encode_images_cmd(args) -> None:
+    from llmcxr_jax.data import encode, mimic_cxr
+
+    corpus = mimic_cxr.load_corpus(args.data, reports_root=args.reports_root)
+    images = [(r.dicom_id, r.image_path) for r in corpus.records]
+    summary = encode.encode_images(args.vqgan, images, args.out, batch_size=args.batch_size, mesh=args.mesh,
+                                   num_workers=args.workers, shard_size=args.shard_size)
+    keep = ("out_dir", "num_images", "images_encoded", "images_skipped", "shards_encoded", "shards_reused",
+            "images_per_s", "codes_per_image", "codebook_size", "index_written")
+    print(json.dumps({k: summary[k] for k in keep} | {"records_skipped_by_reader": corpus.summary()["skipped"]}))
+
+
+@command("import-codes", "LLM-CXR codebook-indices pickle ({dicom_id: [256 codes]}) -> ArrayRecord code shards")
+def import_codes_cmd(args) -> None:
+    from llmcxr_jax.data import codes
+
+    index = codes.import_pickle(args.pickle, args.out, codes_per_image=args.codes_per_image,
+                                codebook_size=args.codebook_size)
+    print(json.dumps({"out": args.out, "images": sum(s["count"] for s in index["shards"]),
+                      "skipped": index.get("skipped", {})}))
+
+
+@command("export-codes", "ArrayRecord code shards -> LLM-CXR codebook-indices pickle")
+def export_codes_cmd(args) -> None:
+    from llmcxr_jax.data import codes
+
+    n = codes.export_pickle(args.codes, args.pickle)
+    print(json.dumps({"pickle": args.pickle, "images": n}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcxr", description="LLM-CXR in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory")
             p.add_argument("--format", required=True, choices=("taming", "diffusers"))
             p.add_argument("--out", required=True, help="FILE.ckpt for taming, a directory for diffusers")
+        elif name == "synth":
+            p.add_argument("--out", required=True, help="new directory for the corpus")
+            p.add_argument("--num-images", type=int, default=1000)
+            p.add_argument("--image-size", type=int, default=256)
+            p.add_argument("--seed", type=int, default=0)
+        elif name == "encode-images":
+            p.add_argument("--vqgan", required=True, help="orbax VQ-GAN checkpoint (train-vqgan's WORKDIR/vqgan or import-vqgan)")
+            p.add_argument("--data", required=True, help="MIMIC-CXR-JPG layout root (real, or made by `llmcxr synth`)")
+            p.add_argument("--out", required=True, help="directory for the code shards (rerun to resume)")
+            p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")
+            p.add_argument("--batch-size", type=int, default=64, help="global batch (a multiple of the data devices)")
+            p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes (one may be -1)")
+            p.add_argument("--workers", type=int, default=0, help="grain worker processes for decoding")
+            p.add_argument("--shard-size", type=int, default=4096, help="images per output shard (the resume unit)")
+        elif name == "import-codes":
+            p.add_argument("--pickle", required=True, help="LLM-CXR's mimic-cxr-256-txvloss_codebook_indices.pickle")
+            p.add_argument("--out", required=True, help="new directory for the code shards")
+            p.add_argument("--codes-per-image", type=int, default=256)
+            p.add_argument("--codebook-size", type=int, default=1024)
+        elif name == "export-codes":
+            p.add_argument("--codes", required=True, help="directory written by encode-images or import-codes")
+            p.add_argument("--pickle", required=True, help="file to write ({dicom_id: [codes]}, LLM-CXR's format)")
     return parser
 
 
