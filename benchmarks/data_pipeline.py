@@ -6,6 +6,11 @@ preprocess, sharded jitted VQ-GAN encode, ArrayRecord shards), and of its two ha
     python benchmarks/data_pipeline.py --variant f16_1024 --images 8 --batch 2   # LLM-CXR's 256 px
     python benchmarks/data_pipeline.py --json out.json
 
+"lm_batches": batches/s and tokens/s of the LM batch pipeline (stage-1 task mix over a synthetic
+corpus, tokenizer trained on its text, packed 2048-token rows), with --workers grain processes.
+
+    python benchmarks/data_pipeline.py --only lm_batches --workers 2
+
 Each benchmark is a function of the parsed args returning a flat dict (one table row); add
 more to BENCHMARKS.
 """
@@ -84,7 +89,55 @@ def bench_encode(args) -> dict:
     }
 
 
-BENCHMARKS = {"encode": bench_encode}
+def lm_inputs(directory: str, num_images: int, codes_per_image: int, codebook: int, seed: int = 0):
+    """A synthetic corpus -> (tokenizer, special, layout, image_text, vqa, text, codes) with random
+    codes standing in for encoded images (their values do not change the pipeline's cost)."""
+    from llmcxr_jax import vocab
+    from llmcxr_jax.data import lm_batches, mimic_cxr, synthetic, text_tokenizer
+
+    root = os.path.join(directory, "corpus")
+    synthetic.synthesize(root, num_images=num_images, image_size=32, seed=seed)
+    corpus = mimic_cxr.load_corpus(root, progress=False)
+    image_text = lm_batches.image_text_examples(mimic_cxr.stage_records(corpus, 1), stage=1)
+    vqa = mimic_cxr.vqa_for_records(mimic_cxr.read_vqa(root).items, mimic_cxr.vqa_image_records(corpus))
+    text = mimic_cxr.read_dolly(os.path.join(root, "databricks-dolly-15k.jsonl")).items
+    words = [e.report for e in image_text] + [f"{q.question} {q.answer}" for q in vqa] + \
+        [f"{t['instruction']} {t['context']} {t['response']}" for t in text]
+    tok, special, _ = text_tokenizer.train_tokenizer(words, os.path.join(directory, "tokenizer"), vocab_size=4096)
+    layout = vocab.VocabLayout.create(vocab.text_size(tok), codebook)
+    rng = np.random.default_rng(seed)
+    codes = {r.dicom_id: rng.integers(0, codebook, codes_per_image).astype(np.uint16) for r in corpus.records}
+    return tok, special, layout, image_text, vqa, text, codes
+
+
+def bench_lm_batches(args) -> dict:
+    """LM batches/s and tokens/s of the grain pipeline (stage-1 mix, packed rows), beside the
+    token rate the trainer needs to match LLM-CXR's 8 x A100 run (REFERENCE.md: ~9.5k tokens/s)."""
+    import grain
+
+    from llmcxr_jax.data import lm_batches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, special, layout, image_text, vqa, text, codes = lm_inputs(tmp, args.lm_images, 256, 1024)
+        cfg = {"seq_len": args.seq_len, "max_length": args.seq_len, "batch_size": args.lm_batch,
+               "packing": not args.no_packing, "num_workers": args.workers, "num_threads": args.threads}
+        pipe = lm_batches.LmBatches(tok, special, layout, image_text=image_text, vqa=vqa, text=text, codes=codes,
+                                    config=cfg, shard=grain.sharding.ShardOptions(0, 1))
+        it = pipe.iterator()
+        next(it)  # starts workers, fills buffers
+        t0, tokens, rows = time.perf_counter(), 0, 0
+        for _ in range(args.lm_steps):
+            b = next(it)
+            tokens += int((b["segment_ids"] > 0).sum())
+            rows += b["input_ids"].shape[0]
+        dt = time.perf_counter() - t0
+    return {"benchmark": "lm_batches", "images": args.lm_images, "seq_len": args.seq_len, "batch": args.lm_batch,
+            "packing": not args.no_packing, "workers": args.workers, "batches_per_s": args.lm_steps / dt,
+            "tokens_per_s": tokens / dt, "fill": tokens / (rows * args.seq_len),
+            "llmcxr_8xA100_tokens_per_s": 9.5e3}
+
+
+BENCHMARKS = {"encode": bench_encode, "lm_batches": bench_lm_batches}
 
 
 def table(rows: list[dict]) -> str:
@@ -111,6 +164,12 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--mesh", default="-1,1,1")
     g.add_argument("--steps", type=int, default=3, help="timed repeats of the device-only encode")
+    g = p.add_argument_group("lm_batches")
+    g.add_argument("--lm-images", type=int, default=1000, help="synthetic corpus size")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--lm-batch", type=int, default=16, help="rows per batch (LLM-CXR: global batch 16)")
+    g.add_argument("--lm-steps", type=int, default=30, help="timed batches")
+    g.add_argument("--no-packing", action="store_true", help="one example per row, padded")
     return p.parse_args(argv)
 
 

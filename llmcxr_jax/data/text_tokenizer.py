@@ -1,0 +1,46 @@
+"""Train a byte-level BPE tokenizer on a corpus's own text (reports, VQA, Dolly rows) and save it
+as a HF fast-tokenizer directory: what the demo and benchmarks use where no base LM is given.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from llmcxr_jax import vocab
+from llmcxr_jax.data import prompts
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
+    """GPT-NeoX-style byte-level BPE (eos "<|endoftext|>", pad = eos, the Dolly keys added).
+
+    The prompt template and instruction paraphrases are always part of the training text, and
+    "<image>" must come out as the three tokens "<", "image", ">" that LLM-CXR's injection
+    replaces; anything else is an error. Returns vocab.load_tokenizer(out_dir).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE; use at least 300")
+    template = [prompts.format_prompt(i, "x", prompts.IMAGE_PLACEHOLDER) for i in prompts.REPORT_INSTRUCTIONS]
+    template += [prompts.format_prompt(i, prompts.IMAGE_PLACEHOLDER, "x") for i in prompts.IMAGE_INSTRUCTIONS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_chain(template * 20, texts), trainer)
+    pieces = tok.encode(prompts.IMAGE_PLACEHOLDER).tokens
+    if len(pieces) != 3:
+        raise ValueError(f'the trained tokenizer splits "<image>" into {pieces}, not "<", "image", ">"; '
+                         "train on more text or a larger vocab_size")
+    vocab.save_tokenizer(tok, {"eos_token": EOS, "bos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+                               "model_max_length": 2048}, out_dir)
+    return vocab.load_tokenizer(out_dir)
+
+
+def _chain(*parts: Iterable[str]):
+    for part in parts:
+        for text in part:
+            if text:
+                yield text

@@ -1,0 +1,27 @@
+"""A tokenizer trained on corpus text loads in transformers and keeps LLM-CXR's image placeholder."""
+import pytest
+
+from llmcxr_jax import vocab
+from llmcxr_jax.data import prompts, text_tokenizer
+
+TEXTS = ["The lungs are clear. No pleural effusion or pneumothorax.", "Mild cardiomegaly.",
+         "Small right pleural effusion.", "Is there a pneumothorax? No."] * 50
+
+
+def test_trained_tokenizer_round_trips_and_splits_the_placeholder(tmp_path):
+    tok, special, _ = text_tokenizer.train_tokenizer(TEXTS, str(tmp_path), vocab_size=400)
+    assert tok.encode(prompts.IMAGE_PLACEHOLDER).tokens == ["<", "image", ">"]
+    assert special.pad_id == special.eos_id == tok.token_to_id(text_tokenizer.EOS)
+    text = prompts.format_prompt("Describe.", "Mild cardiomegaly.")
+    ids = tok.encode(text).ids
+    assert special.response_key_id in ids and special.end_key_id in ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text)["input_ids"] == ids and len(hf) == vocab.text_size(tok)
+    assert hf.pad_token == hf.eos_token == text_tokenizer.EOS
+
+
+def test_too_small_vocab_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        text_tokenizer.train_tokenizer(TEXTS, str(tmp_path), vocab_size=50)
