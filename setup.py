@@ -34,6 +34,7 @@ setup(
             "diffusers>=0.35",
             "einops>=0.7",
             "pyyaml>=6",
+            "tensorboard>=2.16",  # only to check that our event files parse with TensorBoard's protos
         ],
         "tpu": ["libtpu==0.0.42.*"],
     },

@@ -136,6 +136,15 @@ def train_vqgan_cmd(args) -> None:
                       "metrics": os.path.join(args.workdir, "metrics.jsonl")}))
 
 
+@command("train", "instruction-tune the LM (LLM-CXR stage 1 or 2) in WORKDIR; rerun to resume")
+def train_cmd(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import lm
+
+    config = configs.load_config(args.config, args.overrides)
+    print(json.dumps({"workdir": args.workdir} | lm.train(config, args.workdir)))
+
+
 @command("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for train-vqgan")
 def convert_weights_cmd(args) -> None:
     from llmcxr_jax.convert import perceptual_weights as W
@@ -237,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--state-dict", default=None,
                            help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
             p.add_argument("--out", required=True, help="safetensors file to write")
-        elif name == "train-vqgan":
+        elif name in ("train-vqgan", "train"):
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/vqgan_f16_1024.py:tiny")
             p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
         elif name == "export-vqgan":

@@ -44,9 +44,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return cfg
 
 
-def load_sibling(this_file: str, name: str, variant: str | None) -> ml_collections.ConfigDict:
-    """For config files: get_config(variant) of another file in the same folder."""
-    return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), name)).get_config(variant)
+def load_sibling(this_file: str, name: str, variant: str | None, **kwargs) -> ml_collections.ConfigDict:
+    """For config files: get_config(variant, **kwargs) of another file in the same folder."""
+    return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), name)).get_config(variant, **kwargs)
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

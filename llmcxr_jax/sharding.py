@@ -122,3 +122,111 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, _fit_spec(logical_to_spec(logical_axes), x.shape, mesh))
+
+
+# A parameter at or under this size may stay replicated on an fsdp/tensor mesh. 4 MiB sits above
+# the largest bias/norm stack of our LMs (pythia-12b mlp bias over 36 layers: 2.9 MB in float32)
+# and below their smallest weight matrix (dolly-v2-3b attention.dense, unstacked: 26 MB); a few
+# replicated MiB per device are noise next to the GiBs the sharded matrices take. The VQ-GAN is
+# data parallel by design (conv_* -> None): check it only on a data-only mesh.
+REPLICATED_PARAM_MAX_BYTES = 4 * 2**20
+
+
+def _mesh_axes_of(spec: PartitionSpec) -> list[str]:
+    return [a for axis in spec if axis for a in ((axis,) if isinstance(axis, str) else axis)]
+
+
+def _param_state(state_or_model) -> nnx.State:
+    if isinstance(state_or_model, nnx.Module):
+        return nnx.state(state_or_model, nnx.Param)
+    if isinstance(state_or_model, dict) and "params" in state_or_model:
+        state_or_model = state_or_model["params"]
+    if isinstance(state_or_model, nnx.State):
+        return nnx.filter_state(state_or_model, nnx.Param)
+    raise TypeError(f"check_param_sharding needs an nnx.Module, an nnx.State of Params or a train state with "
+                    f"'params'; got {type(state_or_model).__name__}")
+
+
+def check_param_sharding(state_or_model, mesh: Mesh, *, min_bytes: int = REPLICATED_PARAM_MAX_BYTES) -> dict[str, Any]:
+    """Check what `param_shardings` would do: every parameter named by the rules table, and on a
+    mesh with fsdp or tensor > 1 every parameter over `min_bytes` split over some axis of size > 1.
+
+    All violations are reported in one ValueError. Returns {"param_bytes", "bytes_per_device",
+    "replicated_bytes", "largest_replicated": (path, shape, bytes) or None}.
+    """
+    params = _param_state(state_or_model)
+    model_parallel = mesh.shape.get("fsdp", 1) > 1 or mesh.shape.get("tensor", 1) > 1
+    unnamed, too_big = [], []
+    total = per_device = replicated = 0
+    largest = None
+    for path, var in nnx.to_flat_state(params):
+        where = "/".join(str(p) for p in path)
+        value = var.get_value()
+        shape, nbytes = tuple(np.shape(value)), int(np.prod(np.shape(value))) * np.dtype(value.dtype).itemsize
+        names = var.get_metadata().get("logical_axes")
+        if names is None or len(names) != len(shape):
+            unnamed.append(f"{where} {shape}: logical_axes={names}")
+            continue
+        missing = [n for n in names if n is not None and n not in LOGICAL_AXIS_RULES]
+        if missing:
+            unnamed.append(f"{where} {shape}: no rule for {missing}")
+            continue
+        spec = _fit_spec(logical_to_spec(names), shape, mesh)
+        shards = int(np.prod([mesh.shape[a] for a in _mesh_axes_of(spec)]))
+        total += nbytes
+        per_device += nbytes // shards
+        if shards == 1:
+            replicated += nbytes
+            if largest is None or nbytes > largest[2]:
+                largest = (where, shape, nbytes)
+            if model_parallel and nbytes > min_bytes:
+                too_big.append(f"{where} {shape} axes={tuple(names)} ({nbytes / 2**20:.1f} MiB)")
+    problems = []
+    if unnamed:
+        problems.append(f"{len(unnamed)} parameter(s) not covered by LOGICAL_AXIS_RULES [{'; '.join(unnamed)}] "
+                        "-> give them logical_axes where they are created and add any new name to the rules table")
+    if too_big:
+        problems.append(f"{len(too_big)} parameter(s) over {min_bytes / 2**20:g} MiB replicated on mesh "
+                        f"{dict(mesh.shape)} [{'; '.join(too_big)}] -> map one of their logical axes to 'fsdp' or "
+                        "'tensor' in LOGICAL_AXIS_RULES, or pick mesh sizes that divide those dims")
+    if problems:
+        raise ValueError("parameter sharding check failed: " + " | ".join(problems))
+    return {"param_bytes": total, "bytes_per_device": per_device, "replicated_bytes": replicated,
+            "largest_replicated": largest}
+
+
+def _local_shard_counts(sharding: NamedSharding, ndim: int) -> list[tuple[int, int]]:
+    """Per array dim: (distinct shards held by this process's devices, distinct shards in all)."""
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    me = jax.process_index()
+    coords = [dict(zip(mesh.axis_names, idx)) for idx, d in np.ndenumerate(mesh.devices) if d.process_index == me]
+    counts = []
+    for axis in spec:
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        local = len({tuple(c[n] for n in names) for c in coords})
+        counts.append((local, int(np.prod([mesh.shape[n] for n in names]))))
+    return counts
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
+                 spec: PartitionSpec = PartitionSpec(("data", "fsdp"))) -> dict[str, jax.Array]:
+    """This host's rows of every array -> global jax.Arrays laid out by `spec` over `mesh`.
+
+    Each process passes its own slice (rows for its devices); the global batch has
+    host_rows * (batch shards in the mesh / batch shards on this host) rows.
+    """
+    sharding = NamedSharding(mesh, spec)
+    out = {}
+    for key, value in host_batch.items():
+        value = np.asarray(value)
+        if value.ndim < len(spec):
+            raise ValueError(f"batch[{key!r}] has {value.ndim} dims but the batch spec {spec} names {len(spec)}")
+        global_shape = []
+        for dim, (size, (local, total)) in enumerate(zip(value.shape, _local_shard_counts(sharding, value.ndim))):
+            if size % local:
+                raise ValueError(f"batch[{key!r}] dim {dim} has {size} rows on this host, which does not divide over "
+                                 f"its {local} shards of mesh {dict(mesh.shape)} (spec {spec}); make the per-host "
+                                 f"batch a multiple of {local}")
+            global_shape.append(size // local * total)
+        out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
+    return out

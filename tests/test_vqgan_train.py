@@ -71,9 +71,15 @@ def test_bad_configs_fail_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_training_halves_the_reconstruction_error(tmp_path):
-    cfg = configs.load_config(f"{CONFIG}:tiny")
-    train_vqgan.train(cfg, str(tmp_path), echo=False)
-    evals = [r for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "eval_l1" in r]
+    """On the synthetic CXR corpus (train split trains, validate/test images are held out)."""
+    from llmcxr_jax.data import synthetic
+
+    root = str(tmp_path / "corpus")
+    synthetic.synthesize(root, num_images=600, image_size=64, seed=0)
+    cfg = configs.load_config(f"{CONFIG}:tiny", ["--config.train.steps=150", "--config.train.eval_every=50",
+                                                 f"--config.train.data={root}"])
+    train_vqgan.train(cfg, str(tmp_path / "run"), echo=False)
+    evals = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "eval_l1" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == cfg.train.steps
     assert evals[-1]["eval_l1"] <= 0.5 * evals[0]["eval_l1"], [(r["step"], r["eval_l1"]) for r in evals]
 

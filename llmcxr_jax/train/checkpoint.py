@@ -49,20 +49,35 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: dict[str, Any], metadata: dict[str, Any]) -> None:
+    def save(self, step: int, state: Any, data_iter: Any, metadata: dict[str, Any]) -> None:
+        """data_iter: a JSON dict (one host position), or orbax args such as grain's
+        CheckpointSave (one state file per process)."""
         self.manager.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state), DATA_ITER: ocp.args.JsonSave(data_iter),
+            STATE: ocp.args.StandardSave(state), DATA_ITER: _json_or_args(data_iter, ocp.args.JsonSave),
             METADATA: ocp.args.JsonSave(metadata)}), force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings."""
+    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, Any]:
+        """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings; data_iter:
+        None (JSON) or restore args such as grain's CheckpointRestore(iterator)."""
         out = self.manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state), DATA_ITER: ocp.args.JsonRestore()}))
-        return out[STATE], dict(out[DATA_ITER])
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA_ITER: data_iter if data_iter is not None else ocp.args.JsonRestore()}))
+        restored = out[DATA_ITER]
+        return out[STATE], (dict(restored) if data_iter is None else restored)
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _json_or_args(value: Any, json_cls):
+    return json_cls(value) if isinstance(value, dict) else value
 
 
 def lm_metadata(config: GPTNeoXConfig, layout: VocabLayout, special: SpecialTokens | None, mesh: Mesh,

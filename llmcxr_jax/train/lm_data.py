@@ -1,0 +1,82 @@
+"""The LM trainer's data: a MIMIC-layout corpus + VQ-GAN codes + Dolly rows -> the training and
+held-out LmBatches of the configured stage (train split vs validate/test and Dolly's held-out rows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import ml_collections
+
+from llmcxr_jax.data import codes as code_files
+from llmcxr_jax.data import lm_batches, mimic_cxr
+from llmcxr_jax.vocab import SpecialTokens, VocabLayout
+
+BATCH_KEYS = ("seq_len", "max_length", "packing", "max_examples_per_row", "loss", "image_delimiters", "mixture",
+              "epoch_size", "seed", "num_workers", "num_threads", "report_instructions", "image_instructions")
+
+
+@dataclasses.dataclass
+class Sources:
+    """Plain examples per split (before tokenization) and the image codes."""
+
+    train: dict[str, list]
+    held_out: dict[str, list]
+    codes: Any
+    codebook_size: int
+    codes_per_image: int
+
+
+def read_sources(d: ml_collections.ConfigDict) -> Sources:
+    """Reads the corpus once; the stage picks records and report text (REFERENCE.md)."""
+    if not d.root:
+        raise ValueError("data.root is empty; give a MIMIC-CXR-JPG layout root (or make one with `llmcxr synth`)")
+    if not d.codes:
+        raise ValueError("data.codes is empty; give the output of `llmcxr encode-images` or `llmcxr import-codes`")
+    if not os.path.exists(d.codes):
+        raise FileNotFoundError(f"data.codes {d.codes} does not exist; run `llmcxr encode-images` first")
+    corpus = mimic_cxr.load_corpus(d.root, reports_root=d.reports_root or None, progress=False)
+    table = code_files.read_codes(d.codes)
+    stage = int(d.stage)
+    if stage not in (1, 2):
+        raise ValueError(f"data.stage must be 1 or 2, got {stage}")
+    train_records = mimic_cxr.stage_records(corpus, stage)
+    held_records = mimic_cxr.evaluation_records(corpus)
+    vqa = mimic_cxr.read_vqa(d.root).items if os.path.isdir(os.path.join(d.root, "mimic-cxr-jpg_medvqa_v1")) else []
+    dolly_path = d.dolly or os.path.join(d.root, "databricks-dolly-15k.jsonl")
+    dolly = mimic_cxr.read_dolly(dolly_path).items if os.path.isfile(dolly_path) else []
+    order = np.random.default_rng(d.seed).permutation(len(dolly))
+    n_eval = min(int(d.dolly_eval_rows), len(dolly) // 2)
+    eval_rows = {int(i) for i in order[:n_eval]}
+    return Sources(
+        train={"image_text": lm_batches.image_text_examples(train_records, stage),
+               "vqa": mimic_cxr.vqa_for_records(vqa, mimic_cxr.vqa_image_records(corpus)),
+               "text": [row for i, row in enumerate(dolly) if i not in eval_rows]},
+        held_out={"image_text": lm_batches.image_text_examples(held_records, stage),
+                  "vqa": mimic_cxr.vqa_for_records(vqa, mimic_cxr.vqa_image_records(corpus, mimic_cxr.EVAL_SPLITS)),
+                  "text": [row for i, row in enumerate(dolly) if i in eval_rows]},
+        codes=table, codebook_size=int(table.codebook_size), codes_per_image=int(table.codes_per_image))
+
+
+def batch_config(d: ml_collections.ConfigDict, batch_size: int, codes_per_image: int, mixture=None) -> dict:
+    out = {k: (d[k].to_dict() if isinstance(d[k], ml_collections.ConfigDict) else d[k]) for k in BATCH_KEYS}
+    if mixture is not None:
+        out["mixture"] = mixture
+    out.update(batch_size=batch_size, codes_per_image=codes_per_image)
+    return out
+
+
+def make_batches(sources: Sources, split: str, tokenizer, special: SpecialTokens, layout: VocabLayout,
+                 d: ml_collections.ConfigDict, batch_size: int, shard=None) -> lm_batches.LmBatches:
+    """LmBatches over one split. Held-out batches keep the task mix but drop tasks without data."""
+    pools = sources.train if split == "train" else sources.held_out
+    mixture = None
+    if split != "train":
+        sizes = {"cxr_to_report": len(pools["image_text"]), "report_to_cxr": len(pools["image_text"]),
+                 "vqa": len(pools["vqa"]), "text": len(pools["text"])}
+        mixture = {k: (float(w) if sizes[k] else 0.0) for k, w in d.mixture.items()}
+    cfg = batch_config(d, batch_size, sources.codes_per_image, mixture)
+    return lm_batches.LmBatches(tokenizer, special, layout, image_text=pools["image_text"], vqa=pools["vqa"],
+                                text=pools["text"], codes=sources.codes, config=cfg, shard=shard)

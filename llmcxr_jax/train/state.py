@@ -1,0 +1,150 @@
+"""The LM train state {"params", "opt", "step"}: created already sharded (eval_shape, then a jit
+whose out_shardings place every leaf), or started from init_from (a HF GPT-NeoX directory or an
+orbax LM checkpoint). No dropout in GPT-NeoX/Dolly, so the step needs no RNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llmcxr_jax import sharding, vocab
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, init_model
+from llmcxr_jax.train import checkpoint, optim
+from llmcxr_jax.vocab import SpecialTokens, VocabLayout
+
+
+@dataclasses.dataclass
+class Start:
+    """What a run starts from: model shape, vocabulary, tokenizer, and initial params (or None)."""
+
+    config: GPTNeoXConfig
+    layout: VocabLayout
+    tokenizer: Any
+    special: SpecialTokens
+    tokenizer_config: dict
+    params: Any | None  # sharded pure dict when loaded from init_from; None = initialise
+    source: str  # "scratch" | "hf:DIR" | "checkpoint:DIR"
+    hf_config: dict | None = None
+
+
+def _tokenizer(directory: str):
+    if not directory:
+        raise ValueError("no tokenizer: set data.tokenizer to a HF tokenizer directory, or train.init_from to a "
+                         "HF directory / checkpoint that holds one")
+    if not vocab.has_tokenizer(directory):
+        raise FileNotFoundError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
+    return vocab.load_tokenizer(directory)
+
+
+def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: int) -> Start:
+    """init_from (HF directory or orbax checkpoint) or scratch with the configured shape."""
+    t, d, m = config.train, config.data, config.model
+    source = t.init_from
+    runtime = dict(dtype=m.dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers)
+    if source:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"train.init_from {source} does not exist; give a HF GPT-NeoX directory or an "
+                                    "orbax LM checkpoint (import-hf output or a train workdir)")
+        workdir_ckpt = os.path.join(source, "checkpoints")
+        if os.path.isfile(os.path.join(source, "config.json")) and not os.path.isdir(workdir_ckpt) \
+                and not checkpoint.has_checkpoint(source):
+            return _from_hf(config, mesh, image_codes, runtime)
+        ckpt_dir = workdir_ckpt if os.path.isdir(workdir_ckpt) else source
+        lm = checkpoint.load_lm(ckpt_dir, mesh, dtype=m.dtype, remat_policy=m.remat_policy)
+        if lm.config.scan_layers != m.scan_layers:
+            raise ValueError(f"{source} stores layers with scan_layers={lm.config.scan_layers}; set "
+                             f"model.scan_layers={lm.config.scan_layers}")
+        if lm.layout.image_codes != image_codes:
+            raise ValueError(f"{source} has {lm.layout.image_codes} image rows but the codes use a codebook of "
+                             f"{image_codes}; encode with the matching VQ-GAN")
+        tok, special, tok_cfg = _tokenizer(d.tokenizer or os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
+        _check_text_size(tok, lm.layout, source)
+        params = nnx.state(lm.model, nnx.Param).to_pure_dict()
+        return Start(lm.config, lm.layout, tok, special, tok_cfg, params, f"checkpoint:{source}",
+                     lm.metadata.get("hf_config"))
+    tok, special, tok_cfg = _tokenizer(d.tokenizer)
+    layout = VocabLayout.create(vocab.text_size(tok), image_codes, mesh.shape["tensor"])
+    return Start(GPTNeoXConfig.from_config(m, layout), layout, tok, special, tok_cfg, None, "scratch")
+
+
+def _from_hf(config, mesh, image_codes, runtime) -> Start:
+    from llmcxr_jax.convert import hf_gpt_neox
+
+    t, d, m = config.train, config.data, config.model
+    imp = hf_gpt_neox.import_hf(t.init_from, image_codes, mesh=mesh, new_rows=t.new_rows, seed=t.seed,
+                                dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+                                remat_policy=m.remat_policy)
+    tok, special, tok_cfg = (_tokenizer(d.tokenizer) if d.tokenizer else
+                             (imp.tokenizer, imp.special, imp.tokenizer_config))
+    if tok is None:
+        raise ValueError(f"{t.init_from} has no tokenizer.json; set data.tokenizer")
+    _check_text_size(tok, imp.layout, t.init_from)
+    params = nnx.state(imp.model, nnx.Param).to_pure_dict()
+    return Start(imp.config, imp.layout, tok, special, tok_cfg, params, f"hf:{t.init_from}", imp.hf_config)
+
+
+def _check_text_size(tok, layout: VocabLayout, where: str) -> None:
+    if vocab.text_size(tok) != layout.text_size:
+        raise ValueError(f"the tokenizer has {vocab.text_size(tok)} tokens but {where} has T = {layout.text_size} "
+                         "text rows; use the tokenizer saved with that model")
+
+
+def param_shardings(cfg: GPTNeoXConfig, mesh: Mesh) -> Any:
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sharding.param_shardings(state, mesh).to_pure_dict()
+
+
+def abstract_params(cfg: GPTNeoXConfig) -> Any:
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                        nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict())
+
+
+def opt_state_shardings(abstract_opt: Any, params_sh: Any, mesh: Mesh) -> Any:
+    """Optimizer leaves that mirror a parameter (Adam's mu and nu) take its sharding; the rest
+    (counts, scalars, masks) are replicated."""
+    by_path = {optim.path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        for n in range(len(path)):
+            sub = optim.path_name(path[n:])
+            if sub in by_path and by_path[sub].shard_shape(leaf.shape) is not None:
+                return by_path[sub]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def state_shardings(cfg: GPTNeoXConfig, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
+    """-> (abstract state with shardings, sharding tree)."""
+    params_sh = param_shardings(cfg, mesh)
+    abstract = abstract_params(cfg)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    sh = {"params": params_sh, "opt": opt_state_shardings(abstract_opt, params_sh, mesh),
+          "step": NamedSharding(mesh, PartitionSpec())}
+    shapes = {"params": abstract, "opt": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh)
+    return with_sh, sh
+
+
+def create_state(start: Start, tx: optax.GradientTransformation, mesh: Mesh, seed: int) -> dict[str, Any]:
+    """Initial state placed by the sharding tree: params from `start` or a jitted init."""
+    _, sh = state_shardings(start.config, tx, mesh)
+    cfg = start.config
+
+    def init(params):
+        if params is None:
+            params = nnx.state(init_model(cfg, seed), nnx.Param).to_pure_dict()
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    if start.params is None:
+        return jax.jit(lambda: init(None), out_shardings=sh)()
+    return jax.jit(init, in_shardings=(sh["params"],), out_shardings=sh, donate_argnums=(0,))(start.params)
