@@ -141,3 +141,37 @@ def test_bad_configs_fail_in_one_line(setup, tmp_path, capsys, override, message
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
+    from llmcxr_jax import sharding
+
+    cfg = tiny_config(setup, "--config.train.steps=2", "--config.train.eval_every=0",
+                      "--config.train.mesh=8,1,1")
+    lm.train(cfg, str(tmp_path), echo=False)
+    ref = _params(str(tmp_path))
+    other = checkpoint.load_lm(str(tmp_path / "checkpoints"), sharding.make_mesh("2,2,2"))
+    emb = other.model.embed_in["embedding"].get_value()
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    got = jax.tree.map(np.asarray, nnx.state(other.model, nnx.Param).to_pure_dict())
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    # and training continues there
+    more = tiny_config(setup, "--config.train.steps=3", "--config.train.eval_every=0", "--config.train.mesh=2,2,2")
+    assert lm.train(more, str(tmp_path), echo=False)["step"] == 3
+
+
+def test_non_finite_loss_stops_before_a_poisoned_checkpoint(setup, tmp_path):
+    cfg = tiny_config(setup, "--config.train.steps=6", "--config.train.eval_every=0", "--config.train.warmup_steps=0",
+                      "--config.train.checkpoint_every=1", "--config.train.learning_rate=1e30",
+                      "--config.train.grad_clip=0.0")
+    with pytest.raises(lm.NonFiniteLoss) as e:
+        lm.train(cfg, str(tmp_path), echo=False)
+    message = str(e.value)
+    step = int(message.split(" at step ")[1].split(";")[0])
+    assert "batch examples" in message and ":" in message.split("batch examples")[1]
+    saved = checkpoint.TrainCheckpointer(str(tmp_path / "checkpoints"), keep=5)
+    try:
+        assert saved.latest_step() == step - 1 and f"checkpoints/{step - 1}" in message
+    finally:
+        saved.close()

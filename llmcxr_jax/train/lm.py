@@ -326,7 +326,7 @@ def _loop(config, workdir, state, data_iter, pipe, step_fn, eval_fn, ckpt, metad
         signal.signal(signal.SIGTERM, previous)
         if board is not None:
             board.close()
-    return {"step": step, "checkpoints": ckpt.manager.directory, "preempted": preempted["flag"],
+    return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": preempted["flag"],
             "metrics": log.path, "source": start.source}
 
 
