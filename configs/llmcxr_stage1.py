@@ -42,6 +42,7 @@ def get_config(variant=None, stage: int = 1):
     d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.3, "report_to_cxr": 0.3, "vqa": 0.2, "text": 0.2})
     d.epoch_size = 0
     d.seed = 42
+    d.num_shards = 0  # logical data shards (0: one per process); fix it to make runs host-count independent
     d.num_workers = 0
     d.num_threads = 4
     d.report_instructions = ""

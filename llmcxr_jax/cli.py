@@ -8,6 +8,7 @@ import os
 import sys
 
 COMMANDS = {}
+MULTI_HOST_COMMANDS = ("train", "train-vqgan", "encode-images")  # join jax.distributed first
 
 
 def command(name: str, help: str):
@@ -287,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     fn, _ = COMMANDS[args.command]
     try:
+        if args.command in MULTI_HOST_COMMANDS:
+            from llmcxr_jax.distributed import initialize_distributed
+
+            initialize_distributed()  # from SLURM / TPU pod / LLMCXR_* env; nothing on one process
         fn(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax import sharding, vocab
+from llmcxr_jax.data import lm_batches
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
 from llmcxr_jax.train import checkpoint, lm_data, optim
 from llmcxr_jax.train import state as state_lib
@@ -211,14 +212,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         abstract, state_sh = state_lib.state_shardings(start.config, tx, mesh)
         placement = sharding.check_param_sharding(abstract_model(start.config), mesh)
         graphdef = nnx.graphdef(abstract_model(start.config))
-        train_pipe = lm_data.make_batches(sources, "train", start.tokenizer, start.special, start.layout, d,
-                                          t.batch_size)
-        data_iter = train_pipe.iterator()
+        data_iter, pipes = lm_data.train_iterator(sources, start.tokenizer, start.special, start.layout, d,
+                                                  t.batch_size)
+        train_pipe = pipes[0]  # any shard's pipeline maps example ids back to examples
         ckpt = checkpoint.TrainCheckpointer(ckpt_dir, keep=t.keep_checkpoints)
         if resume_dir is not None:
             src = checkpoint.TrainCheckpointer(resume_dir, keep=t.keep_checkpoints) if resume_dir != ckpt_dir else ckpt
             step0 = src.latest_step()
-            state, _ = src.restore(step0, abstract, lm_batches_restore_args(data_iter))
+            state, _ = src.restore(step0, abstract, lm_batches.checkpoint_args(data_iter, restore=True))
             if src is not ckpt:
                 src.close()
         else:
@@ -234,12 +235,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], batch_sh))
         return _loop(config, workdir, state, data_iter, train_pipe, step_fn, eval_fn, ckpt, metadata, batch_sh,
                      sources, start, stop_after, echo)
-
-
-def lm_batches_restore_args(iterator):
-    from llmcxr_jax.data import lm_batches
-
-    return lm_batches.checkpoint_args(iterator, restore=True)
 
 
 def _start_from_run(config, mesh, ckpt_dir: str, image_codes: int) -> state_lib.Start:
@@ -275,8 +270,6 @@ def _evaluate(config, sources, start, eval_fn, params, batch_sh) -> dict[str, fl
 
 def _loop(config, workdir, state, data_iter, pipe, step_fn, eval_fn, ckpt, metadata, batch_sh, sources, start,
           stop_after, echo) -> dict[str, Any]:
-    from llmcxr_jax.data import lm_batches
-
     t, d = config.train, config.data
     log = MetricsLog(workdir, t.steps)
     board = _board(workdir)

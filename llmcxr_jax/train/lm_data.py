@@ -68,6 +68,26 @@ def batch_config(d: ml_collections.ConfigDict, batch_size: int, codes_per_image:
     return out
 
 
+def train_iterator(sources: Sources, tokenizer, special: SpecialTokens, layout: VocabLayout,
+                   d: ml_collections.ConfigDict, batch_size: int):
+    """This process's HostIterator over its block of data.num_shards (0: one per process) and the
+    pipelines behind it (for example-id lookups)."""
+    import grain
+    import jax
+
+    from llmcxr_jax.data import host_shards
+
+    num_shards = int(d.num_shards) or jax.process_count()
+    if batch_size % num_shards:
+        raise ValueError(f"train.batch_size {batch_size} does not split over data.num_shards {num_shards}")
+
+    def make(index, count):
+        return make_batches(sources, "train", tokenizer, special, layout, d, batch_size,
+                            shard=grain.sharding.ShardOptions(index, count))
+
+    return host_shards.host_iterator(make, num_shards, jax.process_index(), jax.process_count())
+
+
 def make_batches(sources: Sources, split: str, tokenizer, special: SpecialTokens, layout: VocabLayout,
                  d: ml_collections.ConfigDict, batch_size: int, shard=None) -> lm_batches.LmBatches:
     """LmBatches over one split. Held-out batches keep the task mix but drop tasks without data."""
