@@ -146,6 +146,29 @@ def train_cmd(args) -> None:
     print(json.dumps({"workdir": args.workdir} | lm.train(config, args.workdir)))
 
 
+@command("compile-check", "compile the real train step ahead of time for a TPU topology or GPU mesh; fails if it does not fit")
+def compile_check_cmd(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import compile_check, lm, topologies
+
+    config = configs.load_config(args.config, args.overrides)
+    topo = topologies.parse_topology(args.topology, args.num_slices, args.gpu_type)
+    if topo.platform == "gpu":
+        topologies.ensure_cpu_devices(topo.num_chips)
+    tokens, flops = lm.step_flops(config)
+    report = compile_check.compile_check(lambda mesh: lm.lower_train_step(config, mesh), args.topology,
+                                         num_slices=args.num_slices, mesh_shape=args.mesh or config.train.mesh,
+                                         tokens_per_step=tokens, model_flops_per_step=flops, mfu=args.mfu,
+                                         gpu_type=args.gpu_type)
+    print(report.format(), file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if not report.fits:
+        raise ValueError(report.error_line())
+    print(json.dumps(report.to_dict()))
+
+
 @command("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for train-vqgan")
 def convert_weights_cmd(args) -> None:
     from llmcxr_jax.convert import perceptual_weights as W
@@ -247,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--state-dict", default=None,
                            help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
             p.add_argument("--out", required=True, help="safetensors file to write")
+        elif name == "compile-check":
+            p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/llmcxr_stage1.py:3b")
+            p.add_argument("--topology", required=True, help="v4-32, v5p-128, v5e-16, v6e-8, or gpu:NxM (hosts x GPUs)")
+            p.add_argument("--num-slices", type=int, default=1, help="TPU slices (multi-slice over the data axis)")
+            p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes; default: the config's train.mesh")
+            p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation for the step-time estimate")
+            p.add_argument("--gpu-type", default=None, help="a100-40g, a100-80g, h100, h200 (gpu:NxM on CPU)")
+            p.add_argument("--json", default=None, help="also write the report here")
         elif name in ("train-vqgan", "train"):
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/vqgan_f16_1024.py:tiny")
             p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")

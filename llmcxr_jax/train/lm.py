@@ -121,17 +121,50 @@ def model_flops_per_token(cfg: GPTNeoXConfig, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
-# Dense bf16 peak FLOP/s per device, by jax device_kind (MFU is reported only when known).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12,
-              "TPU v6e": 918e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12,
-              "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
-
-
 def peak_flops(t: ml_collections.ConfigDict) -> float:
+    """Dense bf16 peak FLOP/s of one device (train.peak_flops, else the chip table); 0 = unknown."""
+    from llmcxr_jax.train import topologies
+
     if t.peak_flops:
         return float(t.peak_flops)
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        kind = topologies.gpu_type_of(device)
+        return topologies.GPU_CHIPS[kind].peak_flops if kind else 0.0
+    if device.platform == "tpu":
+        for name, chip in topologies.TPU_CHIPS.items():
+            label = {"v5e": "v5 lite", "v6e": "v6 lite"}.get(name, name)
+            if label in device.device_kind.lower():
+                return chip.peak_flops
+    return 0.0
+
+
+def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Lowered:
+    """The real train step lowered with abstract state and batch (no data, no allocation): what
+    `llmcxr compile-check` compiles for a TPU/GPU topology. The vocabulary comes from
+    model.text_size + model.image_codes."""
+    t, d, m = config.train, config.data, config.model
+    layout = vocab.VocabLayout.create(int(m.text_size), int(m.image_codes), mesh.shape["tensor"])
+    cfg = GPTNeoXConfig.from_config(m, layout)
+    tx = optim.make_optimizer(t, state_lib.abstract_params(cfg), layout)
+    abstract, state_sh = state_lib.state_shardings(cfg, tx, mesh)
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    shape = (int(t.batch_size), int(d.seq_len))
+    dtypes = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+              "positions": jnp.int32, "modality": jnp.int8}
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, dt in dtypes.items()}
+    graphdef = nnx.graphdef(abstract_model(cfg))
+    step = jax.jit(make_train_step(graphdef, tx, int(t.grad_accum), optim.learning_rate(t)),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    return step.lower(abstract, batch)
+
+
+def step_flops(config: ml_collections.ConfigDict) -> tuple[int, float]:
+    """(tokens per step, model FLOPs per step) of the configured shape at full rows."""
+    m, t, d = config.model, config.train, config.data
+    layout = vocab.VocabLayout.create(int(m.text_size), int(m.image_codes))
+    tokens = int(t.batch_size) * int(d.seq_len)
+    return tokens, tokens * model_flops_per_token(GPTNeoXConfig.from_config(m, layout), int(d.seq_len))
 
 
 # ---------------------------------------------------------------- the loop

@@ -1,0 +1,298 @@
+"""compile-check: topology names -> chips and slice shapes, the report's arithmetic, and real
+ahead-of-time compiles of a GPT-NeoX train step: CPU stand-ins for gpu:2x4 always, TPU v4-16
+(fits) and v5e-4 (pythia-12b without fsdp: does not fit) with `-m tpu` when libtpu is installed."""
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import gpt_neox as gpt_neox_configs
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
+from llmcxr_jax.sharding import param_shardings
+from llmcxr_jax.train import compile_check as cc
+from llmcxr_jax.train import topologies
+from llmcxr_jax.train.topologies import GiB
+from llmcxr_jax.vocab import VocabLayout
+
+_no_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install 'llmcxr-jax[tpu]'): no TPU topologies")
+
+
+def needs_libtpu(test):
+    """Marked `tpu` (deselected by default in pytest.ini; run with -m tpu) and skipped without libtpu."""
+    return pytest.mark.tpu(_no_libtpu(test))
+
+
+# ---------------------------------------------------------------- a stand-in train step
+
+def model_config(variant: str) -> GPTNeoXConfig:
+    c = gpt_neox_configs.get_config(variant)
+    return GPTNeoXConfig.from_config(c, VocabLayout.create(c.text_size, c.image_codes))
+
+
+def model_flops(cfg: GPTNeoXConfig, batch: int, length: int) -> float:
+    """6 x matmul params x tokens + attention (12 x layers x hidden x length per token)."""
+    params = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) - cfg.padded_vocab_size * cfg.hidden_size
+    return batch * length * (6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * length)
+
+
+class StandInStep:
+    """lower(mesh): next-token loss, grads and an AdamW update of GPT-NeoX, on abstract sharded
+    arguments only (nothing is allocated, so a 12B model costs nothing to lower)."""
+
+    def __init__(self, cfg: GPTNeoXConfig, batch: int, length: int):
+        self.cfg, self.batch, self.length = cfg, batch, length
+        self.args = None  # the abstract arguments of the last lowering
+
+    def __call__(self, mesh):
+        tx = optax.adamw(1e-4)
+        graphdef, params = nnx.split(abstract_model(self.cfg), nnx.Param)
+        p_sh = param_shardings(params, mesh).to_pure_dict()
+        p_sds = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                             params.to_pure_dict(), p_sh)
+        opt_abstract = jax.eval_shape(tx.init, p_sds)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh,
+                                       transform_non_params=lambda _: replicated)
+        o_sds = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), opt_abstract, opt_sh)
+        b_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+        ids = jax.ShapeDtypeStruct((self.batch, self.length), jnp.int32, sharding=b_sh)  # [batch, length]
+        mask = jax.ShapeDtypeStruct((self.batch, self.length), jnp.float32, sharding=b_sh)
+
+        def loss_fn(p, ids, mask):
+            full = jax.tree.map(lambda x: x, params)  # a fresh State to fill with the traced arrays
+            full.replace_by_pure_dict(p)
+            logits = nnx.merge(graphdef, full)(ids)[:, :-1]  # [batch, length - 1, vocab] float32
+            ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+            return jnp.sum(ce * mask[:, 1:]) / jnp.maximum(jnp.sum(mask[:, 1:]), 1.0)
+
+        def step(p, opt, ids, mask):
+            loss, grads = jax.value_and_grad(loss_fn)(p, ids, mask)
+            updates, opt = tx.update(grads, opt, p)
+            return optax.apply_updates(p, updates), opt, loss
+
+        self.args = (p_sds, o_sds, ids, mask)
+        jitted = jax.jit(step, in_shardings=(p_sh, opt_sh, b_sh, b_sh), out_shardings=(p_sh, opt_sh, replicated),
+                         donate_argnums=(0, 1))
+        return jitted.lower(*self.args)
+
+    def argument_bytes_per_device(self) -> int:
+        """Per-device bytes of the arguments, from shard shapes: what XLA should report."""
+        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                   for x in jax.tree.leaves(self.args))
+
+
+# ---------------------------------------------------------------- names and the chip table
+
+@pytest.mark.parametrize("name, chip, chips, tpu_topology, config, wrap", [
+    ("v4-8", "v4", 4, "v4:2x2x1", "megacore", (False,) * 3),
+    ("v4-16", "v4", 8, "v4:2x2x2", "megacore", (False,) * 3),
+    ("v4-32", "v4", 16, "v4:2x2x4", "megacore", (False,) * 3),
+    ("v4-128", "v4", 64, "v4:4x4x4", "megacore", (True,) * 3),
+    ("v5p-128", "v5p", 64, "v5:4x4x4", "megacore", (True,) * 3),
+    ("v5p-512", "v5p", 256, "v5:4x8x8", "megacore", (True,) * 3),
+    ("v5e-16", "v5e", 16, "v5e:4x4", "default", (False,) * 3),
+    ("v5litepod-8", "v5e", 8, "v5e:2x4", "default", (False,) * 3),
+    ("v5e-256", "v5e", 256, "v5e:16x16", "default", (True, True, False)),
+    ("v6e-8", "v6e", 8, "v6e:2x4", "default", (False,) * 3),
+    ("v6e-1", "v6e", 1, "v6e:1x1", "default", (False,) * 3),
+    ("v4:4x4x12", "v4", 192, "v4:4x4x12", "megacore", (True,) * 3),
+])
+def test_tpu_names_map_to_chips_and_slice_shapes(name, chip, chips, tpu_topology, config, wrap):
+    topo = topologies.parse_topology(name)
+    assert (topo.chip.name, topo.num_chips, topo.tpu_topology, topo.chip.chip_config, topo.wrap) == \
+        (chip, chips, tpu_topology, config, wrap)
+    assert topo.chips_per_host_bounds == ((1, 1, 1) if chips == 1 else (2, 2, 1))
+
+
+def test_chip_table_matches_the_vendor_data_sheets():
+    t, g = topologies.TPU_CHIPS, topologies.GPU_CHIPS
+    assert [(t[k].hbm_bytes / GiB, t[k].peak_flops) for k in ("v4", "v5p", "v5e", "v6e")] == \
+        [(32, 275e12), (95, 459e12), (16, 197e12), (32, 918e12)]
+    assert [(g[k].hbm_bytes / 1e9, g[k].peak_flops) for k in ("a100-40g", "a100-80g", "h100", "h200")] == \
+        [(40, 312e12), (80, 312e12), (80, 989e12), (141, 989e12)]
+
+
+def test_slice_counts_and_gpu_shapes():
+    two = topologies.parse_topology("v4-8", num_slices=2)
+    assert (two.num_chips, two.num_slices, two.tpu_topology) == (8, 2, "v4:2x2x1")
+    gpu = topologies.parse_topology("gpu:2x4", gpu_type="a100-40g")
+    assert (gpu.platform, gpu.num_chips, gpu.num_slices, gpu.chip.name) == ("gpu", 8, 2, "a100-40g")
+    assert topologies.parse_topology("gpu:1x8").chip.name == "h100"
+    for chips in (8, 16, 32, 64, 128, 1024):
+        shape = topologies.slice_shape(chips, 3)
+        assert np.prod(shape) == chips and list(shape) == sorted(shape)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("v4-7", {}, "count TensorCores"),
+    ("v4-12", {}, "give the slice shape explicitly as v4:AxBxC"),
+    ("v5e-2", {}, "give the slice shape explicitly as v5e:AxB"),
+    ("v5e-512", {}, "pod has 256"),
+    ("v9-8", {}, "unknown topology"),
+    ("v4:2x2", {}, "3-D"),
+    ("gpu:8", {}, "gpu:NxM"),
+    ("gpu:1x8", {"gpu_type": "b200"}, "unknown GPU type"),
+    ("v4-8", {"gpu_type": "h100"}, "only applies to gpu"),
+    ("v4-8", {"num_slices": 0}, "num_slices"),
+])
+def test_bad_topologies_say_what_to_change(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        topologies.parse_topology(name, **kwargs)
+
+
+def test_too_few_cpu_devices_is_a_clear_error():
+    with pytest.raises(topologies.TopologyUnavailable, match="needs 16 CPU devices but JAX has 8"):
+        topologies.gpu_devices(topologies.parse_topology("gpu:2x8"))
+
+
+# ---------------------------------------------------------------- the report's arithmetic
+
+def _report(**kw):
+    base = dict(topology="v4-16", description="d", target="t", chip="v4", num_chips=8, num_slices=1,
+                mesh={"data": 1, "fsdp": 8, "tensor": 1}, hbm_bytes=32 * GiB, hbm_label="32 GiB",
+                peak_flops_per_chip=275e12, tokens_per_step=8 * 2048, mfu=0.4, compile_seconds=1.0)
+    return cc.CompileReport(**{**base, **kw})
+
+
+def test_report_memory_speed_and_error_line():
+    r = _report(argument_bytes=20 * GiB, output_bytes=20 * GiB, alias_bytes=19 * GiB, temp_bytes=int(20.2 * GiB),
+                generated_code_bytes=0, peak_bytes=30 * GiB, xla_flops_per_chip=4e15, model_flops_per_step=3e16)
+    assert r.total_bytes == r.needed_bytes == int(41.2 * GiB)
+    assert not r.fits
+    assert r.error_line().startswith("does not fit: needs 41.2 GiB per chip, v4 has 32 GiB HBM; ")
+    assert r.xla_flops_per_step == 3.2e16
+    assert r.step_seconds == pytest.approx(3e16 / (8 * 275e12 * 0.4))  # MFU counts model FLOPs
+    assert r.tokens_per_second == pytest.approx(8 * 2048 / r.step_seconds)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["fits"] is False and d["needed_bytes"] == int(41.2 * GiB) and d["mesh"]["fsdp"] == 8
+    text = r.format()
+    assert "DOES NOT FIT" in text and "XLA / model = 1.07" in text and "tokens/s" in text
+
+    ok = _report(argument_bytes=GiB, output_bytes=GiB, alias_bytes=GiB, temp_bytes=GiB, generated_code_bytes=0,
+                 xla_flops_per_chip=1e12)
+    assert ok.fits and ok.error_line() == "" and ok.needed_bytes == 2 * GiB
+    assert ok.step_seconds == pytest.approx(8e12 / (8 * 275e12 * 0.4))  # no model FLOPs: XLA's count
+    assert "=> fits" in ok.format() and "XLA FLOPs (no model FLOPs given)" in ok.format()
+
+
+@pytest.mark.parametrize("message, gib", [
+    ("Ran out of memory on HBM, the total memory required for HLO temporaries (203.26G) exceeds available "
+     "HBM (15.75G).", 203.26),
+    ("Ran out of memory in memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G.", 20.5),
+])
+def test_out_of_memory_messages_are_read(message, gib):
+    assert cc._oom_bytes(message) == int(gib * GiB)
+    r = _report(chip="v5e", hbm_bytes=16 * GiB, hbm_label="16 GiB", oom_message=message,
+                oom_needed_bytes=cc._oom_bytes(message))
+    assert not r.fits and f"needs {gib:.1f} GiB per chip, v5e has 16 GiB HBM (XLA: " in r.error_line()
+
+
+# ---------------------------------------------------------------- real compiles
+
+def test_gpu_shape_check_on_cpu_devices():
+    cfg = model_config("tiny")
+    step = StandInStep(cfg, batch=16, length=64)
+    flops = model_flops(cfg, 16, 64)
+    r = cc.compile_check(step, "gpu:2x4", gpu_type="a100-40g", tokens_per_step=16 * 64, model_flops_per_step=flops)
+    print(r.format())
+    assert r.fits and r.chip == "a100-40g" and "CPU stand-ins" in r.target
+    assert r.mesh == {"data": 2, "fsdp": 4, "tensor": 1}  # hosts default to the data axis
+    assert not r.step_has_loops  # the tiny config does not scan its layers
+    assert r.argument_bytes == step.argument_bytes_per_device()
+    assert 0 < r.needed_bytes < 64 * 2**20
+    assert 0.7 < r.xla_flops_per_step / flops < 1.5
+    assert r.step_seconds == pytest.approx(flops / (8 * 312e12 * 0.4))
+
+
+@needs_libtpu
+def test_tpu_v4_16_compiles_on_cpu_and_fits():
+    cfg = model_config("tiny")
+    step = StandInStep(cfg, batch=16, length=64)
+    flops = model_flops(cfg, 16, 64)
+    r = cc.compile_check(step, "v4-16", tokens_per_step=16 * 64, model_flops_per_step=flops, mfu=0.5)
+    print(r.format())
+    assert r.fits and r.error_line() == ""
+    assert (r.num_chips, r.chip, r.mesh) == (8, "v4", {"data": 1, "fsdp": 8, "tensor": 1})
+    assert "libtpu" in r.target and "16 TensorCores" in r.description
+    # TPU layouts pad minor dims to tiles (the tiny model's 64-wide dims to 128)
+    assert step.argument_bytes_per_device() <= r.argument_bytes <= 3 * step.argument_bytes_per_device()
+    assert r.temp_bytes > 0 and r.needed_bytes < 64 * 2**20
+    assert 0.7 < r.xla_flops_per_step / flops < 1.5
+    assert r.tokens_per_second == pytest.approx(16 * 64 * 8 * 275e12 * 0.5 / flops)
+
+
+@needs_libtpu
+def test_pythia_12b_without_fsdp_does_not_fit_a_v5e_4():
+    cfg = model_config("pythia-12b")
+    step = StandInStep(cfg, batch=4, length=2048)
+    r = cc.compile_check(step, "v5e-4", mesh_shape="4,1,1", tokens_per_step=4 * 2048,
+                         model_flops_per_step=model_flops(cfg, 4, 2048))
+    print(r.format())
+    print(r.error_line())
+    assert not r.fits
+    # every chip holds the whole fp32 model and both Adam moments: 12 bytes per parameter
+    assert r.argument_bytes == step.argument_bytes_per_device() > 12 * 11e9
+    assert r.needed_bytes >= r.argument_bytes
+    assert r.error_line().startswith(f"does not fit: needs {r.needed_bytes / GiB:.1f} GiB per chip, v5e has 16 GiB HBM")
+    assert r.step_seconds is not None  # the estimate still comes from model FLOPs
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name, kind", [("v5p-8", "TPU v5"), ("v5e-4", "TPU v5 lite"), ("v6e-8", "TPU v6 lite")])
+def test_each_generation_makes_compile_only_devices(name, kind):
+    topo = topologies.parse_topology(name)
+    devices = topologies.tpu_devices(topo)
+    assert len(devices) == topo.num_chips and devices[0].device_kind == kind
+    assert cc.topology_mesh(devices, None).shape == {"data": 1, "fsdp": topo.num_chips, "tensor": 1}
+
+
+@needs_libtpu
+def test_multislice_mesh_puts_slices_on_the_data_axis():
+    topo = topologies.parse_topology("v4-8", num_slices=2)
+    devices = topologies.tpu_devices(topo)
+    mesh = cc.topology_mesh(devices, "-1,2,2", num_slices=2)
+    assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of == np.arange(2)[:, None, None]).all()
+    with pytest.raises(ValueError, match="multiple of the slice count"):
+        cc.topology_mesh(devices, "1,8,1", num_slices=2)
+
+
+def test_missing_libtpu_says_how_to_install_it(monkeypatch):
+    from jax.experimental import topologies as jax_topologies
+
+    def no_tpu(*args, **kwargs):  # what jax raises when libtpu is absent
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology. See ...")
+
+    monkeypatch.setattr(jax_topologies, "get_topology_desc", no_tpu)
+    with pytest.raises(topologies.TopologyUnavailable, match=r"needs libtpu: pip install 'llmcxr-jax\[tpu\]'"):
+        cc.compile_check(lambda mesh: None, "v4-16", tokens_per_step=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"tokens_per_step": 0}, "tokens_per_step"),
+                                             ({"tokens_per_step": 8, "mfu": 1.5}, "mfu")])
+def test_bad_speed_inputs_are_refused_before_compiling(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cc.compile_check(lambda mesh: pytest.fail("lowered despite bad inputs"), "gpu:1x8", **kwargs)
+
+
+def test_loops_in_the_step_are_flagged():
+    def lower(mesh):
+        x = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+
+        def layers(x):  # four "layers" of x @ x.T @ x, scanned like scan_layers
+            return jax.lax.scan(lambda h, _: (jnp.tanh(h @ h.T @ h), None), x, None, length=4)[0]
+
+        return jax.jit(layers).lower(x)
+
+    r = cc.compile_check(lower, "gpu:1x2", tokens_per_step=8)
+    assert r.step_has_loops and "lower bound" in r.format()
+    assert r.fits and r.argument_bytes == 4 * 128 * 4  # each of 2 devices holds 4 rows
