@@ -144,6 +144,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.stage
     `llmcxr compile-check` compiles for a TPU/GPU topology. The vocabulary comes from
     model.text_size + model.image_codes."""
     t, d, m = config.train, config.data, config.model
+    _check_batch(config, mesh)
     layout = vocab.VocabLayout.create(int(m.text_size), int(m.image_codes), mesh.shape["tensor"])
     cfg = GPTNeoXConfig.from_config(m, layout)
     tx = optim.make_optimizer(t, state_lib.abstract_params(cfg), layout)
