@@ -35,6 +35,7 @@ setup(
             "einops>=0.7",
             "pyyaml>=6",
             "tensorboard>=2.16",  # only to check that our event files parse with TensorBoard's protos
+            "scikit-image>=0.22",  # SSIM reference
         ],
         "tpu": ["libtpu==0.0.42.*"],
     },
