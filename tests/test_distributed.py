@@ -136,6 +136,7 @@ def _spawn(tag, out, devices, tmp_path, extra_env):
                             cwd=ROOT), tmp_path / f"{tag}.log"
 
 
+@pytest.mark.slow  # tests/test_lm_multiprocess.py runs the real trainer on two processes by default
 def test_two_processes_train_like_one(tmp_path):
     """2 processes x 2 CPU devices (gloo collectives) == 1 process x 4 devices, on two meshes."""
     port = portpicker.pick_unused_port()
