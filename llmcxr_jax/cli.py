@@ -169,6 +169,53 @@ def compile_check_cmd(args) -> None:
     print(json.dumps(report.to_dict()))
 
 
+@command("generate", "run a trained LLM-CXR: image -> report, report -> image, image + question -> answer, text")
+def generate_cmd(args) -> None:
+    from llmcxr_jax.data import images as image_io
+    from llmcxr_jax.infer import tasks
+
+    inputs = _generate_inputs(args)
+    g = tasks.Generator.load(args.ckpt, args.vqgan)
+    sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    if args.task == "report":
+        outputs = g.report(inputs, sampling, args.seed, args.instruction)
+    elif args.task == "vqa":
+        outputs = g.answer(inputs, [args.question] * len(inputs), sampling, args.seed)
+    elif args.task == "text":
+        outputs = g.text(inputs, sampling, args.seed)
+    else:
+        images, codes = g.image(inputs, sampling, args.seed, args.instruction)
+        outputs = []
+        for i, img in enumerate(images):
+            path = os.path.join(args.out, f"image_{i:04d}.png")
+            image_io.save_image(img, path)
+            outputs.append(path)
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+        for given, made in zip(inputs, outputs):
+            rows.append({"task": args.task, "input": given, "output": made})
+            f.write(json.dumps(rows[-1]) + "\n")
+    print(json.dumps({"out": args.out, "task": args.task, "results": rows}))
+
+
+def _generate_inputs(args) -> list[str]:
+    """--image/--report/--text values, or one per line of --inputs FILE, or every image in a folder."""
+    given = {"report": args.image, "vqa": args.image, "image": args.report, "text": args.text}[args.task]
+    if args.inputs:
+        if os.path.isdir(args.inputs):
+            names = sorted(n for n in os.listdir(args.inputs) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+            return [os.path.join(args.inputs, n) for n in names]
+        with open(args.inputs) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    if not given:
+        flag = {"report": "--image", "vqa": "--image", "image": "--report", "text": "--text"}[args.task]
+        raise ValueError(f"--task {args.task} needs {flag} (or --inputs FILE/FOLDER)")
+    if args.task == "vqa" and not (args.question or "").strip():
+        raise ValueError("--task vqa needs --question")
+    return [given]
+
+
 @command("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for train-vqgan")
 def convert_weights_cmd(args) -> None:
     from llmcxr_jax.convert import perceptual_weights as W
@@ -270,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--state-dict", default=None,
                            help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
             p.add_argument("--out", required=True, help="safetensors file to write")
+        elif name == "generate":
+            p.add_argument("--ckpt", required=True, help="LM checkpoint (a train WORKDIR/checkpoints or import-hf output)")
+            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on")
+            p.add_argument("--task", required=True, choices=("report", "image", "vqa", "text"))
+            p.add_argument("--image", default=None, help="CXR image file (report, vqa)")
+            p.add_argument("--report", default=None, help="report text to draw (image)")
+            p.add_argument("--question", default=None, help="question about the image (vqa)")
+            p.add_argument("--text", default=None, help="plain instruction (text)")
+            p.add_argument("--instruction", default=None, help="override the task instruction (report, image)")
+            p.add_argument("--inputs", default=None, help="batch: a file with one input per line, or an image folder")
+            p.add_argument("--out", required=True, help="directory for results.jsonl (and PNGs for --task image)")
+            p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=None)
         elif name == "compile-check":
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/llmcxr_stage1.py:3b")
             p.add_argument("--topology", required=True, help="v4-32, v5p-128, v5e-16, v6e-8, or gpu:NxM (hosts x GPUs)")

@@ -65,7 +65,7 @@ def test_bad_configs_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="need train.lpips_weights"):
         train_vqgan.train(small(**{"train.perceptual_weight": 1.0}), str(tmp_path / "b"), echo=False)
     train_vqgan.train(small(**{"train.steps": 1}), str(tmp_path / "c"), echo=False)
-    with pytest.raises(ValueError, match="holds a run of a different model"):
+    with pytest.raises(ValueError, match="holds a run with a different model"):
         train_vqgan.train(small(**{"model.ch": 64}), str(tmp_path / "c"), echo=False)
 
 

@@ -1,35 +1,114 @@
-"""Jitted KV-cache decoding: prefill the left-padded prompt, then one token per loop step."""
+"""Jitted KV-cache decoding: prefill the left-padded prompts, then a `lax.while_loop` that emits
+one token per row per step until every row has stopped or max_new_tokens is reached.
+Image responses can be constrained to "<", h*w image tokens, ">", "### End"; the unconstrained
+retry loop of the original LLM-CXR is kept for comparison.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import nnx, struct
 
+from llmcxr_jax.infer.sampling import (DecodePlan, SamplingConfig, advance, next_tokens, row_keys)
 from llmcxr_jax.models.gpt_neox import GPTNeoXForCausalLM, KVCache
+from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _greedy(graphdef, state, input_ids, attention_mask, max_new_tokens: int, eos_id):
+@struct.dataclass
+class GenerateOutput:
+    """tokens [batch, max_new_tokens] (pad after a row stopped); lengths [batch]: tokens a row
+    emitted, its stop id included; done [batch]: the row stopped; steps: positions decoded."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    steps: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "max_new", "greedy"))
+def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: DecodePlan, max_new: int, greedy: bool):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
-    cache = KVCache.create(model.cfg, batch, prompt_len + max_new_tokens)
+    pick = functools.partial(next_tokens, keys=keys, plan=plan, greedy=greedy, temperature=knobs[0],
+                             top_k=knobs[1], top_p=knobs[2])
+    cache = KVCache.create(model.cfg, batch, prompt_len + max_new)
     logits, cache = model.decode(input_ids, cache, attention_mask)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    done = first == eos_id
+    first, done = advance(pick(logits[:, -1], 0), jnp.zeros((batch,), bool), plan)
+    tokens = jnp.full((batch, max_new), plan.pad_id, jnp.int32).at[:, 0].set(first)
+    lengths = jnp.ones((batch,), jnp.int32)
 
-    def step(i, carry):
-        out, cache, done = carry
-        prev = out[:, i - 1]
-        logits, cache = model.decode(prev[:, None], cache)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, eos_id, nxt)  # finished rows keep emitting eos, as HF pads them
-        return out.at[:, i].set(nxt), cache, done | (nxt == eos_id)
+    def keep_going(carry):
+        step, _, _, done, _ = carry
+        return (step < max_new) & ~jnp.all(done)
 
-    out, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache, done))
-    return out
+    def body(carry):
+        step, tokens, cache, done, lengths = carry
+        prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [batch, 1]
+        logits, cache = model.decode(prev, cache)
+        nxt, new_done = advance(pick(logits[:, -1], step), done, plan)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step, axis=1)
+        return step + 1, tokens, cache, new_done, lengths + (~done).astype(jnp.int32)
+
+    carry = (jnp.int32(1), tokens, cache, done, lengths)
+    steps, tokens, _, done, lengths = jax.lax.while_loop(keep_going, body, carry)
+    return GenerateOutput(tokens=tokens, lengths=lengths, done=done, steps=steps)
+
+
+def _check_prompts(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.asarray(attention_mask, bool)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, prompt]")
+    if not isinstance(mask, jax.core.Tracer) and not bool(np.asarray(mask)[:, -1].all()):
+        raise ValueError("prompts must be left padded: every row's last attention_mask entry must be 1")
+    return ids, mask
+
+
+def generate_with_plan(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, plan: DecodePlan, rng,
+                       sampling: SamplingConfig) -> GenerateOutput:
+    """The decoder for any DecodePlan; `generate` builds the plan from the vocabulary."""
+    ids, mask = _check_prompts(input_ids, attention_mask)
+    if plan.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"plan has {plan.vocab_size} real vocabulary rows, the model {model.cfg.vocab_size}")
+    if plan.mode == "image" and sampling.max_new_tokens < plan.image_response_length:
+        raise ValueError(f"max_new_tokens {sampling.max_new_tokens} cannot hold an image response of "
+                         f"{plan.image_response_length} tokens (\"<\", {plan.image_tokens} codes, \">\", end key)")
+    graphdef, state = nnx.split(model)
+    knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+    return _decode(graphdef, state, ids, mask, row_keys(rng, ids.shape[0]), knobs, plan,
+                   sampling.max_new_tokens, sampling.greedy)
+
+
+def make_plan(layout: VocabLayout, special: SpecialTokens, mode: str, *, image_tokens: int = 0,
+              open_id: int = -1, close_id: int = -1) -> DecodePlan:
+    """Rows stop after the end key ("### End") or eos; finished rows emit pad. The image-span
+    fields are kept only in image mode, so other modes share one compiled decoder."""
+    image = mode == "image"
+    return DecodePlan(mode=mode, text_size=layout.text_size, image_codes=layout.image_codes,
+                      vocab_size=layout.size, stop_ids=tuple(sorted({special.end_key_id, special.eos_id})),
+                      pad_id=special.pad_id, image_tokens=image_tokens if image else 0,
+                      open_id=open_id if image else -1, close_id=close_id if image else -1,
+                      end_id=special.end_key_id if image else -1)
+
+
+def generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, layout: VocabLayout,
+             special: SpecialTokens, mode: str, rng, sampling: SamplingConfig, image_tokens: int = 0,
+             open_id: int = -1, close_id: int = -1) -> GenerateOutput:
+    """Continue left-padded prompts input_ids [batch, prompt] -> GenerateOutput.
+
+    mode "text": image ids and padded rows are never emitted. "image": the response is forced to
+    open_id, exactly image_tokens image ids, close_id, the end key (open/close ids are "<" and
+    ">" as the tokenizer spells them). "unconstrained": any real id, as LLM-CXR sampled.
+    rng: one key, or one key per row; position t of row r uses fold_in(key_r, t).
+    """
+    if layout.padded_size != model.cfg.padded_vocab_size:
+        raise ValueError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
+    plan = make_plan(layout, special, mode, image_tokens=image_tokens, open_id=open_id, close_id=close_id)
+    return generate_with_plan(model, input_ids, attention_mask, plan=plan, rng=rng, sampling=sampling)
 
 
 def greedy_generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, max_new_tokens: int,
@@ -38,6 +117,55 @@ def greedy_generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, max_ne
 
     eos_id = -1 decodes exactly max_new_tokens tokens; otherwise rows that produced eos repeat it.
     """
-    graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, bool),
-                   max_new_tokens, jnp.int32(eos_id))
+    cfg = model.cfg
+    plan = DecodePlan(mode="unconstrained", text_size=cfg.vocab_size, image_codes=0, vocab_size=cfg.vocab_size,
+                      stop_ids=() if eos_id < 0 else (eos_id,), pad_id=max(eos_id, 0))
+    out = generate_with_plan(model, input_ids, attention_mask, plan=plan, rng=jax.random.key(0),
+                             sampling=SamplingConfig.greedy_decoding(max_new_tokens))
+    return out.tokens
+
+
+@dataclasses.dataclass
+class UnconstrainedImages:
+    """codes [batch, image_tokens] (-1 where no try succeeded); tries [batch]: tries used,
+    max_tries for a failed row; ok [batch]: a try gave exactly image_tokens image ids."""
+
+    codes: np.ndarray
+    tries: np.ndarray
+    ok: np.ndarray
+
+    @property
+    def retry_rate(self) -> float:
+        """Extra tries per row, averaged: 0 when every first try had exactly h*w image tokens."""
+        return float(np.mean(self.tries - 1))
+
+
+def image_codes_in(response: np.ndarray, layout: VocabLayout) -> np.ndarray:
+    """The codes of the image ids in one response, in order (LLM-CXR keeps exactly these)."""
+    return layout.image_code(response[layout.is_image_token(response)])
+
+
+def generate_image_unconstrained(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, layout: VocabLayout,
+                                 special: SpecialTokens, rng, sampling: SamplingConfig, image_tokens: int,
+                                 max_tries: int) -> UnconstrainedImages:
+    """LLM-CXR's image generation: sample over the whole vocabulary and, row by row, retry with a
+    fresh key (fold_in(rng, try)) until the response holds exactly image_tokens image ids."""
+    if max_tries < 1:
+        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+    batch = np.shape(input_ids)[0]
+    keys = row_keys(jnp.asarray(rng), batch)
+    codes = np.full((batch, image_tokens), -1, np.int64)
+    tries = np.full((batch,), max_tries, np.int64)
+    ok = np.zeros((batch,), bool)
+    for attempt in range(max_tries):
+        keys_t = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, attempt)
+        out = generate(model, input_ids, attention_mask, layout=layout, special=special, mode="unconstrained",
+                       rng=keys_t, sampling=sampling)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for r in np.flatnonzero(~ok):
+            found = image_codes_in(tokens[r, :lengths[r]], layout)
+            if found.size == image_tokens:
+                codes[r], tries[r], ok[r] = found, attempt + 1, True
+        if ok.all():
+            break
+    return UnconstrainedImages(codes=codes, tries=tries, ok=ok)

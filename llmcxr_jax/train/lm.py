@@ -5,7 +5,6 @@ Resume order: an existing run in the workdir > train.resume_from > train.init_fr
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ from llmcxr_jax.data import lm_batches
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
 from llmcxr_jax.train import checkpoint, lm_data, optim
 from llmcxr_jax.train import state as state_lib
-from llmcxr_jax.train.metrics import MetricsLog
+from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
 BATCH_AXES = ("data", "fsdp")
 BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "modality")
@@ -182,24 +181,6 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                          f"data x fsdp devices and {jax.process_count()} processes; make it a multiple of {data}")
 
 
-def _workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A workdir belongs to one run: the model and data stage must match on resume."""
-    path = os.path.join(workdir, "config.json")
-    now = json.loads(config.to_json_best_effort())
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = json.load(f)
-        for key in ("model",):
-            if before.get(key) != now.get(key):
-                raise ValueError(f"{workdir} holds a run with a different {key} config; give a new --workdir")
-        if before.get("data", {}).get("stage") != now["data"]["stage"]:
-            raise ValueError(f"{workdir} holds a stage-{before['data']['stage']} run; give a new --workdir")
-    elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(now, f, indent=2)
-
-
 def global_batch(host: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return sharding.global_batch({k: host[k] for k in BATCH_FIELDS}, mesh, PartitionSpec(BATCH_AXES))
 
@@ -232,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             raise FileNotFoundError(f"train.resume_from {t.resume_from} holds no checkpoints/ of a run")
     if existing is not None:
         existing.close()
-    _workdir_config(workdir, config)
+    claim_workdir(workdir, config, {"model": "model config", "data.stage": "data stage"})
     with jax.set_mesh(mesh):
         if resume_dir is not None:
             start = _start_from_run(config, mesh, resume_dir, sources.codebook_size)

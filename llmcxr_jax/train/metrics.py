@@ -1,4 +1,4 @@
-"""Training records: metrics.jsonl lines with rate and ETA, and PNG grids of images."""
+"""Training records: the run's config.json, metrics.jsonl lines with rate and ETA, PNG grids."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,26 @@ from typing import Any
 
 import jax
 import numpy as np
+
+
+def claim_workdir(workdir: str, config, must_match: dict[str, str]) -> None:
+    """A workdir belongs to one run: write config.json on first use; on resume, every
+    `must_match` entry ("section" or "section.key" -> what to call it) must equal the stored run's."""
+    path = os.path.join(workdir, "config.json")
+    now = json.loads(config.to_json_best_effort())
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        for key, what in must_match.items():
+            old, new = before, now
+            for part in key.split("."):
+                old, new = (old or {}).get(part), (new or {}).get(part)
+            if old != new:
+                raise ValueError(f"{workdir} holds a run with a different {what}; give a new --workdir")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(now, f, indent=2)
 
 
 class MetricsLog:

@@ -5,7 +5,6 @@ checkpoints of the whole state and the data position, exact resume, metrics and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 from typing import Any, Callable, Iterator
@@ -25,7 +24,7 @@ from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 from llmcxr_jax.train import checkpoint, vqgan_loss
-from llmcxr_jax.train.metrics import MetricsLog, save_image_grid
+from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, save_image_grid
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -194,20 +193,6 @@ def _check(config: ml_collections.ConfigDict, mesh, given: tuple[bool, bool] = (
                          "files made by `llmcxr convert-weights`; or set the weight to 0")
 
 
-def _workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    path = os.path.join(workdir, "config.json")
-    now = json.loads(config.to_json_best_effort())
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = json.load(f)
-        if before["model"] != now["model"] or before["discriminator"] != now["discriminator"]:
-            raise ValueError(f"{workdir} holds a run of a different model; give a new --workdir")
-    elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(now, f, indent=2)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           lpips_model=None, cip_model=None, echo: bool = True) -> dict[str, Any]:
     """Train (or resume) in `workdir` until config.train.steps; stop_after simulates an
@@ -215,7 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     t = config.train
     mesh = sharding.make_mesh(t.mesh)
     _check(config, mesh, given=(lpips_model is not None, cip_model is not None))
-    _workdir_config(workdir, config)
+    claim_workdir(workdir, config, {"model": "model", "discriminator": "discriminator"})
     nets, state = init_state(config)
     nets.lpips, nets.cip, frozen = load_frozen_nets(config, lpips_model, cip_model)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,183 @@
+"""Choosing the next token: which ids a step may emit, temperature / top-k / top-p filtering,
+greedy or sampled picks, and the per-step, per-row random keys. Pure functions, jit friendly.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("text", "image", "unconstrained")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is drawn. max_new_tokens and greedy shape the compiled decoder;
+    temperature, top_k and top_p are traced, so changing them does not recompile.
+
+    temperature scales the logits before filtering; top_k 0 means off; top_p 1.0 means off.
+    greedy takes the argmax of the allowed logits and ignores the other fields.
+    """
+
+    max_new_tokens: int
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not self.greedy and not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy=True")
+
+    @classmethod
+    def greedy_decoding(cls, max_new_tokens: int) -> "SamplingConfig":
+        return cls(max_new_tokens=max_new_tokens, greedy=True, temperature=1.0, top_k=0, top_p=1.0)
+
+    @classmethod
+    def llmcxr(cls, max_new_tokens: int) -> "SamplingConfig":
+        """LLM-CXR's generation settings: nucleus sampling, top_p 0.92, top_k 0, temperature 1."""
+        return cls(max_new_tokens=max_new_tokens, greedy=False, temperature=1.0, top_k=0, top_p=0.92)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Which ids each response position may hold and which ids end a row. Static under jit.
+
+    text: real text ids only (no image ids, no padded rows). image: position 0 is open_id,
+    positions 1..image_tokens image ids [T, T+K), then close_id, then end_id.
+    unconstrained: every real row (the original LLM-CXR behaviour).
+    """
+
+    mode: str
+    text_size: int  # T
+    image_codes: int  # K
+    vocab_size: int  # real rows, T + K; ids >= vocab_size are table padding
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    image_tokens: int = 0
+    open_id: int = -1
+    close_id: int = -1
+    end_id: int = -1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.mode == "image":
+            if self.image_tokens < 1 or self.image_codes < 1:
+                raise ValueError(f"image mode needs image_tokens >= 1 and a codebook, got {self.image_tokens}, "
+                                 f"{self.image_codes} codes")
+            for name in ("open_id", "close_id", "end_id"):
+                tid = getattr(self, name)
+                if not 0 <= tid < self.text_size:
+                    raise ValueError(f"image mode needs {name} to be a text id in [0, {self.text_size}), got {tid}")
+
+    @property
+    def image_response_length(self) -> int:
+        """"<", the codes, ">", the end key."""
+        return self.image_tokens + 3
+
+
+def allowed_tokens(plan: DecodePlan, step, table_rows: int) -> jax.Array:
+    """[table_rows] bool: the ids response position `step` (0-based, traced ok) may emit."""
+    ids = jnp.arange(table_rows)
+    real = ids < plan.vocab_size
+    if plan.mode == "unconstrained":
+        return real
+    if plan.mode == "text":
+        return ids < plan.text_size
+    is_image = (ids >= plan.text_size) & (ids < plan.text_size + plan.image_codes)
+    n = plan.image_tokens
+    return jnp.where(step == 0, ids == plan.open_id,
+                     jnp.where(step <= n, is_image,
+                               jnp.where(step == n + 1, ids == plan.close_id, ids == plan.end_id)))
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (radix-sort trick), so a threshold can be bisected exactly."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _smallest_passing(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
+    """keys [..., vocab] uint32 -> [..., 1]: the smallest t with sum(weights[keys > t]) < budget.
+
+    32 bisection steps over the whole uint32 range: exact, no sort, a few masked sums per step.
+    """
+    lo = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)  # never passes (as if below every key)
+    hi = jnp.full(keys.shape[:-1] + (1,), 0xFFFFFFFF, jnp.uint32)  # always passes: nothing above
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        passes = jnp.sum(jnp.where(keys > mid, weights, 0), axis=-1, keepdims=True) < budget
+        return jnp.where(passes, lo, mid), jnp.where(passes, mid, hi)
+
+    return jax.lax.fori_loop(0, 32, bisect, (lo, hi))[1]
+
+
+def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """logits [..., vocab] (temperature already applied) -> the same with dropped ids at -inf.
+
+    top-k (0 = off) keeps the k largest; top-p (1 = off) then keeps the smallest set of the
+    largest ids whose renormalised probability reaches top_p, so always the top one. An id is
+    kept when the mass (or count) strictly above it is below top_p (or k): ids tied with the
+    last kept one are kept too. Thresholds are found by bisection, not by sorting the vocabulary;
+    top_k and top_p may be traced, so one compiled decoder serves every setting.
+    """
+    keys = _ordered_bits(logits)
+
+    def apply_top_k(x):
+        t = _smallest_passing(keys, jnp.ones_like(keys, jnp.int32), top_k)
+        return jnp.where(keys >= t, x, -jnp.inf)
+
+    def apply_top_p(x):
+        t = _smallest_passing(keys, jax.nn.softmax(x, axis=-1), top_p)
+        return jnp.where(keys >= t, x, -jnp.inf)
+
+    logits = jax.lax.cond(jnp.asarray(top_k) > 0, apply_top_k, lambda x: x, logits)
+    return jax.lax.cond(jnp.asarray(top_p) < 1.0, apply_top_p, lambda x: x, logits)
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+    """One key per row: rng given per row ([batch] keys) is used as is; one key is folded with the
+    row index, so a row's stream does not depend on the batch size."""
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    if rng.ndim == 0:
+        return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
+    if rng.shape != (batch,):
+        raise ValueError(f"rng must be one key or one key per row ({batch}), got key shape {rng.shape}")
+    return rng
+
+
+def step_keys(keys: jax.Array, step) -> jax.Array:
+    """[batch] row keys -> the keys of response position `step`: fold_in(row key, step)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def next_tokens(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, *, greedy: bool, temperature,
+                top_k, top_p) -> jax.Array:
+    """logits [batch, table] of response position `step` -> token ids [batch] int32."""
+    logits = jnp.where(allowed_tokens(plan, step, logits.shape[-1]), logits, -jnp.inf)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    picks = jax.vmap(jax.random.categorical)(step_keys(keys, step), logits)
+    return picks.astype(jnp.int32)
+
+
+def advance(tokens: jax.Array, done: jax.Array, plan: DecodePlan) -> tuple[jax.Array, jax.Array]:
+    """Finished rows emit pad; a row is done once it emitted a stop id -> (tokens, done)."""
+    tokens = jnp.where(done, plan.pad_id, tokens)
+    stops = np.asarray(plan.stop_ids, np.int32)
+    hit = jnp.any(tokens[:, None] == stops[None, :], axis=-1) if stops.size else jnp.zeros_like(done)
+    return tokens, done | hit

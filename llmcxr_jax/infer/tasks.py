@@ -1,0 +1,132 @@
+"""LLM-CXR's four tasks end to end: CXR -> report, report -> CXR, CXR + question -> answer, and
+plain instructions, with the Dolly generation prompt, the VQ-GAN on both sides and the
+constrained sampler. Batches are left padded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmcxr_jax import sharding
+from llmcxr_jax.data import images as image_io
+from llmcxr_jax.data import prompts
+from llmcxr_jax.infer import generate as gen
+from llmcxr_jax.infer.sampling import SamplingConfig
+from llmcxr_jax.train import checkpoint
+
+TASKS = ("report", "image", "vqa", "text")
+REPORT_TOKENS, IMAGE_EXTRA_TOKENS, TEXT_TOKENS = 128, 3, 256  # LLM-CXR: 128 for reports
+
+
+@dataclasses.dataclass
+class Generator:
+    """A trained LM and its VQ-GAN, checked to share one codebook."""
+
+    lm: checkpoint.LoadedLM
+    vqgan: object
+    encoder: prompts.PromptTokenizer
+    open_id: int
+    close_id: int
+
+    @classmethod
+    def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1") -> "Generator":
+        mesh = sharding.make_mesh(mesh_spec)
+        lm = checkpoint.load_lm(ckpt, mesh, dtype="float32")
+        if lm.layout.image_codes == 0:
+            raise ValueError(f"{ckpt} has no image-token rows (K = 0); import it with --image-codes K or train it")
+        if lm.tokenizer is None or lm.special is None:
+            raise ValueError(f"{ckpt} holds no tokenizer/ and special-token ids; use a checkpoint written by "
+                             "import-hf or train")
+        vqgan, _ = checkpoint.load_vqgan(vqgan_dir, sharding.make_mesh("-1,1,1"))
+        if vqgan.cfg.n_embed != lm.layout.image_codes:
+            raise ValueError(f"the VQ-GAN has {vqgan.cfg.n_embed} codes but the LM has {lm.layout.image_codes} "
+                             "image rows; use the VQ-GAN its training codes came from")
+        encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
+        open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_PLACEHOLDER).ids)
+        return cls(lm, vqgan, encoder, open_id, close_id)
+
+    @property
+    def codes_per_image(self) -> int:
+        return self.vqgan.cfg.latent_size ** 2
+
+    # ---- pieces
+    def encode_images(self, paths: Sequence[str]) -> np.ndarray:
+        """Image files -> codes [n, h*w]; an unreadable file is a one-line error naming it."""
+        cfg = self.vqgan.cfg
+        pixels = np.stack([image_io.load_image(p, cfg.resolution, cfg.in_channels) for p in paths])
+        return np.asarray(jax.jit(lambda x: self.vqgan.encode(x)[0])(jnp.asarray(pixels)))
+
+    def decode_codes(self, codes: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.jit(self.vqgan.decode)(jnp.asarray(codes, jnp.int32)))
+
+    def _batch(self, prompts_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(p) for p in prompts_ids)
+        ids = np.full((len(prompts_ids), width), self.lm.special.pad_id, np.int32)
+        mask = np.zeros((len(prompts_ids), width), bool)
+        for r, p in enumerate(prompts_ids):
+            ids[r, width - len(p):], mask[r, width - len(p):] = p, True
+        return ids, mask
+
+    def _run(self, prompt_ids, mode: str, sampling: SamplingConfig, seed: int):
+        ids, mask = self._batch(prompt_ids)
+        return gen.generate(self.lm.model, ids, mask, layout=self.lm.layout, special=self.lm.special, mode=mode,
+                            rng=jax.random.key(seed), sampling=sampling, image_tokens=self.codes_per_image,
+                            open_id=self.open_id, close_id=self.close_id)
+
+    def _texts(self, out) -> list[str]:
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        stops = {self.lm.special.end_key_id, self.lm.special.eos_id}
+        texts = []
+        for r in range(len(tokens)):
+            row = [int(t) for t in tokens[r, :lengths[r]] if int(t) not in stops]
+            texts.append(self.lm.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    # ---- tasks
+    def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
+               instruction: str | None = None) -> list[str]:
+        codes = self.encode_images(image_paths)
+        text = prompts.generation_prompt(instruction or prompts.REPORT_INSTRUCTIONS[0], prompts.IMAGE_PLACEHOLDER)
+        return self._texts(self._run([self.encoder.encode(text, c) for c in codes], "text", sampling, seed))
+
+    def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
+               seed: int = 0) -> list[str]:
+        if len(image_paths) != len(questions) or any(not q.strip() for q in questions):
+            raise ValueError("vqa needs one non-empty question per image")
+        codes = self.encode_images(image_paths)
+        ids = [self.encoder.encode(prompts.generation_prompt(q, prompts.IMAGE_PLACEHOLDER), c)
+               for q, c in zip(questions, codes)]
+        return self._texts(self._run(ids, "text", sampling, seed))
+
+    def text(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> list[str]:
+        if any(not i.strip() for i in instructions):
+            raise ValueError("an instruction is empty; give the text to respond to")
+        ids = [self.encoder.encode(prompts.generation_prompt(i)) for i in instructions]
+        return self._texts(self._run(ids, "text", sampling, seed))
+
+    def image(self, reports: Sequence[str], sampling: SamplingConfig, seed: int = 0,
+              instruction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reports -> (images [n, H, W, C] in [-1, 1], codes [n, h*w]); always exactly h*w codes."""
+        if any(not r.strip() for r in reports):
+            raise ValueError("a report is empty; give the findings / impression text to draw")
+        ins = instruction or prompts.IMAGE_INSTRUCTIONS[0]
+        ids = [self.encoder.encode(prompts.generation_prompt(ins, r)) for r in reports]
+        out = self._run(ids, "image", sampling, seed)
+        tokens = np.asarray(out.tokens)
+        n = self.codes_per_image
+        codes = self.lm.layout.image_code(tokens[:, 1:1 + n])
+        return self.decode_codes(codes), codes
+
+
+def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int) -> SamplingConfig:
+    """LLM-CXR's settings (top_p 0.92, top_k 0; 128 tokens for reports, the image span for images)."""
+    if max_new_tokens is None:
+        max_new_tokens = codes_per_image + IMAGE_EXTRA_TOKENS if task == "image" else \
+            REPORT_TOKENS if task in ("report", "vqa") else TEXT_TOKENS
+    if greedy:
+        return SamplingConfig.greedy_decoding(max_new_tokens)
+    return SamplingConfig.llmcxr(max_new_tokens)

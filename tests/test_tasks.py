@@ -1,0 +1,100 @@
+"""`llmcxr generate` on a tiny random LM and VQ-GAN: every task runs end to end, image responses
+always carry exactly h*w codes, and bad input fails in one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+from lm_run_helpers import make_setup
+
+from llmcxr_jax import cli, sharding, vocab
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
+from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
+from llmcxr_jax.train import checkpoint
+
+# 32 px, 3 downsamplings: a 4 x 4 latent = 16 codes, K = 64
+VQ = VQGANConfig(resolution=32, in_channels=3, out_channels=3, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
+                 attn_resolutions=(), z_channels=32, embed_dim=32, n_embed=64, beta=0.25, dropout=0.0,
+                 legacy_loss=True, dtype="float32", param_dtype="float32")
+
+
+def _lm(directory, tok_dir, image_codes):
+    tok, special, tok_cfg = vocab.load_tokenizer(tok_dir)
+    layout = vocab.VocabLayout.create(vocab.text_size(tok), image_codes)
+    cfg = GPTNeoXConfig(vocab_size=layout.size, padded_vocab_size=layout.padded_size, hidden_size=32, num_layers=2,
+                        num_heads=4, intermediate_size=64, rotary_pct=0.25, rotary_base=10000.0,
+                        max_position_embeddings=512, layer_norm_eps=1e-5, use_parallel_residual=True,
+                        attention_bias=True, hidden_act="gelu", initializer_range=0.02, dtype="float32",
+                        param_dtype="float32", scan_layers=False, remat_policy="none")
+    meta = checkpoint.lm_metadata(cfg, layout, special, sharding.make_mesh("1,-1,1"), None)
+    checkpoint.save_params(directory, init_model(cfg, 0), meta, tokenizer=tok, tokenizer_config=tok_cfg)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    setup = make_setup(str(d / "setup"), num_images=12)
+    checkpoint.save_vqgan(str(d / "vqgan"), init_vqgan(VQ, 0))
+    from llmcxr_jax.data import mimic_cxr
+    image = mimic_cxr.load_corpus(setup["root"], progress=False).records[0].image_path
+    return {"lm": _lm(str(d / "lm"), setup["tokenizer"], 64), "lm0": _lm(str(d / "lm0"), setup["tokenizer"], 0),
+            "vqgan": str(d / "vqgan"), "image": image, "dir": d}
+
+
+def _run(capsys, env, *args):
+    code = cli.main(["generate", "--ckpt", env["lm"], "--vqgan", env["vqgan"], *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_task_runs(capsys, env, tmp_path):
+    code, out, err = _run(capsys, env, "--task", "report", "--image", env["image"], "--out", str(tmp_path / "r"),
+                          "--max-new-tokens", "12")
+    assert code == 0, err
+    assert isinstance(json.loads(out.splitlines()[-1])["results"][0]["output"], str)
+    code, out, err = _run(capsys, env, "--task", "image", "--report", "Small left pleural effusion.",
+                          "--out", str(tmp_path / "i"))
+    assert code == 0, err
+    png = json.loads(out.splitlines()[-1])["results"][0]["output"]
+    from PIL import Image
+    assert Image.open(png).size == (32, 32)
+    code, _, err = _run(capsys, env, "--task", "vqa", "--image", env["image"], "--question", "Is there an effusion?",
+                        "--out", str(tmp_path / "q"), "--max-new-tokens", "8", "--greedy")
+    assert code == 0, err
+    code, _, err = _run(capsys, env, "--task", "text", "--text", "Define atelectasis.", "--out", str(tmp_path / "t"),
+                        "--max-new-tokens", "8")
+    assert code == 0, err
+    assert (tmp_path / "t" / "results.jsonl").read_text().count("\n") == 1
+
+
+def test_image_responses_always_hold_h_times_w_codes(env):
+    from llmcxr_jax.infer import tasks
+    g = tasks.Generator.load(env["lm"], env["vqgan"])
+    sampling = tasks.default_sampling("image", False, None, g.codes_per_image)
+    for seed in range(3):
+        images, codes = g.image(["Mild cardiomegaly.", "No acute process."], sampling, seed)
+        assert codes.shape == (2, 16) and codes.min() >= 0 and codes.max() < 64
+        assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "report", "--image", "{dir}/missing.jpg"], "missing.jpg"),
+    (["--task", "image", "--report", "   "], "report is empty"),
+    (["--task", "vqa", "--image", "{image}"], "--question"),
+    (["--task", "report", "--image", "{image}", "--ckpt", "{lm0}"], "no image-token rows"),
+])
+def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
+    args = [a.format(**{k: str(v) for k, v in env.items()}) for a in args]
+    code, _, err = _run(capsys, env, *args, "--out", str(tmp_path / "o"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_codebook_mismatch_is_refused(capsys, env, tmp_path):
+    small = VQGANConfig(**{**VQ.to_dict(), "n_embed": 32})
+    checkpoint.save_vqgan(str(tmp_path / "vq32"), init_vqgan(small, 0))
+    code = cli.main(["generate", "--ckpt", env["lm"], "--vqgan", str(tmp_path / "vq32"), "--task", "text",
+                     "--text", "hi", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "32 codes" in err and "64 image rows" in err
