@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over
 
 # logical axis -> mesh axis (or axes, or None = replicated). The only such table in the project.
 LOGICAL_AXIS_RULES: dict[str, Any] = {

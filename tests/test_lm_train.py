@@ -1,6 +1,5 @@
 """The LM trainer on a tiny synthetic setup: the loss falls; meshes, micro-batching and resume give
 the same run; freeze masks hold; bad configs fail in one line."""
-import json
 import os
 
 import jax

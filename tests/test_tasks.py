@@ -1,7 +1,6 @@
 """`llmcxr generate` on a tiny random LM and VQ-GAN: every task runs end to end, image responses
 always carry exactly h*w codes, and bad input fails in one line."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -33,7 +33,7 @@ from llmcxr_jax.data.codes import (CodeTable, decode_code_record, encode_code_re
 from llmcxr_jax.data.images import ImageError, load_image
 from llmcxr_jax.models.vqgan import VQModel
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
 DEFAULT_SHARD_SIZE = 4096
 
 

@@ -25,7 +25,7 @@ from llmcxr_jax.train import checkpoint, lm_data, optim
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
 BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "modality")
 
 

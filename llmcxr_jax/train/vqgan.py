@@ -26,7 +26,7 @@ from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 from llmcxr_jax.train import checkpoint, vqgan_loss
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, save_image_grid
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = sharding.BATCH_AXES
 
 
 @dataclasses.dataclass
