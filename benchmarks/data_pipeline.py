@@ -101,9 +101,8 @@ def lm_inputs(directory: str, num_images: int, codes_per_image: int, codebook: i
     image_text = lm_batches.image_text_examples(mimic_cxr.stage_records(corpus, 1), stage=1)
     vqa = mimic_cxr.vqa_for_records(mimic_cxr.read_vqa(root).items, mimic_cxr.vqa_image_records(corpus))
     text = mimic_cxr.read_dolly(os.path.join(root, "databricks-dolly-15k.jsonl")).items
-    words = [e.report for e in image_text] + [f"{q.question} {q.answer}" for q in vqa] + \
-        [f"{t['instruction']} {t['context']} {t['response']}" for t in text]
-    tok, special, _ = text_tokenizer.train_tokenizer(words, os.path.join(directory, "tokenizer"), vocab_size=4096)
+    tok, special, _ = text_tokenizer.train_tokenizer(text_tokenizer.corpus_texts(root),
+                                                     os.path.join(directory, "tokenizer"), vocab_size=4096)
     layout = vocab.VocabLayout.create(vocab.text_size(tok), codebook)
     rng = np.random.default_rng(seed)
     codes = {r.dicom_id: rng.integers(0, codebook, codes_per_image).astype(np.uint16) for r in corpus.records}

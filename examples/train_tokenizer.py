@@ -5,10 +5,9 @@ and save it as a HF tokenizer directory, for LM runs that start from scratch.
 """
 import argparse
 import json
-import os
 
 from llmcxr_jax import vocab
-from llmcxr_jax.data import mimic_cxr, text_tokenizer
+from llmcxr_jax.data import text_tokenizer
 
 
 def main() -> None:
@@ -17,12 +16,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
     args = p.parse_args()
-    corpus = mimic_cxr.load_corpus(args.data, progress=False)
-    texts = [mimic_cxr.stage_text(r, 1) or "" for r in corpus.records]
-    texts += [f"{q.question} {q.answer}" for q in mimic_cxr.read_vqa(args.data).items]
-    dolly = os.path.join(args.data, "databricks-dolly-15k.jsonl")
-    if os.path.isfile(dolly):
-        texts += [f"{r['instruction']} {r['context']} {r['response']}" for r in mimic_cxr.read_dolly(dolly).items]
+    texts = text_tokenizer.corpus_texts(args.data)
     tok, special, _ = text_tokenizer.train_tokenizer(texts, args.out, vocab_size=args.vocab_size)
     print(json.dumps({"out": args.out, "text_size": vocab.text_size(tok), "texts": len(texts),
                       "eos_id": special.eos_id, "response_key_id": special.response_key_id}))

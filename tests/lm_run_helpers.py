@@ -25,12 +25,8 @@ def make_setup(directory: str, num_images: int = 48, seed: int = 0) -> dict[str,
         pickle.dump({r.dicom_id: rng.integers(0, K, CODES).tolist() for r in corpus.records}, f)
     codes_dir = os.path.join(directory, "codes")
     code_files.import_pickle(pkl, codes_dir, codes_per_image=CODES, codebook_size=K)
-    texts = [mimic_cxr.stage_text(r, 1) or "" for r in corpus.records]
-    texts += [f"{q.question} {q.answer}" for q in mimic_cxr.read_vqa(root).items]
-    texts += [f"{t['instruction']} {t['context']} {t['response']}"
-              for t in mimic_cxr.read_dolly(os.path.join(root, "databricks-dolly-15k.jsonl")).items]
     tok_dir = os.path.join(directory, "tokenizer")
-    text_tokenizer.train_tokenizer(texts, tok_dir, vocab_size=512)
+    text_tokenizer.train_tokenizer(text_tokenizer.corpus_texts(root), tok_dir, vocab_size=512)
     return {"root": root, "codes": codes_dir, "tokenizer": tok_dir}
 
 

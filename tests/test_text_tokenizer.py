@@ -25,3 +25,16 @@ def test_trained_tokenizer_round_trips_and_splits_the_placeholder(tmp_path):
 def test_too_small_vocab_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         text_tokenizer.train_tokenizer(TEXTS, str(tmp_path), vocab_size=50)
+
+
+def test_corpus_texts_gather_reports_vqa_and_dolly(tmp_path):
+    from llmcxr_jax.data import mimic_cxr, synthetic
+
+    root = str(tmp_path / "corpus")
+    synthetic.synthesize(root, num_images=12, image_size=32, seed=0)
+    texts = text_tokenizer.corpus_texts(root)
+    corpus = mimic_cxr.load_corpus(root, progress=False)
+    n_vqa = len(mimic_cxr.read_vqa(root).items)
+    n_dolly = len(mimic_cxr.read_dolly(f"{root}/databricks-dolly-15k.jsonl").items)
+    assert len(texts) == len(corpus.records) + n_vqa + n_dolly
+    assert texts[0] == mimic_cxr.stage_text(corpus.records[0], 1)

@@ -39,6 +39,21 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     return vocab.load_tokenizer(out_dir)
 
 
+def corpus_texts(root: str) -> list[str]:
+    """A MIMIC-layout corpus's own text: stage-1 report text, VQA questions and answers, Dolly rows."""
+    import os
+
+    from llmcxr_jax.data import mimic_cxr
+
+    corpus = mimic_cxr.load_corpus(root, progress=False)
+    texts = [mimic_cxr.stage_text(r, 1) or "" for r in corpus.records]
+    texts += [f"{q.question} {q.answer}" for q in mimic_cxr.read_vqa(root).items]
+    dolly = os.path.join(root, "databricks-dolly-15k.jsonl")
+    if os.path.isfile(dolly):
+        texts += [f"{r['instruction']} {r['context']} {r['response']}" for r in mimic_cxr.read_dolly(dolly).items]
+    return texts
+
+
 def _chain(*parts: Iterable[str]):
     for part in parts:
         for text in part:
