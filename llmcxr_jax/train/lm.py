@@ -203,16 +203,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     _check_batch(config, mesh)
     sources = lm_data.read_sources(d)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    existing = checkpoint.TrainCheckpointer(ckpt_dir, keep=t.keep_checkpoints) if os.path.isdir(ckpt_dir) else None
     resume_dir = None
-    if existing is not None and existing.latest_step() is not None:
+    if checkpoint.has_checkpoint(ckpt_dir):
         resume_dir = ckpt_dir
     elif t.resume_from:
         resume_dir = os.path.join(t.resume_from, "checkpoints")
         if not checkpoint.has_checkpoint(resume_dir):
             raise FileNotFoundError(f"train.resume_from {t.resume_from} holds no checkpoints/ of a run")
-    if existing is not None:
-        existing.close()
     claim_workdir(workdir, config, {"model": "model config", "data.stage": "data stage"})
     with jax.set_mesh(mesh):
         if resume_dir is not None:
@@ -225,11 +222,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         schedule = optim.learning_rate(t)
         tx = optim.make_optimizer(t, state_lib.abstract_params(start.config), start.layout)
         abstract, state_sh = state_lib.state_shardings(start.config, tx, mesh)
-        placement = sharding.check_param_sharding(abstract_model(start.config), mesh)
-        graphdef = nnx.graphdef(abstract_model(start.config))
+        shapes = abstract_model(start.config)
+        placement = sharding.check_param_sharding(shapes, mesh)
+        graphdef = nnx.graphdef(shapes)
         data_iter, pipes = lm_data.train_iterator(sources, start.tokenizer, start.special, start.layout, d,
                                                   t.batch_size)
         train_pipe = pipes[0]  # any shard's pipeline maps example ids back to examples
+        # validated once; each evaluation reads its first eval_batches from a fresh iterator
+        eval_pipe = lm_data.make_batches(sources, "held_out", start.tokenizer, start.special, start.layout, d,
+                                         t.batch_size) if t.eval_every else None
         ckpt = checkpoint.TrainCheckpointer(ckpt_dir, keep=t.keep_checkpoints)
         if resume_dir is not None:
             src = checkpoint.TrainCheckpointer(resume_dir, keep=t.keep_checkpoints) if resume_dir != ckpt_dir else ckpt
@@ -248,8 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         step_fn = jax.jit(make_train_step(graphdef, tx, t.grad_accum, schedule),
                           in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
         eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], batch_sh))
-        return _loop(config, workdir, state, data_iter, train_pipe, step_fn, eval_fn, ckpt, metadata, batch_sh,
-                     sources, start, stop_after, echo)
+        return _loop(config, workdir, state, data_iter, train_pipe, eval_pipe, step_fn, eval_fn, ckpt, metadata,
+                     batch_sh, start, stop_after, echo)
 
 
 def _start_from_run(config, mesh, ckpt_dir: str, image_codes: int) -> state_lib.Start:
@@ -262,12 +263,10 @@ def _start_from_run(config, mesh, ckpt_dir: str, image_codes: int) -> state_lib.
     return state_lib.Start(cfg, layout, tok, special, tok_cfg, None, meta.get("source", "run"), meta.get("hf_config"))
 
 
-def _evaluate(config, sources, start, eval_fn, params, batch_sh) -> dict[str, float]:
-    t, d = config.train, config.data
-    pipe = lm_data.make_batches(sources, "held_out", start.tokenizer, start.special, start.layout, d, t.batch_size)
+def _evaluate(pipe, eval_batches: int, eval_fn, params, batch_sh) -> dict[str, float]:
     totals: dict[str, float] = {}
     for n, host in enumerate(pipe.iterator(num_epochs=1)):
-        if n >= t.eval_batches:
+        if n >= eval_batches:
             break
         sums = jax.device_get(eval_fn(params, global_batch(host, batch_sh.mesh)))
         for k, v in sums.items():
@@ -283,7 +282,7 @@ def _evaluate(config, sources, start, eval_fn, params, batch_sh) -> dict[str, fl
     return out
 
 
-def _loop(config, workdir, state, data_iter, pipe, step_fn, eval_fn, ckpt, metadata, batch_sh, sources, start,
+def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, ckpt, metadata, batch_sh, start,
           stop_after, echo) -> dict[str, Any]:
     t, d = config.train, config.data
     log = MetricsLog(workdir, t.steps)
@@ -320,7 +319,7 @@ def _loop(config, workdir, state, data_iter, pipe, step_fn, eval_fn, ckpt, metad
                 _board_write(board, step, values)
                 t_last, tokens_since = time.perf_counter(), 0.0
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                values = _evaluate(config, sources, start, eval_fn, state["params"], batch_sh)
+                values = _evaluate(eval_pipe, t.eval_batches, eval_fn, state["params"], batch_sh)
                 if values:
                     log.write(step, values, echo=echo)
                     _board_write(board, step, values)
