@@ -83,12 +83,16 @@ def train_classifier(images: np.ndarray, targets: np.ndarray, cfg: ClassifierCon
     return model
 
 
+@nnx.jit
+def _probs_and_features(model: CxrClassifier, x):
+    return jax.nn.sigmoid(model(x)), model.features(x)
+
+
 def predict(model: CxrClassifier, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """-> (probabilities [n, 14], pooled features [n, d])."""
-    fn = nnx.jit(lambda m, x: (jax.nn.sigmoid(m(x)), m.features(x)))
     probs, feats = [], []
     for i in range(0, len(images), batch):
-        p, f = fn(model, jnp.asarray(images[i:i + batch]))
+        p, f = _probs_and_features(model, jnp.asarray(images[i:i + batch]))
         probs.append(np.asarray(p))
         feats.append(np.asarray(f))
     return np.concatenate(probs), np.concatenate(feats)

@@ -31,6 +31,12 @@ class Generator:
     encoder: prompts.PromptTokenizer
     open_id: int
     close_id: int
+    _encode: object = dataclasses.field(default=None, repr=False)
+    _decode: object = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):  # jitted once per Generator: a new lambda per call would recompile each batch
+        self._encode = jax.jit(lambda x: self.vqgan.encode(x)[0])
+        self._decode = jax.jit(self.vqgan.decode)
 
     @classmethod
     def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1") -> "Generator":
@@ -58,10 +64,10 @@ class Generator:
         """Image files -> codes [n, h*w]; an unreadable file is a one-line error naming it."""
         cfg = self.vqgan.cfg
         pixels = np.stack([image_io.load_image(p, cfg.resolution, cfg.in_channels) for p in paths])
-        return np.asarray(jax.jit(lambda x: self.vqgan.encode(x)[0])(jnp.asarray(pixels)))
+        return np.asarray(self._encode(jnp.asarray(pixels)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
-        return np.asarray(jax.jit(self.vqgan.decode)(jnp.asarray(codes, jnp.int32)))
+        return np.asarray(self._decode(jnp.asarray(codes, jnp.int32)))
 
     def _batch(self, prompts_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(p) for p in prompts_ids)

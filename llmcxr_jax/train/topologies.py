@@ -179,7 +179,7 @@ def tpu_devices(topo: Topology) -> list[jax.Device]:
     if os.environ.get("TPU_SKIP_MDS_QUERY") == "1":
         # JAX found no TPU chips here. Without these, libtpu logs errors about the TPU VM metadata it
         # cannot find; compile-only devices do not depend on them (same memory and FLOPs either way).
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # a placeholder: devices come from topo
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v4-8")  # any valid name; devices come from topo
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         # No chips to guard: let concurrent compile checks (and pytest workers) each load libtpu
         # instead of failing on /tmp/libtpu_lockfile.
