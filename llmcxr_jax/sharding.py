@@ -210,7 +210,7 @@ def _local_shard_counts(sharding: NamedSharding, ndim: int) -> list[tuple[int, i
 
 
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
-                 spec: PartitionSpec = PartitionSpec(("data", "fsdp"))) -> dict[str, jax.Array]:
+                 spec: PartitionSpec = PartitionSpec(BATCH_AXES)) -> dict[str, jax.Array]:
     """This host's rows of every array -> global jax.Arrays laid out by `spec` over `mesh`.
 
     Each process passes its own slice (rows for its devices); the global batch has
