@@ -199,6 +199,23 @@ def generate_cmd(args) -> None:
     print(json.dumps({"out": args.out, "task": args.task, "results": rows}))
 
 
+@command("evaluate", "score a trained LLM-CXR on a data root's evaluation images (metrics.json, metrics.md, grids)")
+def evaluate_cmd(args) -> None:
+    from llmcxr_jax.eval import evaluate
+
+    opts = evaluate.EvalOptions(tasks=tuple(t for t in args.tasks.split(",") if t), max_images=args.max_images,
+                                max_vqa=args.max_vqa, batch_size=args.batch_size, greedy=args.greedy, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, report_part=args.report_part,
+                                classifier=args.classifier, txv_weights=args.txv_weights,
+                                reference_labels=args.reference_labels, generated_labels=args.generated_labels,
+                                grid_images=args.grid_images, reports_root=args.reports_root)
+    metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
+    with open(os.path.join(args.out, "metrics.md")) as f:
+        print(f.read(), file=sys.stderr)
+    keep = {"out": args.out, "n_images": metrics["n_images"], "n_vqa": metrics.get("n_vqa", 0)}
+    print(json.dumps(keep | {k: metrics[k] for k in ("vqgan",) if k in metrics}))
+
+
 def _generate_inputs(args) -> list[str]:
     """--image/--report/--text values, or one per line of --inputs FILE, or every image in a folder."""
     given = {"report": args.image, "vqa": args.image, "image": args.report, "text": args.text}[args.task]
@@ -331,6 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--max-new-tokens", type=int, default=None)
+        elif name == "evaluate":
+            p.add_argument("--ckpt", required=True, help="LM checkpoint (a train WORKDIR/checkpoints or import-hf output)")
+            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on")
+            p.add_argument("--data", required=True, help="MIMIC-CXR-JPG layout root (real, or made by `llmcxr synth`)")
+            p.add_argument("--out", required=True, help="directory for metrics.json, metrics.md, reports.csv, grids")
+            p.add_argument("--tasks", default="report,image,vqa", help="comma-separated subset of report,image,vqa")
+            p.add_argument("--max-images", type=int, default=0, help="first N evaluation images (0: all)")
+            p.add_argument("--max-vqa", type=int, default=0, help="first N VQA questions of those images (0: all)")
+            p.add_argument("--batch-size", type=int, default=16)
+            p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--max-new-tokens", type=int, default=0, help="for reports and answers (0: 128)")
+            p.add_argument("--report-part", default="impression", choices=("impression", "findings+impression"),
+                           help="reference text: the impression (stage 2) or findings + impression (stage 1)")
+            p.add_argument("--classifier", default="", help="CXR classifier directory (AUROC and FID on its features)")
+            p.add_argument("--txv-weights", default="", help="`llmcxr convert-weights txv` output, for FID (txv)")
+            p.add_argument("--reference-labels", default="",
+                           help="CheXpert labeler / CheXbert CSV over OUT/reference_reports.csv (default: ours)")
+            p.add_argument("--generated-labels", default="",
+                           help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
+            p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid")
+            p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")
         elif name == "compile-check":
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/llmcxr_stage1.py:3b")
             p.add_argument("--topology", required=True, help="v4-32, v5p-128, v5e-16, v6e-8, or gpu:NxM (hosts x GPUs)")

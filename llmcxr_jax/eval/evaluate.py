@@ -1,0 +1,292 @@
+"""`llmcxr evaluate`: score a trained LLM-CXR the way the paper does, on the evaluation images of a
+MIMIC-CXR-JPG layout root (validate + test, PA/AP of each subject's earliest study, impression
+present; `mimic_cxr.evaluation_records`).
+
+- CXR->report: a report per image (LLM-CXR sampling: top_p 0.92, or greedy), CheXpert labels of
+  reference and generated text (the rule-based labeler, or CSVs written by the official CheXpert
+  labeler / CheXbert over reports.csv), label F1/Jaccard/AUROC and BLEU/ROUGE-L/CIDEr-D.
+- report->CXR: an image per reference report (always exactly h*w codes), scored by a CXR
+  classifier (AUROC of its outputs on generated images against the reference report's labels,
+  beside the same on the real images), FID on its pooled features, and FID on the
+  torchxrayvision DenseNet's features when its converted weights are given.
+- CXR-VQA: answers to the VQA questions of those images, scored by question type.
+- VQ-GAN: PSNR / SSIM of the reconstructions of the real evaluation images.
+Chance baselines (a random report with the reference prevalence, a constant classifier, the most
+frequent VQA answer per type) are written beside every number.
+
+Outputs in OUT: metrics.json, metrics.md, reports.csv (dicom_id, reference, generated) plus
+generated_reports.csv / reference_reports.csv (one report per line, the CheXpert labeler's input),
+images/*.png (generated CXRs), grid_*.png (real over generated, captioned), vqa.jsonl.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from llmcxr_jax.data import images as image_io
+from llmcxr_jax.data import mimic_cxr, text_corpora
+from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
+from llmcxr_jax.eval.report_metrics import label_metrics, text_metrics
+from llmcxr_jax.infer import tasks
+
+TASKS = ("report", "image", "vqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    tasks: tuple[str, ...] = TASKS
+    max_images: int = 0              # 0: every evaluation image
+    max_vqa: int = 0                 # 0: every question of those images
+    batch_size: int = 16
+    greedy: bool = False             # LLM-CXR samples (top_p 0.92); greedy is reproducible across libraries
+    max_new_tokens: int = 0          # reports and answers; 0: LLM-CXR's 128
+    seed: int = 0
+    report_part: str = "impression"  # reference text: "impression" (stage 2) or "findings+impression"
+    classifier: str = ""             # directory from cxr_classifier.save_classifier
+    txv_weights: str = ""            # `llmcxr convert-weights txv` output, for FID on DenseNet features
+    reference_labels: str = ""       # CheXpert labeler / CheXbert CSV over reference_reports.csv
+    generated_labels: str = ""       # ... over generated_reports.csv
+    grid_images: int = 8
+    reports_root: str | None = None
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown evaluation task(s) {unknown or '(none given)'}; choose from {TASKS}")
+        if self.report_part not in ("impression", "findings+impression"):
+            raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _reference_text(record: mimic_cxr.CxrRecord, part: str) -> str:
+    return mimic_cxr.stage_text(record, 2 if part == "impression" else 1) or ""
+
+
+def _batches(n: int, size: int, desc: str, progress: bool):
+    with tqdm(total=n, desc=desc, unit="item", file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
+        for start in range(0, n, size):
+            yield start, slice(start, min(n, start + size))
+            bar.update(min(n, start + size) - start)
+
+
+def _labels(texts: Sequence[str], csv_path: str, what: str) -> np.ndarray:
+    """Labels of `texts`: the rule-based labeler, or the rows of a labeler CSV matched by report text."""
+    if not csv_path:
+        return labeler.label_reports(texts)
+    reports, rows = labeler.read_label_csv(csv_path)
+    by_text = {" ".join(r.split()): row for r, row in zip(reports, rows)}
+    missing = [t for t in texts if " ".join(t.split()) not in by_text]
+    if missing:
+        raise ValueError(f"{csv_path} has no row for {len(missing)} {what} report(s), e.g. {missing[0][:60]!r}; "
+                         f"label {what}_reports.csv from this evaluation's output")
+    return np.stack([by_text[" ".join(t.split())] for t in texts])
+
+
+def chance_label_metrics(reference: np.ndarray) -> dict:
+    """Expected label scores of a random report whose labels are positive with the reference
+    prevalence p_k, independently of the image: per class F1 = precision = recall = p_k and AUROC
+    0.5; pooled over classes (micro) TPR = F1 = sum p_k^2 / sum p_k and FPR = sum p_k (1 - p_k) /
+    sum (1 - p_k), so micro AUROC = (1 + TPR - FPR) / 2, above 0.5 when prevalences differ."""
+    from llmcxr_jax.eval.report_metrics import binarize
+
+    p = binarize(reference).mean(0) if len(reference) else np.zeros(reference.shape[1])
+    names = mimic_cxr.CHEXPERT_LABELS
+    tpr = float((p ** 2).sum() / p.sum()) if p.sum() > 0 else 0.0
+    fpr = float((p * (1 - p)).sum() / (1 - p).sum()) if (1 - p).sum() > 0 else 0.0
+    return {"f1_micro": tpr, "f1_macro": float(p.mean()), "auroc_micro": (1 + tpr - fpr) / 2, "auroc_macro": 0.5,
+            "per_class": {n: {"f1": float(p[k]), "auroc": 0.5, "prevalence": float(p[k])} for k, n in enumerate(names)}}
+
+
+def classifier_scores(probs: np.ndarray, reference: np.ndarray) -> dict:
+    """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1)."""
+    from llmcxr_jax.eval.report_metrics import auroc, binarize
+
+    y = binarize(reference)
+    per = {name: {"auroc": auroc(y[:, k], probs[:, k]), "support": int(y[:, k].sum())}
+           for k, name in enumerate(mimic_cxr.CHEXPERT_LABELS)}
+    valid = [v["auroc"] for v in per.values() if not np.isnan(v["auroc"])]
+    return {"auroc_micro": auroc(y.ravel(), probs.ravel()),
+            "auroc_macro": float(np.mean(valid)) if valid else float("nan"), "per_class": per}
+
+
+def _gray(images: np.ndarray, size: int) -> np.ndarray:
+    x = jnp.asarray(images, jnp.float32).mean(axis=-1, keepdims=True)
+    if x.shape[1] != size:
+        x = jax.image.resize(x, (x.shape[0], size, size, 1), "bilinear", antialias=True)
+    return np.asarray(x)
+
+
+def _txv_features(path: str) -> Callable[[np.ndarray], np.ndarray]:
+    from llmcxr_jax.convert import perceptual_weights
+    from llmcxr_jax.models.perceptual import cip_preprocess
+
+    net = perceptual_weights.load_txv_densenet(path, dtype="float32", param_dtype="float32")
+    fn = jax.jit(lambda x: net.features(cip_preprocess(x)))
+    return lambda x: np.asarray(fn(jnp.asarray(x)))
+
+
+class Evaluation:
+    """One evaluation run: the generator, the selected records and what each task produced."""
+
+    def __init__(self, generator: tasks.Generator, records: Sequence[mimic_cxr.CxrRecord], out: str,
+                 opts: EvalOptions, progress: bool = True):
+        self.g, self.records, self.out, self.opts, self.progress = generator, list(records), out, opts, progress
+        self.references = [_reference_text(r, opts.report_part) for r in self.records]
+        self.reference_labels = _labels(self.references, opts.reference_labels, "reference")
+        self.metrics: dict = {"n_images": len(self.records), "baselines": {}}
+        self._real: np.ndarray | None = None
+
+    def _sampling(self, task: str):
+        limit = self.opts.max_new_tokens if task != "image" and self.opts.max_new_tokens else None
+        return tasks.default_sampling(task, self.opts.greedy, limit, self.g.codes_per_image)
+
+    def reports(self) -> list[str]:
+        paths = [r.image_path for r in self.records]
+        generated: list[str] = []
+        sampling = self._sampling("report")
+        for b, sl in _batches(len(paths), self.opts.batch_size, "CXR->report", self.progress):
+            generated += self.g.report(paths[sl], sampling, self.opts.seed + b)
+        self._write_reports(generated)
+        gen_labels = _labels(generated, self.opts.generated_labels, "generated")
+        self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels),
+                                  "text": text_metrics(generated, self.references)}
+        self.metrics["baselines"]["report"] = {"labels": chance_label_metrics(self.reference_labels)}
+        return generated
+
+    def _write_reports(self, generated: Sequence[str]) -> None:
+        with open(os.path.join(self.out, "reports.csv"), "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["dicom_id", "reference", "generated"])
+            w.writerows([r.dicom_id, ref, gen] for r, ref, gen in zip(self.records, self.references, generated))
+        for name, texts in (("generated_reports.csv", generated), ("reference_reports.csv", self.references)):
+            with open(os.path.join(self.out, name), "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([" ".join(t.split())] for t in texts)
+
+    def images(self) -> np.ndarray:
+        """report->CXR for every record; PNGs in OUT/images, grids, classifier and FID scores."""
+        sampling = self._sampling("image")
+        fakes = []
+        for b, sl in _batches(len(self.records), self.opts.batch_size, "report->CXR", self.progress):
+            fakes.append(self.g.image(self.references[sl], sampling, self.opts.seed + b)[0])
+        fake = np.concatenate(fakes)
+        real = self.real_images()
+        os.makedirs(os.path.join(self.out, "images"), exist_ok=True)
+        for r, img in zip(self.records, fake):
+            image_io.save_image(img, os.path.join(self.out, "images", f"{r.dicom_id}.png"))
+        self._grids(real, fake)
+        scores: dict = {"n": len(fake)}
+        if self.opts.classifier:
+            model, ccfg = cxr_classifier.load_classifier(self.opts.classifier)
+            p_fake, f_fake = cxr_classifier.predict(model, _gray(fake, ccfg.image_size))
+            p_real, f_real = cxr_classifier.predict(model, _gray(real, ccfg.image_size))
+            scores["classifier"] = classifier_scores(p_fake, self.reference_labels)
+            scores["classifier_real"] = classifier_scores(p_real, self.reference_labels)
+            scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
+            self.metrics["baselines"]["image"] = {"classifier": {"auroc_micro": 0.5, "auroc_macro": 0.5}}
+        if self.opts.txv_weights:
+            feats = _txv_features(self.opts.txv_weights)
+            scores["fid_txv"] = image_metrics.fid(image_metrics.features_in_batches(feats, real, 8),
+                                                  image_metrics.features_in_batches(feats, fake, 8))
+        self.metrics["image"] = scores
+        return fake
+
+    def _grids(self, real: np.ndarray, fake: np.ndarray) -> None:
+        k = self.opts.grid_images
+        for g, start in enumerate(range(0, min(len(real), 2 * k), k)):  # at most two grids
+            sl = slice(start, min(len(real), start + k))
+            report_card.write_grid(os.path.join(self.out, f"grid_{g}.png"), real[sl], fake[sl], self.references[sl])
+
+    def real_images(self) -> np.ndarray:
+        """The evaluation images at the VQ-GAN's input size, [n, H, W, C] in [-1, 1]; read once."""
+        if self._real is None:
+            cfg = self.g.vqgan.cfg
+            self._real = np.stack([image_io.load_image(r.image_path, cfg.resolution, cfg.in_channels)
+                                   for r in self.records])
+        return self._real
+
+    def vqgan(self) -> None:
+        real = self.real_images()
+        recon = np.concatenate([self.g.decode_codes(self.g.encode_images([r.image_path for r in
+                                                                          self.records[sl]]))
+                                for _, sl in _batches(len(real), self.opts.batch_size, "VQ-GAN", False)])
+        self.metrics["vqgan"] = {"psnr": float(image_metrics.psnr(real, recon).mean()),
+                                 "ssim": float(image_metrics.ssim(real, recon).mean())}
+
+    def vqa(self, data_root: str) -> None:
+        examples = text_corpora.vqa_for_records(text_corpora.read_vqa(data_root), self.records)
+        if self.opts.max_vqa:
+            examples = examples[: self.opts.max_vqa]
+        self.metrics["n_vqa"] = len(examples)
+        if not examples:
+            self.metrics["vqa"] = {}
+            return
+        path_of = {r.dicom_id: r.image_path for r in self.records}
+        sampling = self._sampling("vqa")
+        answers: list[str] = []
+        for b, sl in _batches(len(examples), self.opts.batch_size, "CXR-VQA", self.progress):
+            chunk = examples[sl]
+            answers += self.g.answer([path_of[e.dicom_id] for e in chunk], [e.question for e in chunk],
+                                     sampling, self.opts.seed + b)
+        refs, kinds = [e.answer for e in examples], [e.question_type for e in examples]
+        self.metrics["vqa"] = vqa_metrics.vqa_scores(answers, refs, kinds)
+        self.metrics["baselines"]["vqa"] = vqa_metrics.vqa_scores(_most_frequent(refs, kinds), refs, kinds)
+        with open(os.path.join(self.out, "vqa.jsonl"), "w", encoding="utf-8") as f:
+            for e, a in zip(examples, answers):
+                f.write(json.dumps({"dicom_id": e.dicom_id, "question": e.question, "question_type": e.question_type,
+                                    "reference": e.answer, "generated": a}) + "\n")
+
+
+def _most_frequent(references: Sequence[str], kinds: Sequence[str | None]) -> list[str]:
+    """Per question type, its most frequent normalised reference answer (the chance baseline)."""
+    counts: dict = {}
+    for r, k in zip(references, kinds):
+        counts.setdefault(k, Counter())[" ".join(vqa_metrics.normalise(r))] += 1
+    top = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+    return [top[k] for k in kinds]
+
+
+def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = EvalOptions(),
+             progress: bool = True) -> dict:
+    """Run the selected tasks and write every output; returns metrics.json's content."""
+    if opts.classifier:
+        cxr_classifier.load_classifier(opts.classifier)  # fail before reading or generating anything
+    for path in (opts.reference_labels, opts.generated_labels):
+        if path:
+            labeler.read_label_csv(path)
+    corpus = mimic_cxr.load_corpus(data, reports_root=opts.reports_root, progress=progress)
+    records = mimic_cxr.evaluation_records(corpus)
+    if opts.max_images:
+        records = records[: opts.max_images]
+    if not records:
+        raise ValueError(f"{data} has no evaluation images (validate/test PA or AP images of each subject's "
+                         "earliest study with an impression); check the split CSV")
+    g = tasks.Generator.load(ckpt, vqgan)
+    os.makedirs(out, exist_ok=True)
+    ev = Evaluation(g, records, out, opts, progress)
+    ev.metrics |= {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan),
+                   "data": os.path.abspath(data), "options": dataclasses.asdict(opts),
+                   "labels_from": ("CSV: " + opts.generated_labels) if opts.generated_labels else
+                   "the rule-based CheXpert-style labeler (llmcxr_jax.eval.labeler)"}
+    if "report" in opts.tasks:
+        ev.reports()
+    if "image" in opts.tasks:
+        ev.images()
+    if "vqa" in opts.tasks:
+        ev.vqa(data)
+    ev.vqgan()
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(ev.metrics, f, indent=2, default=float)
+    with open(os.path.join(out, "metrics.md"), "w") as f:
+        f.write(report_card.markdown(ev.metrics))
+    return ev.metrics
