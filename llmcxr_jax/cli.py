@@ -8,6 +8,7 @@ import os
 import sys
 
 COMMANDS = {}
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 MULTI_HOST_COMMANDS = ("train", "train-vqgan", "encode-images")  # join jax.distributed first
 
 
@@ -216,6 +217,23 @@ def evaluate_cmd(args) -> None:
     print(json.dumps(keep | {k: metrics[k] for k in ("vqgan",) if k in metrics}))
 
 
+@command("demo", "the whole loop on a synthetic corpus: data, VQ-GAN, LM stages 1-2, evaluate, export, PyTorch check")
+def demo_cmd(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.demo import pipeline
+
+    spec = args.config or f"{DEMO_CONFIG}:{'quick' if args.quick else 'full'}"
+    if not args.config and not os.path.isfile(DEMO_CONFIG):
+        raise FileNotFoundError(f"{DEMO_CONFIG} not found; pass --config PATH/configs/demo.py[:full|quick]")
+    config = configs.load_config(spec, args.overrides)
+    workdir = args.workdir or os.path.join("runs", config.name)
+    state = pipeline.run(config, workdir)
+    print(json.dumps({"workdir": workdir, "summary": os.path.join(workdir, "summary.md"),
+                      "minutes": round(sum(e["seconds"] for e in state.values()) / 60, 1),
+                      "evaluate": state["evaluate"]["result"], "same_greedy_report_in_pytorch":
+                      state["pytorch"]["result"]["same_tokens"]}))
+
+
 def _generate_inputs(args) -> list[str]:
     """--image/--report/--text values, or one per line of --inputs FILE, or every image in a folder."""
     given = {"report": args.image, "vqa": args.image, "image": args.report, "text": args.text}[args.task]
@@ -370,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
             p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid")
             p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")
+        elif name == "demo":
+            p.add_argument("--workdir", default=None, help="run directory (default runs/demo_full or runs/demo_quick); "
+                           "rerun to resume")
+            p.add_argument("--quick", action="store_true", help="every phase at toy size (a few minutes)")
+            p.add_argument("--config", default=None, help="FILE[:VARIANT]; default configs/demo.py:full (or :quick)")
         elif name == "compile-check":
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/llmcxr_stage1.py:3b")
             p.add_argument("--topology", required=True, help="v4-32, v5p-128, v5e-16, v6e-8, or gpu:NxM (hosts x GPUs)")

@@ -129,6 +129,8 @@ def test_classifier_scores_and_vqa_baseline():
     probs[:, LABELS.index("Pneumothorax")] = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]
     s = E.classifier_scores(probs, ref)
     assert s["per_class"]["Pneumothorax"]["auroc"] == 1.0 and np.isnan(s["per_class"]["Edema"]["auroc"])
+    chance = E.chance_classifier_scores(ref)
+    assert chance["per_class"]["Pneumothorax"]["auroc"] == 0.5 and chance["auroc_micro"] > 0.5
     refs, kinds = ["Yes.", "yes", "no", "left", "right", "left"], ["presence"] * 3 + ["location"] * 3
     assert E._most_frequent(refs, kinds) == ["yes"] * 3 + ["left"] * 3
 

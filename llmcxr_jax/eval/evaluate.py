@@ -120,6 +120,15 @@ def classifier_scores(probs: np.ndarray, reference: np.ndarray) -> dict:
             "auroc_macro": float(np.mean(valid)) if valid else float("nan"), "per_class": per}
 
 
+def chance_classifier_scores(reference: np.ndarray) -> dict:
+    """Scores of a classifier that ignores the image and outputs each class's reference prevalence:
+    AUROC 0.5 per class, micro AUROC above 0.5 when prevalences differ (classes are pooled)."""
+    from llmcxr_jax.eval.report_metrics import binarize
+
+    prevalence = binarize(reference).mean(0)
+    return classifier_scores(np.broadcast_to(prevalence, reference.shape), reference)
+
+
 def _gray(images: np.ndarray, size: int) -> np.ndarray:
     x = jnp.asarray(images, jnp.float32).mean(axis=-1, keepdims=True)
     if x.shape[1] != size:
@@ -193,7 +202,7 @@ class Evaluation:
             scores["classifier"] = classifier_scores(p_fake, self.reference_labels)
             scores["classifier_real"] = classifier_scores(p_real, self.reference_labels)
             scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
-            self.metrics["baselines"]["image"] = {"classifier": {"auroc_micro": 0.5, "auroc_macro": 0.5}}
+            self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(self.reference_labels)}
         if self.opts.txv_weights:
             feats = _txv_features(self.opts.txv_weights)
             scores["fid_txv"] = image_metrics.fid(image_metrics.features_in_batches(feats, real, 8),

@@ -40,9 +40,9 @@ def lookup(metrics: dict, path: str):
     return node
 
 
-def _fmt(value) -> str:
+def _fmt(value, missing: str = "not run") -> str:
     if value is None:
-        return "not run"
+        return missing
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -80,7 +80,7 @@ def markdown(metrics: dict) -> str:
                   "| type | questions | score | chance |", "| --- | --- | --- | --- |"]
         for kind, row in vqa.items():
             lines.append(f"| {kind} | {row['count']} | {_fmt(row['score'])} | "
-                         f"{_fmt(lookup(base, f'vqa.{kind}.score'))} |")
+                         f"{_fmt(lookup(base, f'vqa.{kind}.score'), '-')} |")
     return "\n".join(lines) + "\n"
 
 

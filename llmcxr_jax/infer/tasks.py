@@ -83,21 +83,37 @@ class Generator:
                             rng=jax.random.key(seed), sampling=sampling, image_tokens=self.codes_per_image,
                             open_id=self.open_id, close_id=self.close_id)
 
-    def _texts(self, out) -> list[str]:
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        return self.lm.special.end_key_id, self.lm.special.eos_id
+
+    def responses(self, out) -> list[list[int]]:
+        """Each row's generated ids up to (not including) its first stop id."""
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        stops = {self.lm.special.end_key_id, self.lm.special.eos_id}
-        texts = []
+        rows = []
         for r in range(len(tokens)):
-            row = [int(t) for t in tokens[r, :lengths[r]] if int(t) not in stops]
-            texts.append(self.lm.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
+            row = [int(t) for t in tokens[r, :lengths[r]]]
+            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
+            rows.append(row[:stop])
+        return rows
+
+    def _texts(self, out) -> list[str]:
+        return [self.lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in self.responses(out)]
 
     # ---- tasks
-    def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
-               instruction: str | None = None) -> list[str]:
+    def report_prompts(self, image_paths: Sequence[str], instruction: str | None = None) -> list[np.ndarray]:
+        """The token ids of the CXR->report prompt of each image (its codes in place of "<image>")."""
         codes = self.encode_images(image_paths)
         text = prompts.generation_prompt(instruction or prompts.REPORT_INSTRUCTIONS[0], prompts.IMAGE_PLACEHOLDER)
-        return self._texts(self._run([self.encoder.encode(text, c) for c in codes], "text", sampling, seed))
+        return [self.encoder.encode(text, c) for c in codes]
+
+    def greedy_responses(self, prompt_ids: Sequence[np.ndarray], max_new_tokens: int) -> list[list[int]]:
+        """Argmax text responses (image ids masked) as token ids, for comparison with other runtimes."""
+        return self.responses(self._run(list(prompt_ids), "text", SamplingConfig.greedy_decoding(max_new_tokens), 0))
+
+    def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
+               instruction: str | None = None) -> list[str]:
+        return self._texts(self._run(self.report_prompts(image_paths, instruction), "text", sampling, seed))
 
     def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
                seed: int = 0) -> list[str]:

@@ -1,0 +1,78 @@
+"""`llmcxr demo`: the whole LLM-CXR loop at laptop size on a synthetic CXR corpus.
+
+get_config("full") (the default): ~20 minutes on 2 CPU cores, enough to learn the findings the
+corpus draws. get_config("quick"): every phase at toy size in a few minutes (CI runs it).
+
+Sections: corpus (llmcxr synth), vqgan / stage1 / stage2 (complete train configs; the demo fills
+in the data paths), tokenizer, classifier (the synthetic-corpus CNN scoring report->CXR images),
+evaluate (llmcxr evaluate options) and pytorch (the transformers reload check).
+Differences from the paper's recipe, all for a CPU: 64 px images and an f8 VQ-GAN (8 x 8 = 64
+codes of a 128-entry codebook; the paper: 256 px, f16, 16 x 16 codes of 1024), a GPT-NeoX of
+a few million parameters trained from scratch with a large step size, and a task mixture that
+favours the image tasks.
+"""
+import ml_collections
+
+from llmcxr_jax.configs import load_sibling
+
+VARIANTS = ("full", "quick")
+
+
+def _vqgan(quick: bool) -> ml_collections.ConfigDict:
+    c = load_sibling(__file__, "vqgan_f16_1024.py", "tiny")
+    m, t = c.model, c.train
+    m.ch_mult = (1, 2, 2, 4)  # f8: 64 px -> 8 x 8 codes
+    m.attn_resolutions = (8,)
+    m.n_embed = 128
+    t.steps = 8 if quick else 120
+    t.disc_start = 10_000  # no GAN phase in a short run: it only adds noise before convergence
+    t.eval_every = t.checkpoint_every = 4 if quick else 60
+    t.log_every = 4 if quick else 25
+    t.grid_images = 4
+    return c
+
+
+def _lm(stage: int, quick: bool) -> ml_collections.ConfigDict:
+    c = load_sibling(__file__, "llmcxr_stage1.py", "tiny", stage=stage)
+    m, d, t = c.model, c.data, c.train
+    m.image_codes = 128
+    if not quick:
+        m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 128, 4, 4, 512
+    d.seq_len = d.max_length = 512
+    d.dolly_eval_rows = 20
+    d.num_shards = 1
+    d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.4, "report_to_cxr": 0.4, "vqa": 0.1, "text": 0.1})
+    t.batch_size = 8
+    t.learning_rate = 2e-3
+    t.warmup_steps = 10
+    t.schedule = "cosine"
+    t.final_lr_ratio = 0.1
+    steps = (6 if stage == 1 else 4) if quick else (250 if stage == 1 else 80)
+    t.steps = steps
+    t.log_every = max(1, steps // 10)
+    t.eval_every = t.checkpoint_every = steps // 2
+    t.eval_batches = 2
+    return c
+
+
+def get_config(variant=None):
+    variant = variant or "full"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown demo variant {variant!r}; choose one of {VARIANTS}")
+    quick = variant == "quick"
+    c = ml_collections.ConfigDict()
+    c.name = f"demo_{variant}"
+    c.seed = 0
+    c.corpus = ml_collections.ConfigDict({"num_images": 160 if quick else 1200, "image_size": 64})
+    c.vqgan = _vqgan(quick)
+    c.encode_batch_size = 32
+    c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024 if quick else 2048})
+    c.classifier = ml_collections.ConfigDict({"steps": 10 if quick else 400, "batch": 32, "lr": 2e-3,
+                                              "widths": (8, 8) if quick else (16, 32, 64, 64)})
+    c.stage1 = _lm(1, quick)
+    c.stage2 = _lm(2, quick)
+    c.evaluate = ml_collections.ConfigDict({"max_images": 8 if quick else 0, "max_vqa": 8 if quick else 300,
+                                            "batch_size": 32, "greedy": False, "max_new_tokens": 24 if quick else 96,
+                                            "grid_images": 4 if quick else 8})
+    c.pytorch = ml_collections.ConfigDict({"max_new_tokens": 16 if quick else 64})
+    return c

@@ -1,0 +1,1 @@
+"""`llmcxr demo`: the whole LLM-CXR loop on a synthetic corpus (pipeline.py), and its summary.md."""
