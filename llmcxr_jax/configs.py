@@ -94,3 +94,17 @@ def _parse_like(old, text: str, key: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def sweep_run_config(sweep_file: str, sweep: dict, run: str | None) -> ml_collections.ConfigDict:
+    """For sweep files (configs/ablations/): one run's config (base + common + the run's overrides),
+    so `llmcxr train --config configs/ablations/FILE.py:RUN` trains that run alone. Bases are
+    repo-relative paths; "{root}" placeholders are left to launch/sweep.py."""
+    names = tuple(sweep["runs"])
+    run = run or names[0]
+    if run not in names:
+        raise ValueError(f"unknown run {run!r}; choose one of {names}")
+    spec = sweep["runs"][run]
+    spec = spec if isinstance(spec, dict) else {"overrides": spec}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sweep_file))))
+    return load_config(os.path.join(repo, spec.get("base", sweep["base"])), sweep["common"] + spec["overrides"])
