@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from llmcxr_jax import storage
 
 # Dolly / LLM-CXR prompt keys; their exact strings matter for checkpoint compatibility.
 INSTRUCTION_KEY = "### Instruction:"
@@ -114,7 +116,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def has_tokenizer(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "tokenizer.json"))
+    return storage.path(directory).joinpath("tokenizer.json").is_file()
 
 
 def load_tokenizer(directory: str):
@@ -125,12 +127,12 @@ def load_tokenizer(directory: str):
     """
     from tokenizers import AddedToken, Tokenizer
 
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.isfile(path):
+    folder = storage.path(directory)  # local or gs://
+    if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
-    tok = Tokenizer.from_file(path)
-    cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
-    smap = _read_json(os.path.join(directory, "special_tokens_map.json"))
+    tok = Tokenizer.from_str((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    cfg = _read_json(folder / "tokenizer_config.json")
+    smap = _read_json(folder / "special_tokens_map.json")
     missing = [t for t in DOLLY_SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -155,16 +157,17 @@ def text_size(tok) -> int:
 
 def save_tokenizer(tok, config: dict[str, Any], directory: str) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF loadable)."""
-    os.makedirs(directory, exist_ok=True)
-    tok.save(os.path.join(directory, "tokenizer.json"))
+    folder = storage.path(directory)  # local or gs://
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # what tok.save writes
     cfg = {k: v for k, v in config.items() if k not in ("added_tokens_decoder", "tokenizer_file")}
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     extra = [t for t in cfg.get("additional_special_tokens", []) if _token_content(t) not in DOLLY_SPECIAL_TOKENS]
     cfg["additional_special_tokens"] = list(DOLLY_SPECIAL_TOKENS) + extra
-    _write_json(os.path.join(directory, "tokenizer_config.json"), cfg)
+    _write_json(folder / "tokenizer_config.json", cfg)
     smap = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if cfg.get(k) is not None}
     smap["additional_special_tokens"] = cfg["additional_special_tokens"]
-    _write_json(os.path.join(directory, "special_tokens_map.json"), smap)
+    _write_json(folder / "special_tokens_map.json", smap)
 
 
 def _token_content(t) -> str | None:
@@ -173,14 +176,9 @@ def _token_content(t) -> str | None:
     return t
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _read_json(path: epath.Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+def _write_json(path: epath.Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

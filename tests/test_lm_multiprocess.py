@@ -1,8 +1,12 @@
 """Two JAX processes on localhost (gloo CPU collectives, 2 devices each) train the tiny LM to the
-same parameters as one process with 4 devices, given the same logical data shards."""
+same parameters as one process with 4 devices, given the same logical data shards; SIGTERM to one of
+them stops both at the same step with one checkpoint."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,12 +20,12 @@ from llmcxr_jax.train import checkpoint
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _args(setup, workdir):
+def _args(setup, workdir, steps=4):
     return [sys.executable, "-m", "llmcxr_jax.cli", "train", "--config", f"{STAGE1}:tiny", "--workdir", workdir,
             f"--config.data.root={setup['root']}", f"--config.data.codes={setup['codes']}",
             f"--config.data.tokenizer={setup['tokenizer']}", "--config.model.image_codes=64",
             "--config.data.dolly_eval_rows=20", "--config.data.num_shards=2", "--config.train.mesh=-1,1,1",
-            "--config.train.steps=4", "--config.train.eval_every=0", "--config.train.log_every=1"]
+            f"--config.train.steps={steps}", "--config.train.eval_every=0", "--config.train.log_every=1"]
 
 
 def _env(devices, **extra):
@@ -58,3 +62,35 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     with open(os.path.join(multi, "metrics.jsonl")) as f:
         assert sum(1 for line in f if '"loss"' in line) == 4  # process 0 logs alone
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+    """Only process 0 is signalled: both must save the same step (a save that one process skips hangs the
+    other in the collective) and exit 0 with "preempted": true."""
+    setup = make_setup(str(tmp_path / "setup"), num_images=24)
+    port = portpicker.pick_unused_port()
+    workdir = str(tmp_path / "run")
+    args = _args(setup, workdir, steps=500) + ["--config.train.checkpoint_every=1000"]
+    procs = [subprocess.Popen(args, env=_env(2, LLMCXR_COORDINATOR=f"localhost:{port}", LLMCXR_NUM_PROCESSES="2",
+                                             LLMCXR_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + 240
+        while not (os.path.isfile(metrics) and '"loss"' in open(metrics).read()):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no training step logged"
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    except (subprocess.TimeoutExpired, AssertionError):
+        for p in procs:
+            p.kill()
+        raise
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(s["preempted"] for s in summaries) and summaries[0]["step"] == summaries[1]["step"] < 500
+    saved = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=5)
+    try:
+        assert saved.manager.all_steps() == [summaries[0]["step"]]
+    finally:
+        saved.close()

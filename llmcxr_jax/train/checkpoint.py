@@ -1,6 +1,7 @@
 """orbax checkpoints of the LM and the VQ-GAN: item "state" ({"params": ...} or a full train state), item
 "metadata" (VocabLayout, model config, special tokens, mesh, the source HF config), and the
-tokenizer files under DIR/tokenizer/.
+tokenizer files under DIR/tokenizer/. DIR may be gs://...: orbax writes arrays through tensorstore's GCS
+driver and its other files, like ours, through etils.epath (llmcxr_jax.storage).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llmcxr_jax import sharding, vocab
+from llmcxr_jax import sharding, storage, vocab
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -35,7 +36,7 @@ class LoadedLM:
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, DATA_ITER, METADATA))
+    return ocp.CheckpointManager(storage.path(directory), options=options, item_names=(STATE, DATA_ITER, METADATA))
 
 
 class TrainCheckpointer:
@@ -110,14 +111,14 @@ def save_params(directory: str, model: GPTNeoXForCausalLM, metadata: dict[str, A
 
 
 def has_checkpoint(directory: str) -> bool:
-    if not os.path.isdir(directory):
+    if not storage.path(directory).is_dir():
         return False
     with _manager(directory) as mngr:
         return mngr.latest_step() is not None
 
 
 def latest_step(directory: str) -> int:
-    if not os.path.isdir(directory):
+    if not storage.path(directory).is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     with _manager(directory) as mngr:
         step = mngr.latest_step()

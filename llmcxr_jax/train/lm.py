@@ -6,7 +6,6 @@ Resume order: an existing run in the workdir > train.resume_from > train.init_fr
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llmcxr_jax import sharding, vocab
 from llmcxr_jax.data import lm_batches
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
-from llmcxr_jax.train import checkpoint, lm_data, optim
+from llmcxr_jax.train import checkpoint, lm_data, optim, preemption
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
@@ -289,11 +288,10 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
     board = _board(workdir)
     flops_token = model_flops_per_token(start.config, d.seq_len)
     peak = peak_flops(t) * jax.device_count()
-    preempted = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     step = int(jax.device_get(state["step"]))
     last_saved = ckpt.latest_step()
     done_here, t_last, tokens_since = 0, time.perf_counter(), 0.0
+    stop = preemption.StopAgreement(step)
     try:
         while step < t.steps:
             host = next(data_iter)
@@ -306,7 +304,8 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
                     f"loss is {loss} at step {step}; batch examples {_describe(pipe, host['example_ids'])[:8]}; "
                     f"last good checkpoint: {os.path.join(ckpt.manager.directory, str(last_saved)) if last_saved is not None else 'none'}")
             tokens_since += float(metrics["tokens"])
-            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted["flag"]
+            preempted = stop.reached(step)  # the same step in every process: the save below is collective
+            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted
             if step % t.log_every == 0 or step == 1 or last:
                 now = time.perf_counter()
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -330,10 +329,10 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
                 break
     finally:
         ckpt.close()
-        signal.signal(signal.SIGTERM, previous)
+        stop.close()
         if board is not None:
             board.close()
-    return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": preempted["flag"],
+    return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": stop.stopped,
             "metrics": log.path, "source": start.source}
 
 

@@ -1,6 +1,8 @@
-"""Training records: the run's config.json, metrics.jsonl lines with rate and ETA, PNG grids."""
+"""Training records: the run's config.json, metrics.jsonl lines with rate and ETA, PNG grids; in a local
+workdir or a gs:// one (llmcxr_jax.storage)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -10,15 +12,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from llmcxr_jax import storage
+
 
 def claim_workdir(workdir: str, config, must_match: dict[str, str]) -> None:
     """A workdir belongs to one run: write config.json on first use; on resume, every
     `must_match` entry ("section" or "section.key" -> what to call it) must equal the stored run's."""
-    path = os.path.join(workdir, "config.json")
+    path = storage.path(workdir) / "config.json"
     now = json.loads(config.to_json_best_effort())
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = json.load(f)
+    if path.is_file():
+        before = json.loads(path.read_text())
         for key, what in must_match.items():
             old, new = before, now
             for part in key.split("."):
@@ -26,9 +29,8 @@ def claim_workdir(workdir: str, config, must_match: dict[str, str]) -> None:
             if old != new:
                 raise ValueError(f"{workdir} holds a run with a different {what}; give a new --workdir")
     elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(now, f, indent=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=2))
 
 
 class MetricsLog:
@@ -36,6 +38,7 @@ class MetricsLog:
 
     def __init__(self, workdir: str, total_steps: int, name: str = "metrics.jsonl"):
         self.path = os.path.join(workdir, name)
+        self._file = storage.AppendOnlyFile(self.path)
         self.total = total_steps
         self.t0 = time.time()
         self.first_step: int | None = None
@@ -46,8 +49,7 @@ class MetricsLog:
         if self.first_step is None or step <= self.first_step:
             self.first_step, self.t0 = step, time.time()
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._file.append(json.dumps(record) + "\n")
         if echo:
             done = step - self.first_step
             rate = done / max(time.time() - self.t0, 1e-9)
@@ -57,8 +59,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 def _plain(v):
@@ -80,5 +81,8 @@ def save_image_grid(path: str, rows: list[np.ndarray]) -> None:
         if row.shape[-1] == 1:
             row = np.repeat(row, 3, axis=-1)
         tiles.append(np.concatenate(list(row), axis=1))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
+    png = io.BytesIO()
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(png, format="PNG")
+    out = storage.path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png.getvalue())

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llmcxr_jax import sharding, vocab
+from llmcxr_jax import sharding, storage, vocab
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, init_model
 from llmcxr_jax.train import checkpoint, optim
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -50,14 +50,15 @@ def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: in
     source = t.init_from
     runtime = dict(dtype=m.dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers)
     if source:
-        if not os.path.exists(source):
+        where = storage.path(source)  # an orbax checkpoint may be in a bucket (gs://); a HF directory is local
+        if not where.exists():
             raise FileNotFoundError(f"train.init_from {source} does not exist; give a HF GPT-NeoX directory or an "
                                     "orbax LM checkpoint (import-hf output or a train workdir)")
         workdir_ckpt = os.path.join(source, "checkpoints")
-        if os.path.isfile(os.path.join(source, "config.json")) and not os.path.isdir(workdir_ckpt) \
-                and not checkpoint.has_checkpoint(source):
+        is_workdir = (where / "checkpoints").is_dir()
+        if (where / "config.json").is_file() and not is_workdir and not checkpoint.has_checkpoint(source):
             return _from_hf(config, mesh, image_codes, runtime)
-        ckpt_dir = workdir_ckpt if os.path.isdir(workdir_ckpt) else source
+        ckpt_dir = workdir_ckpt if is_workdir else source
         lm = checkpoint.load_lm(ckpt_dir, mesh, dtype=m.dtype, remat_policy=m.remat_policy)
         if lm.config.scan_layers != m.scan_layers:
             raise ValueError(f"{source} stores layers with scan_layers={lm.config.scan_layers}; set "

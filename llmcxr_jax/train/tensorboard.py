@@ -1,6 +1,6 @@
 """TensorBoard scalar event files written directly (TFRecord framing + the few protobuf fields of
 Event / Summary.Value), so logging needs neither TensorFlow nor torch. A reader is included for
-tests and for `launch/sweep.py report`-style tools.
+tests and for `launch/sweep.py report`-style tools. Local or gs:// log directories (llmcxr_jax.storage).
 """
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 import time
+
+from llmcxr_jax import storage
 
 _CRC_TABLE = []
 for _n in range(256):
@@ -67,21 +69,20 @@ def frame(record: bytes) -> bytes:
 
 
 class EventWriter:
-    """One events.out.tfevents.* file per writer; `scalars(step, {tag: value})` appends and flushes."""
+    """One events.out.tfevents.* file per writer; `scalars(step, {tag: value})` appends (and is on disk, or in
+    the bucket, when it returns)."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
+        storage.path(logdir).mkdir(parents=True, exist_ok=True)
         self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self._f = open(self.path, "ab")
-        self._f.write(frame(encode_event(0, time.time(), file_version="brain.Event:2")))
-        self._f.flush()
+        self._file = storage.AppendOnlyFile(self.path, binary=True)
+        self._file.append(frame(encode_event(0, time.time(), file_version="brain.Event:2")))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self._f.write(frame(encode_event(step, time.time(), values)))
-        self._f.flush()
+        self._file.append(frame(encode_event(step, time.time(), values)))
 
     def close(self) -> None:
-        self._f.close()
+        """Nothing is held open between appends; kept so writers can be closed like files."""
 
 
 # ---------------------------------------------------------------- reading
@@ -119,8 +120,7 @@ def _fields(buf: bytes):
 def read_scalars(path: str) -> list[tuple[int, str, float]]:
     """(step, tag, value) of every scalar in an event file; a checksum mismatch is an error."""
     out = []
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.path(path).read_bytes()
     i = 0
     while i < len(data):
         (length,) = struct.unpack("<Q", data[i:i + 8])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 from typing import Any, Callable, Iterator
 
 import jax
@@ -23,7 +22,7 @@ from llmcxr_jax.data import image_stream as image_stream_lib
 from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-from llmcxr_jax.train import checkpoint, vqgan_loss
+from llmcxr_jax.train import checkpoint, preemption, vqgan_loss
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, save_image_grid
 
 BATCH_AXES = sharding.BATCH_AXES
@@ -222,8 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     log = MetricsLog(workdir, t.steps)
     metadata = {"vqgan_config": VQGANConfig(**config.model).to_dict(),
                 "discriminator_config": DiscriminatorConfig(**config.discriminator).to_dict()}
-    preempted = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    stop = preemption.StopAgreement(step)
     stream = image_stream(config)
     batches = image_batches(config, stream, next_index)
     reconstruct = jax.jit(lambda params, x: nnx.merge(nets.gen, params).reconstruct(x)[0])
@@ -242,14 +240,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 log.write(step, metrics, echo=echo)
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                 _evaluate(workdir, step, reconstruct, state, held_out, log)
-            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted["flag"]
+            preempted = stop.reached(step)  # the same step in every process: the save below is collective
+            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted
             if step % t.checkpoint_every == 0 or last:
                 ckpt.save(step, state, {"next_index": next_index}, metadata)
             if last:
                 break
     finally:
         ckpt.close()
-        signal.signal(signal.SIGTERM, previous)
+        stop.close()
     state = jax.device_get(state)
     if step == t.steps:
         export_model(state, nets, workdir)
