@@ -24,9 +24,9 @@ def _vqgan(quick: bool) -> ml_collections.ConfigDict:
     m.ch_mult = (1, 2, 2, 4)  # f8: 64 px -> 8 x 8 codes
     m.attn_resolutions = (8,)
     m.n_embed = 128
-    t.steps = 8 if quick else 120
+    t.steps = 8 if quick else 100
     t.disc_start = 10_000  # no GAN phase in a short run: it only adds noise before convergence
-    t.eval_every = t.checkpoint_every = 4 if quick else 60
+    t.eval_every = t.checkpoint_every = 4 if quick else 50
     t.log_every = 4 if quick else 25
     t.grid_images = 4
     return c
@@ -37,17 +37,17 @@ def _lm(stage: int, quick: bool) -> ml_collections.ConfigDict:
     m, d, t = c.model, c.data, c.train
     m.image_codes = 128
     if not quick:
-        m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 128, 4, 4, 512
+        m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 128, 2, 4, 512
     d.seq_len = d.max_length = 512
     d.dolly_eval_rows = 20
     d.num_shards = 1
-    d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.4, "report_to_cxr": 0.4, "vqa": 0.1, "text": 0.1})
+    d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.5, "report_to_cxr": 0.3, "vqa": 0.1, "text": 0.1})
     t.batch_size = 8
-    t.learning_rate = 2e-3
+    t.learning_rate = 3e-3
     t.warmup_steps = 10
     t.schedule = "cosine"
     t.final_lr_ratio = 0.1
-    steps = (6 if stage == 1 else 4) if quick else (250 if stage == 1 else 80)
+    steps = (6 if stage == 1 else 4) if quick else (500 if stage == 1 else 150)
     t.steps = steps
     t.log_every = max(1, steps // 10)
     t.eval_every = t.checkpoint_every = steps // 2
@@ -63,7 +63,7 @@ def get_config(variant=None):
     c = ml_collections.ConfigDict()
     c.name = f"demo_{variant}"
     c.seed = 0
-    c.corpus = ml_collections.ConfigDict({"num_images": 160 if quick else 1200, "image_size": 64})
+    c.corpus = ml_collections.ConfigDict({"num_images": 160 if quick else 2000, "image_size": 64})
     c.vqgan = _vqgan(quick)
     c.encode_batch_size = 32
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024 if quick else 2048})

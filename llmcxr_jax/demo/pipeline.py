@@ -91,18 +91,32 @@ def tokenizer(config, p: Paths) -> dict:
 
 
 def classifier(config, p: Paths) -> dict:
-    """The CNN that scores report->CXR images, trained on the real train-split frontal images."""
+    """The CNN that scores report->CXR images. It trains on the VQ-GAN's reconstructions of the
+    train-split frontal images (decoded from their codes), the domain the LM's images live in: a
+    classifier of sharp images would score the VQ-GAN's blur, not the LM's drawing."""
+    import jax
+
+    from llmcxr_jax import sharding
+    from llmcxr_jax.data import codes as code_files
     from llmcxr_jax.eval import cxr_classifier as C
+    from llmcxr_jax.eval.evaluate import gray
+    from llmcxr_jax.train import checkpoint
 
     c = config.classifier
     cfg = C.ClassifierConfig(image_size=config.corpus.image_size, widths=tuple(c.widths))
     corpus_ = mimic_cxr.load_corpus(p.corpus, progress=False)
-    train = [r for r in corpus_.records if r.split == "train" and r.view in ("PA", "AP")]
-    model = C.train_classifier(C.load_images(train, cfg.image_size),
+    table = code_files.read_codes(p.codes)
+    train = [r for r in corpus_.records if r.split == "train" and r.view in ("PA", "AP")
+             and table.get(r.dicom_id) is not None]
+    vq, _ = checkpoint.load_vqgan(p.vqgan_model, sharding.make_mesh("-1,1,1"))
+    decode = jax.jit(vq.decode)
+    codes_ = np.stack([np.asarray(table.get(r.dicom_id), np.int32) for r in train])
+    images = np.concatenate([np.asarray(decode(codes_[i:i + 64])) for i in range(0, len(codes_), 64)])
+    model = C.train_classifier(gray(images, cfg.image_size),
                                C.targets_for(train, mimic_cxr.read_chexpert_labels(p.corpus)), cfg,
                                steps=c.steps, batch=c.batch, lr=c.lr, seed=config.seed)
     C.save_classifier(model, cfg, p.classifier)
-    return {"train_images": len(train)}
+    return {"train_images": len(train), "trained_on": "VQ-GAN reconstructions"}
 
 
 def _stage(config, p: Paths, stage: int) -> dict:

@@ -7,7 +7,8 @@ present; `mimic_cxr.evaluation_records`).
   labeler / CheXbert over reports.csv), label F1/Jaccard/AUROC and BLEU/ROUGE-L/CIDEr-D.
 - report->CXR: an image per reference report (always exactly h*w codes), scored by a CXR
   classifier (AUROC of its outputs on generated images against the reference report's labels,
-  beside the same on the real images), FID on its pooled features, and FID on the
+  beside the same on the real images and on their VQ-GAN reconstructions, the ceiling for an LM
+  that draws in the VQ-GAN's codes), FID on its pooled features, and FID on the
   torchxrayvision DenseNet's features when its converted weights are given.
 - CXR-VQA: answers to the VQA questions of those images, scored by question type.
 - VQ-GAN: PSNR / SSIM of the reconstructions of the real evaluation images.
@@ -129,7 +130,8 @@ def chance_classifier_scores(reference: np.ndarray) -> dict:
     return classifier_scores(np.broadcast_to(prevalence, reference.shape), reference)
 
 
-def _gray(images: np.ndarray, size: int) -> np.ndarray:
+def gray(images: np.ndarray, size: int) -> np.ndarray:
+    """[n, H, W, C] images in [-1, 1] -> [n, size, size, 1] (channel mean, antialiased resize)."""
     x = jnp.asarray(images, jnp.float32).mean(axis=-1, keepdims=True)
     if x.shape[1] != size:
         x = jax.image.resize(x, (x.shape[0], size, size, 1), "bilinear", antialias=True)
@@ -155,6 +157,7 @@ class Evaluation:
         self.reference_labels = _labels(self.references, opts.reference_labels, "reference")
         self.metrics: dict = {"n_images": len(self.records), "baselines": {}}
         self._real: np.ndarray | None = None
+        self._recon: np.ndarray | None = None
 
     def _sampling(self, task: str):
         limit = self.opts.max_new_tokens if task != "image" and self.opts.max_new_tokens else None
@@ -197,10 +200,12 @@ class Evaluation:
         scores: dict = {"n": len(fake)}
         if self.opts.classifier:
             model, ccfg = cxr_classifier.load_classifier(self.opts.classifier)
-            p_fake, f_fake = cxr_classifier.predict(model, _gray(fake, ccfg.image_size))
-            p_real, f_real = cxr_classifier.predict(model, _gray(real, ccfg.image_size))
+            p_fake, f_fake = cxr_classifier.predict(model, gray(fake, ccfg.image_size))
+            p_real, f_real = cxr_classifier.predict(model, gray(real, ccfg.image_size))
+            p_recon, _ = cxr_classifier.predict(model, gray(self.reconstructions(), ccfg.image_size))
             scores["classifier"] = classifier_scores(p_fake, self.reference_labels)
             scores["classifier_real"] = classifier_scores(p_real, self.reference_labels)
+            scores["classifier_reconstructed"] = classifier_scores(p_recon, self.reference_labels)
             scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
             self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(self.reference_labels)}
         if self.opts.txv_weights:
@@ -224,11 +229,17 @@ class Evaluation:
                                    for r in self.records])
         return self._real
 
+    def reconstructions(self) -> np.ndarray:
+        """The evaluation images through the VQ-GAN (encode, decode): the best an LM drawing in its
+        codes can do; read once."""
+        if self._recon is None:
+            paths = [r.image_path for r in self.records]
+            self._recon = np.concatenate([self.g.decode_codes(self.g.encode_images(paths[sl]))
+                                          for _, sl in _batches(len(paths), self.opts.batch_size, "VQ-GAN", False)])
+        return self._recon
+
     def vqgan(self) -> None:
-        real = self.real_images()
-        recon = np.concatenate([self.g.decode_codes(self.g.encode_images([r.image_path for r in
-                                                                          self.records[sl]]))
-                                for _, sl in _batches(len(real), self.opts.batch_size, "VQ-GAN", False)])
+        real, recon = self.real_images(), self.reconstructions()
         self.metrics["vqgan"] = {"psnr": float(image_metrics.psnr(real, recon).mean()),
                                  "ssim": float(image_metrics.ssim(real, recon).mean())}
 

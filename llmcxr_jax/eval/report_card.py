@@ -24,6 +24,8 @@ PAPER_ROWS = (
     ("report->CXR", "FID, classifier features", "image.fid_classifier", "", ""),
     ("report->CXR", "classifier AUROC micro", "image.classifier.auroc_micro", "0.79-0.81", "UniXGen 0.74"),
     ("report->CXR", "classifier AUROC micro, real images", "image.classifier_real.auroc_micro", "", ""),
+    ("report->CXR", "classifier AUROC micro, VQ-GAN reconstructions", "image.classifier_reconstructed.auroc_micro",
+     "", ""),
     ("CXR-VQA", "score, all questions", "vqa.all.score", "44.8%", "ELIXR 54.8%"),
     ("VQ-GAN", "reconstruction PSNR (dB)", "vqgan.psnr", "", ""),
     ("VQ-GAN", "reconstruction SSIM", "vqgan.ssim", "", ""),
@@ -64,16 +66,18 @@ def markdown(metrics: dict) -> str:
     per = lookup(metrics, "report.labels.per_class")
     if per:
         lines += ["", "CXR->report label F1 by finding (chance: a random report with the reference prevalence):", "",
-                  "| finding | support | F1 | chance F1 | classifier AUROC on generated images | real images |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| finding | support | F1 | chance F1 | classifier AUROC (chance 0.5): generated images | "
+                  "real images | reconstructions |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         gen = lookup(metrics, "image.classifier.per_class") or {}
         real = lookup(metrics, "image.classifier_real.per_class") or {}
+        recon = lookup(metrics, "image.classifier_reconstructed.per_class") or {}
         chance = lookup(base, "report.labels.per_class") or {}
         for name in FOCUS:
             c = per.get(name, {})
             lines.append(f"| {name} | {c.get('support', 0)} | {_fmt(c.get('f1'))} | "
                          f"{_fmt((chance.get(name) or {}).get('f1'))} | {_fmt((gen.get(name) or {}).get('auroc'))} | "
-                         f"{_fmt((real.get(name) or {}).get('auroc'))} |")
+                         f"{_fmt((real.get(name) or {}).get('auroc'))} | {_fmt((recon.get(name) or {}).get('auroc'))} |")
     vqa = metrics.get("vqa")
     if vqa:
         lines += ["", "CXR-VQA score by question type (chance: the most frequent answer of the type):", "",
