@@ -38,6 +38,7 @@ setup(
             "scikit-image>=0.22",  # SSIM reference
         ],
         "tpu": ["libtpu==0.0.42.*"],
+        "gcs": ["gcsfs", "google-cloud-storage"],  # gs:// workdirs (etils.epath and orbax)
     },
     entry_points={"console_scripts": ["llmcxr=llmcxr_jax.cli:main"]},
 )

@@ -24,11 +24,14 @@ def _vqgan(quick: bool) -> ml_collections.ConfigDict:
     m.ch_mult = (1, 2, 2, 4)  # f8: 64 px -> 8 x 8 codes
     m.attn_resolutions = (8,)
     m.n_embed = 128
-    t.steps = 8 if quick else 100
+    t.steps = 4 if quick else 100
     t.disc_start = 10_000  # no GAN phase in a short run: it only adds noise before convergence
     t.eval_every = t.checkpoint_every = 4 if quick else 50
-    t.log_every = 4 if quick else 25
+    t.log_every = 2 if quick else 25
     t.grid_images = 4
+    if quick:  # 32 px, f4 (still 8 x 8 codes), no attention: quicker to compile and run
+        m.resolution, m.ch_mult, m.attn_resolutions = 32, (1, 2, 2), ()
+        c.discriminator.n_layers = 1
     return c
 
 
@@ -63,7 +66,7 @@ def get_config(variant=None):
     c = ml_collections.ConfigDict()
     c.name = f"demo_{variant}"
     c.seed = 0
-    c.corpus = ml_collections.ConfigDict({"num_images": 160 if quick else 2000, "image_size": 64})
+    c.corpus = ml_collections.ConfigDict({"num_images": 160 if quick else 2000, "image_size": 32 if quick else 64})
     c.vqgan = _vqgan(quick)
     c.encode_batch_size = 32
     c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024 if quick else 2048})

@@ -33,7 +33,7 @@ def _state_file() -> str:
 
 
 def setup_script(repo: str, commit: str, python: str) -> str:
-    """Clone or fetch, check out the pinned commit, install llmcxr-jax and jax[tpu] into a venv."""
+    """Clone or fetch, check out the pinned commit, install llmcxr-jax (with its [gcs] extra, for gs:// workdirs) and jax[tpu] into a venv."""
     git = f'git -C "{REPO_DIR}"'
     return _script(
         "set -e", *WORKER_ID,
@@ -45,7 +45,7 @@ def setup_script(repo: str, commit: str, python: str) -> str:
         f'if [ ! -x "{VENV_DIR}/bin/python" ]; then (python3 -m pip install --quiet --user uv || python3 -m pip '
         f'install --quiet --user --break-system-packages uv) && "$HOME/.local/bin/uv" venv --seed --python {python} '
         f'"{VENV_DIR}"; fi',
-        f'"{VENV_DIR}/bin/python" -m pip install --quiet -c "{REPO_DIR}/requirements-lock.txt" -e "{REPO_DIR}" '
+        f'"{VENV_DIR}/bin/python" -m pip install --quiet -c "{REPO_DIR}/requirements-lock.txt" -e "{REPO_DIR}[gcs]" '
         '"jax[tpu]"',
         f'echo "llmcxr setup worker=$wid commit=$({git} rev-parse HEAD)"')
 

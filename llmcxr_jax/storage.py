@@ -41,7 +41,8 @@ def require_packages(scheme: str) -> None:
     missing = [] if _installed("gcsfs") or _installed("tensorflow") else ["gcsfs"]
     missing += [] if _installed("google.cloud.storage") else ["google-cloud-storage"]
     if missing:
-        raise ImportError(f"gs:// paths need {' and '.join(missing)}; pip install {' '.join(missing)} on every host")
+        raise ValueError(f"gs:// paths need {' and '.join(missing)}; pip install {' '.join(missing)} (or "
+                         "llmcxr-jax[gcs]) on every host")
 
 
 class AppendOnlyFile:

@@ -123,8 +123,8 @@ def test_missing_gcs_packages_are_one_line_naming_them(monkeypatch):
     monkeypatch.setattr(storage, "_installed", lambda module: False)
     storage.require_packages.cache_clear()
     try:
-        with pytest.raises(ImportError, match="^gs:// paths need gcsfs and google-cloud-storage; pip install gcsfs "
-                                              "google-cloud-storage on every host$"):
+        with pytest.raises(ValueError, match=r"^gs:// paths need gcsfs and google-cloud-storage; pip install gcsfs "
+                                             r"google-cloud-storage \(or llmcxr-jax\[gcs\]\) on every host$"):
             claim_workdir(RUN, ml_collections.ConfigDict({"model": {}}), {})
         assert storage.path("runs/a") == storage.path(os.path.abspath("runs/a"))  # local paths need neither
     finally:

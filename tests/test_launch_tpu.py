@@ -112,7 +112,7 @@ SETUP = (
     'python3 -m pip install --quiet --user --break-system-packages uv) && "$HOME/.local/bin/uv" venv --seed '
     '--python 3.11 "$HOME/llmcxr-venv"; fi; '
     '"$HOME/llmcxr-venv/bin/python" -m pip install --quiet -c "$HOME/llmcxr-jax/requirements-lock.txt" '
-    '-e "$HOME/llmcxr-jax" "jax[tpu]"; '
+    '-e "$HOME/llmcxr-jax[gcs]" "jax[tpu]"; '
     'echo "llmcxr setup worker=$wid commit=$(git -C "$HOME/llmcxr-jax" rev-parse HEAD)"')
 INNER = (
     'exec >>"$HOME/llmcxr_logs/train_worker$WID.log" 2>&1 </dev/null; '

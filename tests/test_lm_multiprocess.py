@@ -40,12 +40,15 @@ def _params(ckpt_dir):
 
 
 def test_two_processes_equal_one(tmp_path):
+    """The two processes start through launch/local_multiprocess.sh, so this also shows the launcher
+    training the tiny config on two processes."""
     setup = make_setup(str(tmp_path / "setup"))
-    port = portpicker.pick_unused_port()
     multi = str(tmp_path / "multi")
-    procs = [subprocess.Popen(_args(setup, multi), env=_env(2, LLMCXR_COORDINATOR=f"localhost:{port}",
-                                                             LLMCXR_NUM_PROCESSES="2", LLMCXR_PROCESS_ID=str(i)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    launcher = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # the venv's `llmcxr`
+    procs = [subprocess.Popen(["bash", launcher, "2", *_args(setup, multi)[4:]],
+                              env=_env(2, PATH=path, LLMCXR_DEVICES_PER_PROCESS="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     single = subprocess.Popen(_args(setup, str(tmp_path / "single")), env=_env(4), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     for p in procs + [single]:
@@ -55,7 +58,13 @@ def test_two_processes_equal_one(tmp_path):
             for q in procs + [single]:
                 q.kill()
             pytest.fail("a training process hung")
-        assert p.returncode == 0, err[-3000:]
+        logs = os.path.join(multi, "logs")
+        detail = "".join(open(os.path.join(logs, f)).read()[-1500:] for f in sorted(os.listdir(logs))) \
+            if p is procs[0] and os.path.isdir(logs) else ""
+        assert p.returncode == 0, err[-3000:] + detail
+    assert sorted(os.listdir(os.path.join(multi, "logs"))) == ["process_0.log", "process_1.log"]
+    for i in range(2):  # each process ran to the end and printed the train summary
+        assert '"step": 4' in open(os.path.join(multi, "logs", f"process_{i}.log")).read()
     a, b = _params(os.path.join(multi, "checkpoints")), _params(str(tmp_path / "single" / "checkpoints"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         # gloo sums the gradient shards in another order than one process: equal to float rounding
