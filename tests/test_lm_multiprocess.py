@@ -73,6 +73,7 @@ def test_two_processes_equal_one(tmp_path):
         assert sum(1 for line in f if '"loss"' in line) == 4  # process 0 logs alone
 
 
+@pytest.mark.slow  # the stop agreement itself is proven (fast) in tests/test_preemption.py
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     """Only process 0 is signalled: both must save the same step (a save that one process skips hangs the
     other in the collective) and exit 0 with "preempted": true."""
