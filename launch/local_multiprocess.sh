@@ -50,20 +50,20 @@ xla_flags=$(echo "${XLA_FLAGS:-}" |
 xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices"
 
 pids=()
-for ((i = 0; i < n; i++)); do
-    JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" LLMCXR_COORDINATOR="localhost:$port" LLMCXR_NUM_PROCESSES=$n \
-        LLMCXR_PROCESS_ID=$i "$bin" train "$@" >"$log_dir/process_$i.log" 2>&1 &
-    pids+=($!)
-done
-echo "local_multiprocess.sh: $n processes x $devices CPU devices, coordinator localhost:$port, logs in $log_dir/"
-
 stop_all() {  # $1: signal
     for pid in "${pids[@]}"; do
         kill "-$1" "$pid" 2>/dev/null
     done
 }
 stopping=0
+# installed before any process starts, so a signal never finds the default (die, orphaning them)
 trap 'stopping=1; echo "local_multiprocess.sh: stopping (SIGTERM: checkpoint and exit)" >&2; stop_all TERM' INT TERM
+for ((i = 0; i < n; i++)); do
+    JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" LLMCXR_COORDINATOR="localhost:$port" LLMCXR_NUM_PROCESSES=$n \
+        LLMCXR_PROCESS_ID=$i "$bin" train "$@" >"$log_dir/process_$i.log" 2>&1 &
+    pids+=($!)
+done
+echo "local_multiprocess.sh: $n processes x $devices CPU devices, coordinator localhost:$port, logs in $log_dir/"
 
 status=0
 failed_at=
@@ -95,8 +95,10 @@ while [ ${#live[@]} -gt 0 ]; do
     if [ -n "$failed_at" ] && [ ${#live[@]} -gt 0 ] && [ $((SECONDS - failed_at)) -ge "$grace" ]; then
         stop_all KILL  # a process blocked in a collective with a dead peer never sees SIGTERM
     fi
-    if [ -n "$failed_at" ] && [ ${#live[@]} -gt 0 ]; then
-        sleep 1 &  # wake `wait -n` at least once a second to check the grace period
+    if [ $stopping -eq 1 ] && [ ${#live[@]} -gt 0 ]; then
+        # while stopping, wake `wait -n` at least once a second: to check the grace period, and
+        # because a process that exits while the trap runs may never wake a later `wait -n`
+        sleep 1 &
     fi
 done
 exit $status
