@@ -86,8 +86,11 @@ def test_failure_kills_processes_that_ignore_sigterm(tmp_path):
 
 
 def test_sigint_is_forwarded_as_sigterm(tmp_path):
+    # a shell cannot trap a signal ignored when it starts, and a run started in the background (CI
+    # under nohup ... &) inherits SIGINT ignored: give the launcher a terminal's default, as Ctrl-C finds it
     proc = subprocess.Popen(["bash", SCRIPT, "2", "--config", "c.py"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_fake(tmp_path, "run"))
+                            text=True, env=_fake(tmp_path, "run"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120  # generous: CI runs this beside compile-heavy tests on 2 cores
     while not all((tmp_path / f"started_{i}").exists() for i in range(2)):
         assert time.time() < deadline and proc.poll() is None, "the stand-in trainers never started"

@@ -52,6 +52,7 @@ def test_meshes_give_the_same_loss_curve(setup, tmp_path, mesh):
     np.testing.assert_allclose([l for _, l in other], [l for _, l in ref], rtol=1e-5)
 
 
+@pytest.mark.slow  # the gradients themselves: test_micro_batches_and_remat_policies_give_the_same_gradients
 def test_grad_accumulation_equals_one_big_batch(setup, tmp_path):
     common = ["--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=0",
               "--config.train.mesh=2,1,4"]  # 4-row micro-batches over data 2, tensor 4
@@ -96,6 +97,7 @@ def test_micro_batches_and_remat_policies_give_the_same_gradients(setup):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=str(kwargs))
 
 
+@pytest.mark.slow  # bit-exact resume after a SIGKILL at any step: tests/test_lm_signals.py
 def test_interrupted_run_resumes_to_the_same_parameters(setup, tmp_path):
     common = ["--config.train.steps=8", "--config.train.log_every=1", "--config.train.eval_every=0",
               "--config.train.checkpoint_every=100"]
