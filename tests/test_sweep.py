@@ -125,6 +125,7 @@ def test_report_reads_vqgan_metrics_and_refuses_an_empty_root(tmp_path, capsys):
     assert "holds no run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # four training subprocesses; planning, validation and report are tested fast above
 def test_tiny_sweep_trains_reports_and_skips_on_rerun(tmp_path, capsys, monkeypatch):
     setup = make_setup(str(tmp_path / "setup"))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
