@@ -99,7 +99,7 @@ def _parse_like(old, text: str, key: str):
 def sweep_run_config(sweep_file: str, sweep: dict, run: str | None) -> ml_collections.ConfigDict:
     """For sweep files (configs/ablations/): one run's config (base + common + the run's overrides),
     so `llmcxr train --config configs/ablations/FILE.py:RUN` trains that run alone. Bases are
-    repo-relative paths; "{root}" placeholders are left to launch/sweep.py."""
+    repo-relative paths; launch/sweep.py fills in "{root}" in overrides."""
     names = tuple(sweep["runs"])
     run = run or names[0]
     if run not in names:

@@ -80,7 +80,7 @@ def test_workdir_of_another_config_is_refused_before_starting(tmp_path, capsys, 
     assert sorted(os.listdir(root)) == ["joint_loss"]
 
 
-def test_dry_run_and_stubbed_submitter(tmp_path, capsys, monkeypatch):
+def test_dry_run_and_a_stand_in_submitter(tmp_path, capsys, monkeypatch):
     root = tmp_path / "root"
     assert sweep.main(["run", TINY, "--workdir", str(root), "--dry-run", "--set", "train.steps=3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

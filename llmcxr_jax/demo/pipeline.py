@@ -22,30 +22,26 @@ from llmcxr_jax.data import mimic_cxr
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
+    """Where each phase writes, under one workdir (a misspelt name is an AttributeError, not a path)."""
+
     workdir: str
 
-    def __getattr__(self, name):  # corpus, vqgan, codes, ... -> WORKDIR/<name>
-        return os.path.join(self.workdir, name)
+    def _at(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
 
-    @property
-    def vqgan_model(self) -> str:
-        return os.path.join(self.workdir, "vqgan", "vqgan")
-
-    @property
-    def lm(self) -> str:
-        return os.path.join(self.workdir, "stage2", "checkpoints")
-
-    @property
-    def hf(self) -> str:
-        return os.path.join(self.workdir, "export", "hf")
-
-    @property
-    def diffusers(self) -> str:
-        return os.path.join(self.workdir, "export", "diffusers")
-
-    @property
-    def taming(self) -> str:
-        return os.path.join(self.workdir, "export", "taming_vqgan.ckpt")
+    corpus = property(lambda self: self._at("corpus"))
+    vqgan = property(lambda self: self._at("vqgan"))              # the train-vqgan workdir
+    vqgan_model = property(lambda self: self._at("vqgan", "vqgan"))
+    codes = property(lambda self: self._at("codes"))
+    tokenizer = property(lambda self: self._at("tokenizer"))
+    classifier = property(lambda self: self._at("classifier"))
+    stage1 = property(lambda self: self._at("stage1"))
+    stage2 = property(lambda self: self._at("stage2"))
+    lm = property(lambda self: self._at("stage2", "checkpoints"))
+    eval = property(lambda self: self._at("eval"))
+    hf = property(lambda self: self._at("export", "hf"))
+    diffusers = property(lambda self: self._at("export", "diffusers"))
+    taming = property(lambda self: self._at("export", "taming_vqgan.ckpt"))
 
 
 def _lm_config(section: ml_collections.ConfigDict, p: Paths) -> ml_collections.ConfigDict:
