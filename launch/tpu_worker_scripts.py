@@ -16,8 +16,14 @@ WORKER_ID = ("wid=${LLMCXR_WORKER_ID:-$(curl -sf --max-time 10 -H Metadata-Flavo
              '[ -n "$wid" ] || wid=$(hostname | sed -n "s/.*-w-\\([0-9][0-9]*\\)\\$/\\1/p")',
              '[ -n "$wid" ] || { echo "cannot tell this TPU worker index" >&2; exit 3; }')
 # Scripts use no single quotes, so shlex.quote wraps each in one readable pair.
-# The trainer recorded in the state file still runs (a pid reused after a reboot is not it).
-ALIVE = 'kill -0 "$pid" 2>/dev/null && grep -qa llmcxr "/proc/$pid/cmdline" 2>/dev/null'
+
+
+def _alive(var: str = "pid") -> str:
+    """The process whose pid is in $<var> still runs and is ours (a pid reused after a reboot is not)."""
+    return f'kill -0 "${var}" 2>/dev/null && grep -qa llmcxr "/proc/${var}/cmdline" 2>/dev/null'
+
+
+ALIVE = _alive()  # the trainer recorded in the state file
 
 
 def _script(*statements: str) -> str:
@@ -55,7 +61,7 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
     """Start `llmcxr <command> ... --workdir W` detached (setsid nohup) and return at once.
 
     The detached wrapper appends the output to train_worker<i>.log and records in state_worker<i>
-    "RUNNING pid", then on exit "FAILED pid rc", "STOPPED pid 0" (exit 0, but the summary line the
+    "RUNNING pid wrapper_pid", then on exit "FAILED pid rc", "STOPPED pid 0" (exit 0, but the summary line the
     trainer prints last says "preempted": true: SIGTERM, checkpoint saved before train.steps) or
     "DONE pid 0" (exit 0 otherwise: train.steps reached).
     """
@@ -68,7 +74,7 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
         "export LLMCXR_DISTRIBUTED=tpu", *(f"export {shlex.quote(e)}" for e in env),
         f'"{VENV_DIR}/bin/llmcxr" {train} &',
         "pid=$!",
-        f'echo "RUNNING $pid" >"{state}"',
+        f'echo "RUNNING $pid $$" >"{state}"',  # the wrapper outlives the trainer until the final state is written
         "wait $pid",
         "rc=$?",
         # exit 0 means this launch printed the last summary line in the log
@@ -92,11 +98,12 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
 
 
 def poll_script() -> str:
-    """One line per worker: `llmcxr-state worker=<i> <STATE>[ rc=<rc>]`; LOST = RUNNING but the pid is gone."""
+    """One line per worker: `llmcxr-state worker=<i> <STATE>[ rc=<rc>]`; LOST = RUNNING but both the
+    trainer and its wrapper are gone (the trainer alone exits a moment before the wrapper records why)."""
     return _script(
         *WORKER_ID, "s=NONE", "pid=", "rc=",
         f'if [ -f "{_state_file()}" ]; then read s pid rc <"{_state_file()}"; fi',
-        f'if [ "$s" = RUNNING ] && ! {{ {ALIVE}; }}; then s=LOST; fi',
+        f'if [ "$s" = RUNNING ]; then w=$rc; rc=; if ! {{ {ALIVE}; }} && ! {{ {_alive("w")}; }}; then s=LOST; fi; fi',
         'echo "llmcxr-state worker=$wid $s${rc:+ rc=$rc}"')
 
 

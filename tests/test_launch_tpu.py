@@ -120,7 +120,7 @@ INNER = (
     'cd "$HOME/llmcxr-jax"; export LLMCXR_DISTRIBUTED=tpu; '
     '"$HOME/llmcxr-venv/bin/llmcxr" train --config configs/llmcxr_stage1.py:3b --config.data.root=/data/mimic '
     '--workdir gs://bucket/runs/stage1 & pid=$!; '
-    'echo "RUNNING $pid" >"$HOME/llmcxr_logs/state_worker$WID"; wait $pid; rc=$?; '
+    'echo "RUNNING $pid $$" >"$HOME/llmcxr_logs/state_worker$WID"; wait $pid; rc=$?; '
     'if [ $rc -ne 0 ]; then s=FAILED; elif grep "^{\\"workdir\\"" "$HOME/llmcxr_logs/train_worker$WID.log" | '
     'tail -n 1 | grep -q "\\"preempted\\": true"; then s=STOPPED; else s=DONE; fi; '
     'echo "$s $pid $rc" >"$HOME/llmcxr_logs/state_worker$WID"; echo "=== llmcxr exit $rc ($s)"')
@@ -251,6 +251,15 @@ def test_worker_stop_failure_and_lost(tmp_path):
     (home / "llmcxr_logs" / "state_worker2").write_text(f"RUNNING {os.getpid()}\n")  # a pid, but not a trainer
     assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
     assert "nothing running" in _bash(tpu_pod.stop_script(1), home).stdout
+    # the trainer has exited but its wrapper is still recording why: RUNNING for a moment more, not LOST
+    wrapper = subprocess.Popen(["bash", "-c", "sleep 30; exit 0 # llmcxr wrapper"])
+    try:
+        (home / "llmcxr_logs" / "state_worker2").write_text(f"RUNNING {2**22 + 12345} {wrapper.pid}\n")
+        assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 RUNNING\n"
+    finally:
+        wrapper.kill()
+        wrapper.wait()
+    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
 
 
 def test_worker_stop_kills_a_trainer_that_ignores_sigterm(tmp_path):
