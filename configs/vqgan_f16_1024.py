@@ -56,6 +56,10 @@ def get_config(variant=None):
     t.disc_start = 0  # LLM-CXR fine-tunes a VQ-GAN whose discriminator is already on
     t.ema_decay = 0.0
     t.reseed_every = 0  # >0: every N steps, codes unused since the last reseed take encoder outputs
+    # start of a fresh run (a resumed run ignores it): a taming / LLM-CXR .ckpt (generator, and the
+    # discriminator when the file has it) or an orbax VQ-GAN directory. LLM-CXR: the ImageNet
+    # f16/1024 VQ-GAN (`llmcxr import-vqgan`, or its .ckpt as is)
+    t.init_from = ""
     t.lpips_weights = ""  # local file from `llmcxr convert-weights lpips`
     t.cip_weights = ""  # local file from `llmcxr convert-weights txv`
     t.batch_size = 8  # LLM-CXR: 2

@@ -89,6 +89,23 @@ def _has_key(cfg, key: str) -> bool:
     return True
 
 
+def _set_command(item: str) -> str | None:
+    """`train-vqgan:train.init_from=X` applies to the train-vqgan runs only; a bare KEY=VALUE to all."""
+    head = item.partition("=")[0]
+    return head.partition(":")[0] if ":" in head else None
+
+
+def _set_item(item: str) -> str:
+    """The override without its command prefix."""
+    return _key(item.split(":", 1)[1] if _set_command(item) else item)
+
+
+def _set_name(item: str) -> str:
+    """What an unused --set is reported as: [COMMAND:]KEY."""
+    cmd = _set_command(item)
+    return (f"{cmd}:" if cmd else "") + _set_item(item).partition("=")[0]
+
+
 def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: list[str]) -> list[dict]:
     """Every selected run with its final overrides, config and workdir; raises SweepError on the
     first bad run, an unused --set key, or a workdir that holds a different config."""
@@ -107,15 +124,16 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
         own = [_key(o).replace("{root}", root) for o in run["overrides"]]
         try:
             probe = configs.load_config(base, common)
-            site = [s for s in sets if _has_key(probe, _key(s).partition("=")[0])]
-            used.update(_key(s).partition("=")[0] for s in site)
-            overrides = common + [_key(s) for s in site] + own
+            site = [s for s in sets if _set_command(s) in (None, run["command"])
+                    and _has_key(probe, _set_item(s).partition("=")[0])]
+            used.update(_set_name(s) for s in site)
+            overrides = common + [_set_item(s) for s in site] + own
             cfg = configs.load_config(base, overrides)
         except (KeyError, ValueError, FileNotFoundError) as e:
             raise SweepError(f"run {name}: {e.args[0] if isinstance(e, KeyError) else e}") from None
         planned.append({"name": name, "index": index, "command": run["command"], "base": base,
                         "overrides": overrides, "own": own, "config": cfg, "workdir": os.path.join(root, name)})
-    unused = sorted({_key(s).partition("=")[0] for s in sets} - used)
+    unused = sorted({_set_name(s) for s in sets} - used)
     if unused:
         raise SweepError(f"--set {unused[0]}: no selected run's config has this key")
     for p in planned:
@@ -354,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="local", choices=("local", *SUBMITTERS))
     r.add_argument("--dry-run", action="store_true", help="validate and print the commands; start nothing")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run whose config has KEY (data paths, steps)")
+                   help="override for every run whose config has KEY (data paths, steps); "
+                        "COMMAND:KEY=VALUE (train: or train-vqgan:) for that command's runs only")
     r.add_argument("--submit-arg", action="append", default=[], metavar="ARG",
                    help="passed to launch/tpu_pod.py or launch/slurm_submit.py before the `--` and the job's command")
     p = sub.add_parser("report", help="runs.csv, runs.md and loss_curves.png from ROOT/*/metrics.jsonl")
@@ -370,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             for item in args.set:
                 if "=" not in item:
                     raise SweepError(f"--set {item!r} is not KEY=VALUE")
+                if _set_command(item) not in (None, *COMMANDS):
+                    raise SweepError(f"--set {item!r}: {_set_command(item)!r} is not a command; prefix a key with "
+                                     f"one of {', '.join(COMMANDS)} and a colon, or give none")
             root = args.workdir if _remote(args.workdir) else os.path.abspath(args.workdir)
             if _remote(root) and args.backend == "local":
                 raise SweepError(f"--backend local trains into a local --workdir; {root} is for tpu/slurm")

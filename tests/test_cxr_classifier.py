@@ -37,13 +37,18 @@ def test_classifier_trains_saves_and_loads(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.float32)[:, None].repeat(14, 1)
-    cfg = C.ClassifierConfig(image_size=32, widths=(8, 8))
+    cfg = C.ClassifierConfig(image_size=32, widths=(8, 8), hidden=12)
     model = C.train_classifier(x, y, cfg, steps=3, batch=8)
     probs, feats = C.predict(model, x)
-    assert probs.shape == (16, 14) and feats.shape == (16, 8) and np.all((probs > 0) & (probs < 1))
+    assert probs.shape == (16, 14) and feats.shape == (16, 12) and np.all(feats >= 0) and np.all((probs > 0) & (probs < 1))
     xt = x
     C.save_classifier(model, cfg, str(tmp_path))
     again, _ = C.load_classifier(str(tmp_path))
     np.testing.assert_array_equal(C.predict(again, xt)[0], probs)
     with pytest.raises(FileNotFoundError, match="classifier.safetensors"):
         C.load_classifier(str(tmp_path / "none"))
+
+
+def test_image_size_must_halve_once_per_stage():
+    with pytest.raises(ValueError, match="image_size 36 does not halve 3 times"):
+        C.CxrClassifier(C.ClassifierConfig(image_size=36, widths=(8, 8, 8)), C.nnx.Rngs(0))

@@ -129,3 +129,28 @@ def test_missing_gcs_packages_are_one_line_naming_them(monkeypatch):
         assert storage.path("runs/a") == storage.path(os.path.abspath("runs/a"))  # local paths need neither
     finally:
         storage.require_packages.cache_clear()
+
+
+def test_vqgan_init_from_a_ckpt_in_the_bucket(bucket):
+    """train-vqgan's train.init_from may be a gs:// taming .ckpt: it is copied to a local temp file for torch."""
+    from flax import nnx
+
+    from llmcxr_jax import configs, sharding
+    from llmcxr_jax.convert import taming_vqgan
+    from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
+    from llmcxr_jax.train import vqgan as train_vqgan
+
+    root, _ = bucket
+    cfg = configs.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "vqgan_f16_1024.py:tiny"),
+                              ["model.resolution=16", "model.ch_mult=(1,2)", "model.attn_resolutions=()"])
+    source = init_vqgan(VQGANConfig(**cfg.model), seed=5)
+    os.makedirs(root / "bucket/models")
+    taming_vqgan.write_ckpt(source, str(root / "bucket/models/v.ckpt"))
+    cfg.train.init_from = "gs://bucket/models/v.ckpt"
+    start = train_vqgan.initial_weights(cfg, sharding.make_mesh("-1,1,1"))
+    assert set(start) == {"gen"}  # no loss.discriminator.* in this file
+    want = nnx.state(source, nnx.Param).to_pure_dict()
+    np.testing.assert_array_equal(start["gen"]["quantize"]["embedding"], want["quantize"]["embedding"])
+    cfg.train.init_from = "gs://bucket/models/none.ckpt"
+    with pytest.raises(FileNotFoundError, match="gs://bucket/models/none.ckpt does not exist"):
+        train_vqgan._check(cfg, sharding.make_mesh("-1,1,1"))

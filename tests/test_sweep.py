@@ -53,6 +53,25 @@ def test_every_ablation_file_resolves(path, tmp_path):
         assert by["joint_loss"].data.loss == "joint"
 
 
+def test_a_command_prefix_limits_a_set_to_that_commands_runs(tmp_path, capsys):
+    paper = os.path.join(REPO, "configs", "ablations", "paper.py")
+    spec, runs = sweep.load_sweep(paper)
+    sets = ["train:train.init_from=/models/dolly", "train-vqgan:train.init_from=gs://b/imagenet.ckpt",
+            "train.data=/data/mimic"]
+    by = {p["name"]: p["config"] for p in sweep.plan(spec, runs, str(tmp_path), [], sets)}
+    assert by["baseline"].train.init_from == by["no_stage1"].train.init_from == "/models/dolly"
+    assert by["baseline_stage2"].train.init_from == os.path.join(str(tmp_path), "baseline")  # its own override wins
+    assert by["vqgan"].train.init_from == by["no_cip"].train.init_from == "gs://b/imagenet.ckpt"
+    assert by["vqgan"].train.data == "/data/mimic"
+    # a prefixed key no run of that command has is unused; an unknown command is refused
+    with pytest.raises(sweep.SweepError, match="--set train-vqgan:data.root: no selected run"):
+        sweep.plan(spec, runs, str(tmp_path), [], ["train-vqgan:data.root=/x"])
+    root = tmp_path / "root"
+    assert sweep.main(["run", paper, "--workdir", str(root), "--set", "trian:train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'trian' is not a command" in err and not root.exists()
+
+
 def test_bad_key_is_one_line_exit_2_before_any_run_dir(tmp_path):
     bad = tmp_path / "bad_sweep.py"
     bad.write_text("def get_sweep():\n    return {'base': 'configs/llmcxr_stage1.py:tiny', "

@@ -76,6 +76,54 @@ def test_bad_configs_fail_before_training(tmp_path):
         train_vqgan.train(small(**{"model.ch": 64}), str(tmp_path / "c"), echo=False)
 
 
+def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
+    """Fine-tuning starts from the given weights (generator, and the discriminator a taming .ckpt
+    carries); with a zero step size the run ends where it started. Mismatches fail before training."""
+    from llmcxr_jax import sharding
+    from llmcxr_jax.convert import taming_vqgan
+    from llmcxr_jax.models import discriminator as disc_lib
+    from llmcxr_jax.models.discriminator import DiscriminatorConfig
+    from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
+    from llmcxr_jax.train import checkpoint
+
+    base = small()
+    source = init_vqgan(VQGANConfig(**base.model), seed=11)
+    disc = disc_lib.init_discriminator(DiscriminatorConfig(**base.discriminator), seed=12)
+    for path, var in nnx.to_flat_state(nnx.state(disc, nnx.BatchStat)):
+        if path[-1] == "num_batches_tracked":
+            var.set_value(var.get_value() + 1000)  # a discriminator that has trained
+    ckpt = str(tmp_path / "source.ckpt")
+    taming_vqgan.write_ckpt(source, ckpt, extra=disc_lib.to_taming_state_dict(disc))
+    frozen = {"train.learning_rate": 0.0, "train.reseed_every": 0, "train.steps": 1, "train.disc_start": 5}
+    state = train_vqgan.train(small(**frozen, **{"train.init_from": ckpt}), str(tmp_path / "a"), echo=False)
+    want = nnx.state(source, nnx.Param).to_pure_dict()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["gen"], want)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["ema"], want)
+    _, disc_params, _ = nnx.split(disc, nnx.Param, nnx.BatchStat)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["disc"],
+                 disc_params.to_pure_dict())
+    counts = [int(v) for p, v in jax.tree_util.tree_leaves_with_path(state["disc_stats"])
+              if "num_batches_tracked" in jax.tree_util.keystr(p)]
+    assert counts and all(1000 < c < 1010 for c in counts)  # its running statistics went on from the file's
+    # an orbax VQ-GAN (import-vqgan's output) gives the generator; the discriminator starts fresh
+    orbax_dir = str(tmp_path / "imported")
+    checkpoint.save_vqgan(orbax_dir, source)
+    state = train_vqgan.train(small(**frozen, **{"train.init_from": orbax_dir}), str(tmp_path / "b"), echo=False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["gen"], want)
+    exported, _ = checkpoint.load_vqgan(str(tmp_path / "b" / "vqgan"), sharding.make_mesh("-1,1,1"))
+    np.testing.assert_array_equal(np.asarray(exported.quantize.embedding.get_value()),
+                                  np.asarray(source.quantize.embedding.get_value()))
+    with pytest.raises(ValueError, match=r"train.init_from .* is a VQ-GAN with ch=32, the config says 64"):
+        train_vqgan.train(small(**frozen, **{"train.init_from": orbax_dir, "model.ch": 64}), str(tmp_path / "c"),
+                          echo=False)
+    with pytest.raises(ValueError, match="does not fit the config's model / discriminator"):
+        train_vqgan.train(small(**frozen, **{"train.init_from": ckpt, "discriminator.ndf": 32}), str(tmp_path / "d"),
+                          echo=False)
+    with pytest.raises(FileNotFoundError, match="train.init_from /nowhere/x.ckpt does not exist"):
+        train_vqgan.train(small(**{"train.init_from": "/nowhere/x.ckpt"}), str(tmp_path / "e"), echo=False)
+    assert not any(os.path.exists(tmp_path / d) for d in "cde")  # refused before the workdir was claimed
+
+
 @pytest.mark.slow
 def test_tiny_training_halves_the_reconstruction_error(tmp_path):
     """On the synthetic CXR corpus (train split trains, validate/test images are held out)."""

@@ -2,9 +2,11 @@
 response) loss instead of response-only, and a VQ-GAN without the CIP loss, each beside its
 baseline. Stage-2 runs start from the stage-1 run of the same sweep ("{root}/NAME").
 
-Give the local inputs with --set (each applies to the runs whose config has the key):
-  --set train.init_from=DOLLY_V2_3B_HF --set data.root=MIMIC --set data.codes=CODES    (LM runs)
-  --set train.data=MIMIC --set train.lpips_weights=F --set train.cip_weights=F          (VQ-GAN runs)
+Give the local inputs with --set (each applies to the runs whose config has the key; a
+`train:` or `train-vqgan:` prefix limits one to that command's runs):
+  --set train:train.init_from=DOLLY_V2_3B_HF --set data.root=MIMIC --set data.codes=CODES   (LM runs)
+  --set train-vqgan:train.init_from=IMAGENET_F16_1024_CKPT --set train.data=MIMIC
+  --set train.lpips_weights=F --set train.cip_weights=F                                     (VQ-GAN runs)
 Stage-2 runs set their own train.init_from, which a --set never undoes. data.mixture weights of 0
 are allowed (tasks are sampled by weight / sum); no_vqa writes the renormalised mix anyway.
 """

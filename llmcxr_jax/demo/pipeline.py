@@ -99,7 +99,7 @@ def classifier(config, p: Paths) -> dict:
     from llmcxr_jax.train import checkpoint
 
     c = config.classifier
-    cfg = C.ClassifierConfig(image_size=config.corpus.image_size, widths=tuple(c.widths))
+    cfg = C.ClassifierConfig(image_size=config.corpus.image_size, widths=tuple(c.widths), hidden=c.hidden)
     corpus_ = mimic_cxr.load_corpus(p.corpus, progress=False)
     table = code_files.read_codes(p.codes)
     train = [r for r in corpus_.records if r.split == "train" and r.view in ("PA", "AP")

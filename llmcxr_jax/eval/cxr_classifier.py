@@ -1,6 +1,6 @@
 """A small CNN the project trains itself on the synthetic corpus (14 CheXpert outputs): its AUROC
-on images generated from reports measures report->CXR faithfulness, and its pooled features give
-an FID where no torchxrayvision weights are at hand. Positive = label 1.0; -1 and blank = 0.
+on images generated from reports measures report->CXR faithfulness, and its penultimate-layer
+features give an FID where no torchxrayvision weights are at hand. Positive = label 1.0; -1 and blank = 0.
 """
 from __future__ import annotations
 
@@ -24,21 +24,28 @@ from llmcxr_jax.data import mimic_cxr
 class ClassifierConfig:
     image_size: int = 64
     widths: tuple[int, ...] = (16, 32, 64, 64)
+    hidden: int = 64  # width of the feature layer between the flattened last stage and the head
     num_labels: int = len(mimic_cxr.CHEXPERT_LABELS)
 
 
 class CxrClassifier(nnx.Module):
-    """conv3x3-relu-avgpool stages on a grey image, global average pooling, a linear head."""
+    """conv3x3-relu-avgpool stages on a grey image, the last stage flattened (findings are
+    positional: which side, how wide the heart), a relu feature layer, a linear head."""
 
     def __init__(self, cfg: ClassifierConfig, rngs: nnx.Rngs):
         chans = (1,) + tuple(cfg.widths)
         self.convs = nnx.List([nnx.Conv(chans[i], chans[i + 1], (3, 3), rngs=rngs) for i in range(len(cfg.widths))])
-        self.head = nnx.Linear(chans[-1], cfg.num_labels, rngs=rngs)
+        side = cfg.image_size >> len(cfg.widths)
+        if side < 1 or side << len(cfg.widths) != cfg.image_size:
+            raise ValueError(f"image_size {cfg.image_size} does not halve {len(cfg.widths)} times; give a multiple "
+                             f"of {2 ** len(cfg.widths)} or fewer widths")
+        self.hidden = nnx.Linear(chans[-1] * side * side, cfg.hidden, rngs=rngs)
+        self.head = nnx.Linear(cfg.hidden, cfg.num_labels, rngs=rngs)
 
-    def features(self, x):  # [b, H, W, 1] in [-1, 1] -> [b, widths[-1]]
+    def features(self, x):  # [b, H, W, 1] in [-1, 1] -> [b, hidden]
         for conv in self.convs:
             x = nnx.avg_pool(jax.nn.relu(conv(x)), (2, 2), (2, 2))
-        return x.mean(axis=(1, 2))
+        return jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
 
     def __call__(self, x):  # -> logits [b, num_labels]
         return self.head(self.features(x))
@@ -89,7 +96,7 @@ def _probs_and_features(model: CxrClassifier, x):
 
 
 def predict(model: CxrClassifier, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """-> (probabilities [n, 14], pooled features [n, d])."""
+    """-> (probabilities [n, 14], feature-layer activations [n, hidden])."""
     probs, feats = [], []
     for i in range(0, len(images), batch):
         p, f = _probs_and_features(model, jnp.asarray(images[i:i + batch]))

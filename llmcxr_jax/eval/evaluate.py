@@ -8,7 +8,7 @@ present; `mimic_cxr.evaluation_records`).
 - report->CXR: an image per reference report (always exactly h*w codes), scored by a CXR
   classifier (AUROC of its outputs on generated images against the reference report's labels,
   beside the same on the real images and on their VQ-GAN reconstructions, the ceiling for an LM
-  that draws in the VQ-GAN's codes), FID on its pooled features, and FID on the
+  that draws in the VQ-GAN's codes), FID on its feature layer, and FID on the
   torchxrayvision DenseNet's features when its converted weights are given.
 - CXR-VQA: answers to the VQA questions of those images, scored by question type.
 - VQ-GAN: PSNR / SSIM of the reconstructions of the real evaluation images.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -16,10 +17,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmcxr_jax import sharding
+from llmcxr_jax import sharding, storage
 from llmcxr_jax.convert import perceptual_weights
 from llmcxr_jax.data import image_stream as image_stream_lib
 from llmcxr_jax.models import perceptual as perceptual_nets
+from llmcxr_jax.models import discriminator as discriminator_lib
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 from llmcxr_jax.train import checkpoint, preemption, vqgan_loss
@@ -84,6 +86,43 @@ def init_state(config: ml_collections.ConfigDict):
         "usage": jnp.zeros((vq_cfg.n_embed,), jnp.int32), "step": jnp.zeros((), jnp.int32),
     }
     return Nets(gen=gen_gd, disc=disc_gd), state
+
+
+def initial_weights(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+    """train.init_from -> {"gen": params[, "disc": params, "disc_stats": running stats]} as pure
+    dicts shaped like init_state's. A taming / LLM-CXR .ckpt gives the generator, and the
+    discriminator too when it carries loss.discriminator.* (LLM-CXR fine-tunes the ImageNet
+    f16/1024 VQ-GAN with its discriminator already on); an orbax VQ-GAN directory (import-vqgan, or
+    a train-vqgan WORKDIR/vqgan) gives the generator. The architecture must be the config's."""
+    from llmcxr_jax.convert import taming_vqgan
+
+    path = config.train.init_from
+    want = VQGANConfig(**config.model)
+    if storage.path(path).is_file():
+        if storage.is_remote(path):  # torch reads local files: copy the .ckpt next to us first
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "init.ckpt")
+                storage.path(path).copy(local)
+                sd = taming_vqgan.read_ckpt(local)
+        else:
+            sd = taming_vqgan.read_ckpt(path)
+        try:
+            gen = taming_vqgan.from_taming_state_dict(sd, want)[0]
+            out = {"gen": nnx.state(gen, nnx.Param).to_pure_dict()}
+            if any(k.startswith(discriminator_lib.DEFAULT_PREFIX) for k in sd):
+                disc = discriminator_lib.from_taming_state_dict(sd, DiscriminatorConfig(**config.discriminator))
+                _, params, stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
+                out.update(disc=params.to_pure_dict(), disc_stats=stats.to_pure_dict())
+        except ValueError as e:
+            raise ValueError(f"train.init_from {path} does not fit the config's model / discriminator: {e}") from None
+        return out
+    model, _ = checkpoint.load_vqgan(path, mesh)
+    have, need = model.cfg.to_dict(), want.to_dict()
+    diff = [k for k in need if k not in ("dtype", "param_dtype") and have.get(k) != need[k]]
+    if diff:
+        raise ValueError(f"train.init_from {path} is a VQ-GAN with {diff[0]}={have.get(diff[0])!r}, the config says "
+                         f"{need[diff[0]]!r}; make config.model match it")
+    return {"gen": nnx.state(model, nnx.Param).to_pure_dict()}
 
 
 def load_frozen_nets(config: ml_collections.ConfigDict, lpips_model=None, cip_model=None):
@@ -190,6 +229,9 @@ def _check(config: ml_collections.ConfigDict, mesh, given: tuple[bool, bool] = (
             (t.cip_weight > 0 and not (t.cip_weights or given[1])):
         raise ValueError("perceptual_weight / cip_weight > 0 need train.lpips_weights / train.cip_weights: local "
                          "files made by `llmcxr convert-weights`; or set the weight to 0")
+    if t.get("init_from") and not storage.path(t.init_from).exists():
+        raise FileNotFoundError(f"train.init_from {t.init_from} does not exist; give a taming / LLM-CXR .ckpt or an "
+                                "orbax VQ-GAN directory (llmcxr import-vqgan, or a train-vqgan WORKDIR/vqgan)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
@@ -199,6 +241,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     t = config.train
     mesh = sharding.make_mesh(t.mesh)
     _check(config, mesh, given=(lpips_model is not None, cip_model is not None))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    # read (and check) the starting weights before the workdir is claimed: a mismatch changes nothing
+    start = initial_weights(config, mesh) if t.get("init_from") and not checkpoint.has_checkpoint(ckpt_dir) else None
     claim_workdir(workdir, config, {"model": "model", "discriminator": "discriminator"})
     nets, state = init_state(config)
     nets.lpips, nets.cip, frozen = load_frozen_nets(config, lpips_model, cip_model)
@@ -208,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     step_fn = jax.jit(make_train_step(config, nets), in_shardings=(state_sh, replicated, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=(0,))
-    ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    ckpt = checkpoint.TrainCheckpointer(ckpt_dir, keep=t.keep_checkpoints)
     next_index = 0
     latest = ckpt.latest_step()
     if latest is not None:
@@ -216,6 +261,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         state, data_iter = ckpt.restore(latest, abstract)
         next_index = int(data_iter["next_index"])
     else:
+        if start is not None:
+            start = jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype), {k: state[k] for k in start}, start)
+            state.update(start)
+            if t.ema_decay > 0:
+                state["ema"] = jax.tree.map(jnp.copy, state["gen"])
         state = jax.device_put(state, state_sh)
     step = int(state["step"])
     log = MetricsLog(workdir, t.steps)
