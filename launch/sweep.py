@@ -115,10 +115,8 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
     if unknown:
         raise SweepError(f"--only {' '.join(unknown)}: no such run; runs are {' '.join(runs)}")
     used: set[str] = set()
-    planned = []
-    for index, (name, run) in enumerate(runs.items()):
-        if only and name not in only:
-            continue
+
+    def one(index: int, name: str, run: dict) -> dict:
         base = _resolve_spec(run["base"])
         common = [_key(o).replace("{root}", root) for o in sweep.get("common", [])]
         own = [_key(o).replace("{root}", root) for o in run["overrides"]]
@@ -131,8 +129,17 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
             cfg = configs.load_config(base, overrides)
         except (KeyError, ValueError, FileNotFoundError) as e:
             raise SweepError(f"run {name}: {e.args[0] if isinstance(e, KeyError) else e}") from None
-        planned.append({"name": name, "index": index, "command": run["command"], "base": base,
-                        "overrides": overrides, "own": own, "config": cfg, "workdir": os.path.join(root, name)})
+        return {"name": name, "index": index, "command": run["command"], "base": base, "overrides": overrides,
+                "own": own, "config": cfg, "workdir": os.path.join(root, name),
+                "after": [other for other in runs if other != name and _starts_from(own, root, other)]}
+
+    planned = [one(i, name, run) for i, (name, run) in enumerate(runs.items()) if not only or name in only]
+    chosen = {p["name"] for p in planned}
+    for p in planned:  # a run that starts from another run of the sweep needs it done, or in this submission
+        for other in p["after"]:
+            if other not in chosen and not finished(one(list(runs).index(other), other, runs[other])):
+                raise SweepError(f"run {p['name']} starts from run {other}, which has not finished; select it too "
+                                 f"(--only ... {other})")
     unused = sorted({_set_name(s) for s in sets} - used)
     if unused:
         raise SweepError(f"--set {unused[0]}: no selected run's config has this key")
@@ -170,6 +177,13 @@ def _remote(path: str) -> bool:
     return "://" in path
 
 
+def _starts_from(own: list[str], root: str, other: str) -> bool:
+    """One of a run's own overrides names run `other`'s workdir ("{root}/OTHER"), e.g. as train.init_from."""
+    there = os.path.join(root, other)
+    return any(o.partition("=")[2] in (there, there + "/") or o.partition("=")[2].startswith(there + "/")
+               for o in own)
+
+
 def finished(p: dict) -> bool:
     """The trainers save a checkpoint at train.steps; its step directory means the run is done."""
     final = os.path.join(p["workdir"], "checkpoints", str(int(p["config"].train.steps)))
@@ -195,17 +209,35 @@ def submit_argv(backend: str, p: dict, submit_args: list[str]) -> list[str]:
 
 
 def run_sweep(planned: list[dict], backend: str, dry_run: bool, submit_args: list[str]) -> list[str]:
-    """Trains (local) or submits each run in order; returns the names of runs that failed."""
-    failed = []
+    """Trains (local) or submits each run in order; returns the names of runs that failed. A run
+    that starts from another run of this sweep (p["after"]) waits for it: locally it is skipped if
+    that one failed; on SLURM its job gets --dependency=afterok on that one's job id."""
+    failed, jobs = [], {}
+    chosen = {p["name"] for p in planned if not finished(p)}
+    if backend == "tpu" and "supervise" not in submit_args:
+        for p in planned:
+            if any(o in chosen for o in p["after"]):
+                raise SweepError(f"run {p['name']} starts from run {p['after'][0]}, submitted with it to a TPU pod that "
+                                 "returns at once; add --submit-arg=supervise (waits for each run) or submit "
+                                 f"{p['name']} after {p['after'][0]} finishes")
     for i, p in enumerate(planned, 1):
         tag = f"[{i}/{len(planned)}] {p['name']}"
         if finished(p):
             print(f"sweep: {tag}: finished at step {p['config'].train.steps}; skipped", file=sys.stderr)
             continue
+        broken = [o for o in p["after"] if any(f.startswith(o + " (") for f in failed)]
+        if broken:
+            failed.append(f"{p['name']} (not started: {broken[0]} failed)")
+            print(f"sweep: {tag}: not started, it starts from {broken[0]}, which failed", file=sys.stderr)
+            continue
+        extra = []
+        if backend == "slurm" and any(o in jobs for o in p["after"]):
+            extra = ["--dependency=afterok:" + ":".join(jobs[o] for o in p["after"] if o in jobs)]
         argv = train_argv(p, [sys.executable, "-m", "llmcxr_jax.cli"]) if backend == "local" \
-            else submit_argv(backend, p, submit_args)
+            else submit_argv(backend, p, [*submit_args, *extra])
         if dry_run:
             print(shlex.join(argv))
+            jobs[p["name"]] = f"<{p['name']}>"  # stands for the job id sbatch would print
             continue
         if backend != "local" and not os.path.isfile(argv[1]):
             raise SweepError(f"--backend {backend} needs {argv[1]}, which does not exist")
@@ -216,7 +248,18 @@ def run_sweep(planned: list[dict], backend: str, dry_run: bool, submit_args: lis
                           | {"backend": backend, "argv": argv}, f, indent=2)
         print(f"sweep: {tag}: {shlex.join(argv)}", file=sys.stderr, flush=True)
         t0 = time.time()
-        rc = subprocess.call(argv)
+        if backend == "slurm":  # slurm_submit.py prints "slurm job ID": its dependents wait on it
+            done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+            sys.stdout.write(done.stdout)
+            rc = done.returncode
+            ids = re.findall(r"^slurm job (\d+)$", done.stdout, re.M)
+            if ids:
+                jobs[p["name"]] = ids[-1]
+            elif rc == 0 and any(p["name"] in q["after"] for q in planned):
+                raise SweepError(f"run {p['name']}: no job id in slurm_submit.py's output; submit the runs that "
+                                 "start from it later with --only")
+        else:
+            rc = subprocess.call(argv)
         print(f"sweep: {tag}: exit {rc} after {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if rc:
             failed.append(f"{p['name']} (exit {rc})")

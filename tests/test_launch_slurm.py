@@ -23,16 +23,17 @@ def test_sbatch_command_for_two_nodes():
                    "--config.data.root=/shared/mimic")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
-        "sbatch --job-name=llmcxr --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu --account=proj "
-        f"--time=24:00:00 --signal=B:USR1@120 --export=ALL,WORKDIR=/shared/runs/s1 {SBATCH} "
+        "sbatch --parsable --job-name=llmcxr --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu "
+        f"--account=proj --time=24:00:00 --signal=B:USR1@120 --export=ALL,WORKDIR=/shared/runs/s1 {SBATCH} "
         "--config configs/llmcxr_stage1.py:3b --config.data.root=/shared/mimic\n")
     # one process per node, 4 GPUs each; a whole `llmcxr train-vqgan ... --workdir W` command (launch/sweep.py)
     done = _submit("--nodes", "2", "--gpus-per-node", "4", "--per", "node", "--job-name", "vq", "--signal-lead", "300",
-                   "--dry-run", "--", "llmcxr", "train-vqgan", "--config", "configs/vqgan_f16_1024.py:tiny",
+                   "--dependency", "afterok:41:42", "--dry-run", "--", "llmcxr", "train-vqgan", "--config", "configs/vqgan_f16_1024.py:tiny",
                    "--workdir", "/shared/runs/vq")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
-        "sbatch --job-name=vq --nodes=2 --ntasks-per-node=1 --gpus-per-node=4 --signal=B:USR1@300 "
+        "sbatch --parsable --job-name=vq --nodes=2 --ntasks-per-node=1 --gpus-per-node=4 --dependency=afterok:41:42 "
+        "--signal=B:USR1@300 "
         f"--export=ALL,WORKDIR=/shared/runs/vq,LLMCXR_COMMAND=train-vqgan {SBATCH} "
         "--config configs/vqgan_f16_1024.py:tiny\n")
 
@@ -43,6 +44,8 @@ def test_submit_errors_are_one_line():
     assert done.stderr.startswith("slurm_submit.py: error: give --workdir")
     done = _submit("--nodes", "2", "--workdir", "/a,b", "--dry-run", "--", "--config", "c.py")
     assert done.returncode == 2 and "without commas" in done.stderr and done.stderr.count("\n") == 1
+    done = _submit("--nodes", "1", "--workdir", "/w", "--dependency", "after ok", "--dry-run", "--", "--config", "c.py")
+    assert done.returncode == 2 and "such as afterok:123:456" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_sbatch_directives():

@@ -54,7 +54,7 @@ def test_every_ablation_file_resolves(path, tmp_path):
 
 
 def test_a_command_prefix_limits_a_set_to_that_commands_runs(tmp_path, capsys):
-    paper = os.path.join(REPO, "configs", "ablations", "paper.py")
+    paper = PAPER
     spec, runs = sweep.load_sweep(paper)
     sets = ["train:train.init_from=/models/dolly", "train-vqgan:train.init_from=gs://b/imagenet.ckpt",
             "train.data=/data/mimic"]
@@ -70,6 +70,52 @@ def test_a_command_prefix_limits_a_set_to_that_commands_runs(tmp_path, capsys):
     assert sweep.main(["run", paper, "--workdir", str(root), "--set", "trian:train.steps=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'trian' is not a command" in err and not root.exists()
+
+
+PAPER = os.path.join(REPO, "configs", "ablations", "paper.py")
+
+
+def test_stage2_runs_wait_for_their_stage1_run(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "root"
+    spec, runs = sweep.load_sweep(PAPER)
+    after = {p["name"]: p["after"] for p in sweep.plan(spec, runs, str(root), [], [])}
+    assert after["baseline_stage2"] == ["baseline"] and after["no_vqa_stage2"] == ["no_vqa"]
+    assert after["baseline"] == after["no_stage1"] == after["no_cip"] == []
+    # alone, a stage-2 run whose stage 1 has not finished is refused before anything starts
+    assert sweep.main(["run", PAPER, "--workdir", str(root), "--only", "baseline_stage2"]) == 2
+    err = capsys.readouterr().err
+    assert "run baseline_stage2 starts from run baseline, which has not finished" in err and not root.exists()
+    # SLURM: each stage-2 job depends on its stage-1 job's id (a stand-in submitter numbers the jobs)
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    (launch / "slurm_submit.py").write_text(
+        "import json, sys\nlog = sys.argv[0] + '.log'\nn = len(open(log).readlines()) if __import__('os').path."
+        "exists(log) else 0\nopen(log, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\nprint(f'slurm job {100 + n}')\n")
+    monkeypatch.setattr(sweep, "LAUNCH", str(launch))
+    assert sweep.main(["run", PAPER, "--workdir", str(root), "--backend", "slurm", "--submit-arg=--nodes=2",
+                       "--only", "baseline", "no_vqa", "baseline_stage2", "no_vqa_stage2"]) == 0
+    calls = [json.loads(line) for line in (launch / "slurm_submit.py.log").read_text().splitlines()]
+    heads = [c[:c.index("--")] for c in calls]
+    assert heads == [["--nodes=2", "--job-name=llmcxr-baseline"],
+                     ["--nodes=2", "--dependency=afterok:100", "--job-name=llmcxr-baseline_stage2"],
+                     ["--nodes=2", "--job-name=llmcxr-no_vqa"],
+                     ["--nodes=2", "--dependency=afterok:102", "--job-name=llmcxr-no_vqa_stage2"]]
+    capsys.readouterr()
+    assert sweep.main(["run", PAPER, "--workdir", str(tmp_path / "dry"), "--backend", "slurm", "--dry-run",
+                       "--only", "joint_loss", "joint_loss_stage2"]) == 0
+    assert "'--dependency=afterok:<joint_loss>'" in capsys.readouterr().out.splitlines()[1]
+    # a TPU pod returns at once unless supervised: a stage-2 run submitted with its stage 1 is refused
+    assert sweep.main(["run", PAPER, "--workdir", str(tmp_path / "tpu"), "--backend", "tpu", "--dry-run",
+                       "--only", "joint_loss", "joint_loss_stage2"]) == 2
+    assert "add --submit-arg=supervise" in capsys.readouterr().err
+    assert sweep.main(["run", PAPER, "--workdir", str(tmp_path / "tpu"), "--backend", "tpu", "--dry-run",
+                       "--submit-arg=supervise", "--only", "joint_loss", "joint_loss_stage2"]) == 0
+    # locally, a stage-2 run whose stage 1 failed is not started
+    started = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda argv: started.append(argv) or 1)
+    assert sweep.main(["run", PAPER, "--workdir", str(tmp_path / "local"), "--only", "joint_loss",
+                       "joint_loss_stage2"]) == 1
+    assert len(started) == 1 and "joint_loss_stage2 (not started: joint_loss failed)" in capsys.readouterr().err
 
 
 def test_bad_key_is_one_line_exit_2_before_any_run_dir(tmp_path):
