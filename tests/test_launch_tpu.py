@@ -186,9 +186,9 @@ case "$FAKE_MODE" in
   done) echo '{"workdir": "w", "step": 3, "preempted": false}' ;;
   fail) echo "llmcxr train: error: bad key" >&2; exit 2 ;;
   wait) trap 'echo "{\\"workdir\\": \\"w\\", \\"step\\": 1, \\"preempted\\": true}"; exit 0' TERM
-        while :; do sleep 0.05; done ;;
+        touch "$HOME/trap_set"; while :; do sleep 0.05; done ;;
   stuck) trap '' TERM
-        while :; do sleep 0.05; done ;;
+        touch "$HOME/trap_set"; while :; do sleep 0.05; done ;;
 esac
 """
 
@@ -206,6 +206,17 @@ def _worker_home(tmp_path):
 def _bash(script, home, **env):
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, HOME=str(home), LLMCXR_WORKER_ID="2", **env))
+
+
+def _wait_running(home):
+    """Until the detached fake trainer runs and has set its SIGTERM trap (a TERM sent before the trap
+    is set would kill it at once, as it would a real trainer that is still importing)."""
+    for _ in range(400):
+        if (home / "trap_set").exists() and \
+                _bash(tpu_pod.poll_script(), home).stdout.strip() == "llmcxr-state worker=2 RUNNING":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the detached trainer never reported RUNNING")
 
 
 def _settled(home):
@@ -232,12 +243,7 @@ def test_worker_stop_failure_and_lost(tmp_path):
     home = _worker_home(tmp_path)
     run = tpu_pod.run_script("train", ["--config", "c.py:tiny"], "/runs/a")
     assert _bash(run, home, FAKE_MODE="wait").returncode == 0
-    for _ in range(200):
-        if _bash(tpu_pod.poll_script(), home).stdout.strip() == "llmcxr-state worker=2 RUNNING":
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the detached trainer never reported RUNNING")
+    _wait_running(home)
     again = _bash(run, home, FAKE_MODE="wait")  # never two trainers on one worker
     assert again.returncode == 3 and "training already runs" in again.stderr
     stop = _bash(tpu_pod.stop_script(20), home)
@@ -265,10 +271,7 @@ def test_worker_stop_failure_and_lost(tmp_path):
 def test_worker_stop_kills_a_trainer_that_ignores_sigterm(tmp_path):
     home = _worker_home(tmp_path)
     assert _bash(tpu_pod.run_script("train", ["--config", "c.py"], "/runs/a"), home, FAKE_MODE="stuck").returncode == 0
-    for _ in range(200):
-        if _bash(tpu_pod.poll_script(), home).stdout.strip() == "llmcxr-state worker=2 RUNNING":
-            break
-        time.sleep(0.05)
+    _wait_running(home)
     stop = _bash(tpu_pod.stop_script(1), home)
     assert stop.returncode == 0 and "killed after 1 s" in stop.stdout
     assert _settled(home) == "llmcxr-state worker=2 FAILED rc=137"
