@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="run directory on storage all nodes share")
     p.add_argument("--signal-lead", type=int, default=120, help="seconds before the limit to checkpoint + requeue")
     p.add_argument("--dependency", default=None,
-                   help="start after these jobs, e.g. afterok:123 (launch/sweep.py chains a stage-2 run to its stage 1)")
+                   help="start after these jobs, e.g. afterok:123 (launch/sweep.py chains stage 2 to stage 1)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command; submit nothing")
     args = p.parse_args(argv)
     try:

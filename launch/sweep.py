@@ -116,7 +116,7 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
         raise SweepError(f"--only {' '.join(unknown)}: no such run; runs are {' '.join(runs)}")
     used: set[str] = set()
 
-    def one(index: int, name: str, run: dict) -> dict:
+    def one(index: int, name: str, run: dict, selected: bool = True) -> dict:
         base = _resolve_spec(run["base"])
         common = [_key(o).replace("{root}", root) for o in sweep.get("common", [])]
         own = [_key(o).replace("{root}", root) for o in run["overrides"]]
@@ -124,7 +124,8 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
             probe = configs.load_config(base, common)
             site = [s for s in sets if _set_command(s) in (None, run["command"])
                     and _has_key(probe, _set_item(s).partition("=")[0])]
-            used.update(_set_name(s) for s in site)
+            if selected:  # an unselected run is only looked at (has it finished?): it uses no --set
+                used.update(_set_name(s) for s in site)
             overrides = common + [_set_item(s) for s in site] + own
             cfg = configs.load_config(base, overrides)
         except (KeyError, ValueError, FileNotFoundError) as e:
@@ -137,7 +138,7 @@ def plan(sweep: dict, runs: dict[str, dict], root: str, only: list[str], sets: l
     chosen = {p["name"] for p in planned}
     for p in planned:  # a run that starts from another run of the sweep needs it done, or in this submission
         for other in p["after"]:
-            if other not in chosen and not finished(one(list(runs).index(other), other, runs[other])):
+            if other not in chosen and not finished(one(list(runs).index(other), other, runs[other], False)):
                 raise SweepError(f"run {p['name']} starts from run {other}, which has not finished; select it too "
                                  f"(--only ... {other})")
     unused = sorted({_set_name(s) for s in sets} - used)
@@ -180,8 +181,7 @@ def _remote(path: str) -> bool:
 def _starts_from(own: list[str], root: str, other: str) -> bool:
     """One of a run's own overrides names run `other`'s workdir ("{root}/OTHER"), e.g. as train.init_from."""
     there = os.path.join(root, other)
-    return any(o.partition("=")[2] in (there, there + "/") or o.partition("=")[2].startswith(there + "/")
-               for o in own)
+    return any(v == there or v.startswith(there + "/") for v in (o.partition("=")[2] for o in own))
 
 
 def finished(p: dict) -> bool:
@@ -212,22 +212,23 @@ def run_sweep(planned: list[dict], backend: str, dry_run: bool, submit_args: lis
     """Trains (local) or submits each run in order; returns the names of runs that failed. A run
     that starts from another run of this sweep (p["after"]) waits for it: locally it is skipped if
     that one failed; on SLURM its job gets --dependency=afterok on that one's job id."""
-    failed, jobs = [], {}
-    chosen = {p["name"] for p in planned if not finished(p)}
+    failed, failed_names, jobs = [], set(), {}
+    pending = {p["name"] for p in planned if not finished(p)}
     if backend == "tpu" and "supervise" not in submit_args:
         for p in planned:
-            if any(o in chosen for o in p["after"]):
-                raise SweepError(f"run {p['name']} starts from run {p['after'][0]}, submitted with it to a TPU pod that "
-                                 "returns at once; add --submit-arg=supervise (waits for each run) or submit "
+            if any(o in pending for o in p["after"]):
+                raise SweepError(f"run {p['name']} starts from run {p['after'][0]}, submitted with it to a TPU pod "
+                                 "that returns at once; add --submit-arg=supervise (waits for each run) or submit "
                                  f"{p['name']} after {p['after'][0]} finishes")
     for i, p in enumerate(planned, 1):
         tag = f"[{i}/{len(planned)}] {p['name']}"
         if finished(p):
             print(f"sweep: {tag}: finished at step {p['config'].train.steps}; skipped", file=sys.stderr)
             continue
-        broken = [o for o in p["after"] if any(f.startswith(o + " (") for f in failed)]
+        broken = [o for o in p["after"] if o in failed_names]
         if broken:
             failed.append(f"{p['name']} (not started: {broken[0]} failed)")
+            failed_names.add(p["name"])
             print(f"sweep: {tag}: not started, it starts from {broken[0]}, which failed", file=sys.stderr)
             continue
         extra = []
@@ -263,6 +264,7 @@ def run_sweep(planned: list[dict], backend: str, dry_run: bool, submit_args: lis
         print(f"sweep: {tag}: exit {rc} after {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if rc:
             failed.append(f"{p['name']} (exit {rc})")
+            failed_names.add(p["name"])
     return failed
 
 

@@ -39,7 +39,8 @@ def _state_file() -> str:
 
 
 def setup_script(repo: str, commit: str, python: str) -> str:
-    """Clone or fetch, check out the pinned commit, install llmcxr-jax (with its [gcs] extra, for gs:// workdirs) and jax[tpu] into a venv."""
+    """Clone or fetch, check out the pinned commit, install llmcxr-jax (with its [gcs] extra, for
+    gs:// workdirs) and jax[tpu] into a venv."""
     git = f'git -C "{REPO_DIR}"'
     return _script(
         "set -e", *WORKER_ID,
@@ -61,9 +62,9 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
     """Start `llmcxr <command> ... --workdir W` detached (setsid nohup) and return at once.
 
     The detached wrapper appends the output to train_worker<i>.log and records in state_worker<i>
-    "RUNNING pid wrapper_pid", then on exit "FAILED pid rc", "STOPPED pid 0" (exit 0, but the summary line the
-    trainer prints last says "preempted": true: SIGTERM, checkpoint saved before train.steps) or
-    "DONE pid 0" (exit 0 otherwise: train.steps reached).
+    "RUNNING pid wrapper_pid", then on exit "FAILED pid rc", "STOPPED pid 0" (exit 0, but the
+    summary line the trainer prints last says "preempted": true: SIGTERM, checkpoint saved before
+    train.steps) or "DONE pid 0" (exit 0 otherwise: train.steps reached).
     """
     log, state = f"{LOG_DIR}/train_worker$WID.log", f"{LOG_DIR}/state_worker$WID"
     train = shlex.join([command, *train_args, "--workdir", workdir])

@@ -76,6 +76,10 @@ def test_bad_configs_fail_before_training(tmp_path):
         train_vqgan.train(small(**{"model.ch": 64}), str(tmp_path / "c"), echo=False)
 
 
+def _same(tree_a, tree_b):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tree_a, tree_b)
+
+
 def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
     """Fine-tuning starts from the given weights (generator, and the discriminator a taming .ckpt
     carries); with a zero step size the run ends where it started. Mismatches fail before training."""
@@ -97,11 +101,10 @@ def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
     frozen = {"train.learning_rate": 0.0, "train.reseed_every": 0, "train.steps": 1, "train.disc_start": 5}
     state = train_vqgan.train(small(**frozen, **{"train.init_from": ckpt}), str(tmp_path / "a"), echo=False)
     want = nnx.state(source, nnx.Param).to_pure_dict()
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["gen"], want)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["ema"], want)
+    _same(state["gen"], want)
+    _same(state["ema"], want)
     _, disc_params, _ = nnx.split(disc, nnx.Param, nnx.BatchStat)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["disc"],
-                 disc_params.to_pure_dict())
+    _same(state["disc"], disc_params.to_pure_dict())
     counts = [int(v) for p, v in jax.tree_util.tree_leaves_with_path(state["disc_stats"])
               if "num_batches_tracked" in jax.tree_util.keystr(p)]
     assert counts and all(1000 < c < 1010 for c in counts)  # its running statistics went on from the file's
@@ -109,7 +112,7 @@ def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
     orbax_dir = str(tmp_path / "imported")
     checkpoint.save_vqgan(orbax_dir, source)
     state = train_vqgan.train(small(**frozen, **{"train.init_from": orbax_dir}), str(tmp_path / "b"), echo=False)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["gen"], want)
+    _same(state["gen"], want)
     exported, _ = checkpoint.load_vqgan(str(tmp_path / "b" / "vqgan"), sharding.make_mesh("-1,1,1"))
     np.testing.assert_array_equal(np.asarray(exported.quantize.embedding.get_value()),
                                   np.asarray(source.quantize.embedding.get_value()))
