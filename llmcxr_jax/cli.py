@@ -176,8 +176,10 @@ def generate_cmd(args) -> None:
     from llmcxr_jax.infer import tasks
 
     inputs = _generate_inputs(args)
+    tasks.default_sampling(args.task, args.greedy, 1, 1, args.temperature, args.top_p, args.top_k)  # before loading
     g = tasks.Generator.load(args.ckpt, args.vqgan)
-    sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image)
+    sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
+                                      args.temperature, args.top_p, args.top_k)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     if args.task == "report":
@@ -206,6 +208,7 @@ def evaluate_cmd(args) -> None:
 
     opts = evaluate.EvalOptions(tasks=tuple(t for t in args.tasks.split(",") if t), max_images=args.max_images,
                                 max_vqa=args.max_vqa, batch_size=args.batch_size, greedy=args.greedy, seed=args.seed,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens, report_part=args.report_part,
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
@@ -232,6 +235,12 @@ def demo_cmd(args) -> None:
                       "minutes": round(sum(e["seconds"] for e in state.values()) / 60, 1),
                       "evaluate": state["evaluate"]["result"], "same_greedy_report_in_pytorch":
                       state["pytorch"]["result"]["same_tokens"]}))
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--temperature", type=float, default=1.0, help="when sampling (LLM-CXR: 1.0)")
+    p.add_argument("--top-p", type=float, default=0.92, help="nucleus size when sampling (LLM-CXR: 0.92; 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="when sampling (LLM-CXR: 0, off)")
 
 
 def _generate_inputs(args) -> list[str]:
@@ -364,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--inputs", default=None, help="batch: a file with one input per line, or an image folder")
             p.add_argument("--out", required=True, help="directory for results.jsonl (and PNGs for --task image)")
             p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
+            _sampling_args(p)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--max-new-tokens", type=int, default=None)
         elif name == "evaluate":
@@ -376,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-vqa", type=int, default=0, help="first N VQA questions of those images (0: all)")
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
+            _sampling_args(p)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--max-new-tokens", type=int, default=0, help="for reports and answers (0: 128)")
             p.add_argument("--report-part", default="impression", choices=("impression", "findings+impression"),

@@ -47,11 +47,12 @@ def _evaluate(capsys, env, out, *args):
 def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert env["n_eval"] >= 3
     code, out, err = _evaluate(capsys, env, tmp_path, "--max-new-tokens", "8", "--classifier", env["classifier"],
-                               "--max-vqa", "5", "--grid-images", "2", "--batch-size", "2")
+                               "--max-vqa", "5", "--grid-images", "2", "--batch-size", "2", "--temperature", "0.7")
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["n_images"] == env["n_eval"]
     m = json.loads((tmp_path / "metrics.json").read_text())
     n = env["n_eval"]
+    assert (m["options"]["temperature"], m["options"]["top_p"], m["options"]["greedy"]) == (0.7, 0.92, False)
     assert m["report"]["labels"]["n_reports"] == n and 0 <= m["report"]["labels"]["f1_micro"] <= 1
     assert set(m["report"]["text"]) >= {"bleu_4", "rouge_l", "cider_d"}
     assert m["image"]["n"] == n and np.isfinite(m["image"]["fid_classifier"])
@@ -69,6 +70,14 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     md = (tmp_path / "metrics.md").read_text()
     assert "| CXR->report | label F1 micro (14 obs.) |" in md and "0.360" in md and "44.8%" in md
     assert "LLM-CXR (paper)" in err  # the table is printed too
+
+
+@pytest.mark.parametrize("args, message", [(["--temperature", "-1"], "temperature must be > 0"),
+                                           (["--top-k", "-2"], "top_k must be >= 0")])
+def test_bad_sampling_settings_fail_before_generating(capsys, env, tmp_path, args, message):
+    code, _, err = _evaluate(capsys, env, tmp_path / "o", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_labels_from_a_chexpert_csv(capsys, env, tmp_path):

@@ -60,11 +60,26 @@ def test_image_responses_always_hold_h_times_w_codes(env):
         assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_sampling_settings_reach_the_sampler(env):
+    from llmcxr_jax.infer import tasks
+    g = tasks.Generator.load(env["lm"], env["vqgan"])
+    s = tasks.default_sampling("report", False, 10, g.codes_per_image, temperature=0.5, top_p=0.8, top_k=7)
+    assert (s.temperature, s.top_p, s.top_k, s.greedy) == (0.5, 0.8, 7, False)
+    # a near-zero temperature samples the argmax: the greedy report
+    greedy = g.report([env["image"]] * 2, tasks.default_sampling("report", True, 10, g.codes_per_image), 0)
+    cold = g.report([env["image"]] * 2, tasks.default_sampling("report", False, 10, g.codes_per_image, 1e-4, 1.0), 3)
+    hot = [g.report([env["image"]] * 2, tasks.default_sampling("report", False, 10, g.codes_per_image, 5.0, 1.0), s)
+           for s in range(3)]
+    assert cold == greedy and any(h != greedy for h in hot)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "report", "--image", "{dir}/missing.jpg"], "missing.jpg"),
     (["--task", "image", "--report", "   "], "report is empty"),
     (["--task", "vqa", "--image", "{image}"], "--question"),
     (["--task", "report", "--image", "{image}", "--ckpt", "{lm0}"], "no image-token rows"),
+    (["--task", "report", "--image", "{image}", "--temperature", "0"], "temperature must be > 0"),
+    (["--task", "image", "--report", "Effusion.", "--top-p", "1.5"], "top_p must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     args = [a.format(**{k: str(v) for k, v in env.items()}) for a in args]

@@ -50,6 +50,9 @@ class EvalOptions:
     max_vqa: int = 0                 # 0: every question of those images
     batch_size: int = 16
     greedy: bool = False             # LLM-CXR samples (top_p 0.92); greedy is reproducible across libraries
+    temperature: float = 1.0         # when sampling; LLM-CXR: 1.0
+    top_p: float = 0.92              # when sampling; LLM-CXR: 0.92 (1.0: off)
+    top_k: int = 0                   # when sampling; LLM-CXR: 0 (off)
     max_new_tokens: int = 0          # reports and answers; 0: LLM-CXR's 128
     seed: int = 0
     report_part: str = "impression"  # reference text: "impression" (stage 2) or "findings+impression"
@@ -68,6 +71,7 @@ class EvalOptions:
             raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        tasks.default_sampling("report", self.greedy, 1, 1, self.temperature, self.top_p, self.top_k)  # checks them
 
 
 def _reference_text(record: mimic_cxr.CxrRecord, part: str) -> str:
@@ -161,7 +165,8 @@ class Evaluation:
 
     def _sampling(self, task: str):
         limit = self.opts.max_new_tokens if task != "image" and self.opts.max_new_tokens else None
-        return tasks.default_sampling(task, self.opts.greedy, limit, self.g.codes_per_image)
+        o = self.opts
+        return tasks.default_sampling(task, o.greedy, limit, self.g.codes_per_image, o.temperature, o.top_p, o.top_k)
 
     def reports(self) -> list[str]:
         paths = [r.image_path for r in self.records]

@@ -144,11 +144,14 @@ class Generator:
         return self.decode_codes(codes), codes
 
 
-def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int) -> SamplingConfig:
-    """LLM-CXR's settings (top_p 0.92, top_k 0; 128 tokens for reports, the image span for images)."""
+def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int,
+                     temperature: float = 1.0, top_p: float = 0.92, top_k: int = 0) -> SamplingConfig:
+    """LLM-CXR's settings by default (temperature 1, top_p 0.92, top_k 0; 128 tokens for reports,
+    the image span for images); temperature / top_p / top_k override them when sampling."""
     if max_new_tokens is None:
         max_new_tokens = codes_per_image + IMAGE_EXTRA_TOKENS if task == "image" else \
             REPORT_TOKENS if task in ("report", "vqa") else TEXT_TOKENS
     if greedy:
         return SamplingConfig.greedy_decoding(max_new_tokens)
-    return SamplingConfig.llmcxr(max_new_tokens)
+    return SamplingConfig(max_new_tokens=max_new_tokens, greedy=False, temperature=temperature, top_k=top_k,
+                          top_p=top_p)
