@@ -31,7 +31,7 @@ def _vqgan(quick: bool) -> ml_collections.ConfigDict:
     t.batch_size = 8 if quick else 4  # full: twice the updates of batch 8 in the same time
     t.learning_rate = 1e-3
     t.reseed_every = 10  # unused codes take encoder outputs often: ~120 of 512 in use after 200 steps
-    t.disc_start = 10_000  # no GAN phase in a short run: it only adds noise before convergence
+    t.disc_factor = 0.0  # no GAN in a short run (it only adds noise before convergence); the step skips it
     t.eval_every = t.checkpoint_every = 4 if quick else 100
     t.log_every = 2 if quick else 50
     t.grid_images = 4

@@ -159,23 +159,29 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
     w = loss_weights(t)
     tx = optimizer(t)
     n_embed = config.model.n_embed
+    gan = vqgan_loss.uses_gan(w)
 
     def train_step(state, frozen, images):
         step = state["step"]
         perceptual, cip = frozen_losses(nets, frozen)
-        (_, (metrics, stats, codes, _)), g_grads = jax.value_and_grad(vqgan_loss.generator_loss, has_aux=True)(
+        (_, (metrics, stats, codes, latents)), g_grads = jax.value_and_grad(vqgan_loss.generator_loss, has_aux=True)(
             state["gen"], nets.gen, state["disc"], state["disc_stats"], nets.disc, images, step, w,
             perceptual, cip)
         updates, opt_g = tx.update(g_grads, state["opt_g"], state["gen"])
         gen = optax.apply_updates(state["gen"], updates)
-        # the discriminator sees reconstructions of the updated generator, as in taming's loop
-        new_gen = nnx.merge(nets.gen, gen)
-        latents = new_gen.encode_latents(images)
-        reconstructions = jax.lax.stop_gradient(new_gen.decode_latents(new_gen.quantize(latents)[0]))
-        (_, (d_metrics, stats)), d_grads = jax.value_and_grad(vqgan_loss.discriminator_loss, has_aux=True)(
-            state["disc"], stats, nets.disc, images, reconstructions, step, w)
-        d_updates, opt_d = tx.update(d_grads, state["opt_d"], state["disc"])
-        disc = optax.apply_updates(state["disc"], d_updates)
+        disc, opt_d = state["disc"], state["opt_d"]
+        if gan:
+            # the discriminator sees reconstructions of the updated generator, as in taming's loop
+            new_gen = nnx.merge(nets.gen, gen)
+            latents = new_gen.encode_latents(images)
+            reconstructions = jax.lax.stop_gradient(new_gen.decode_latents(new_gen.quantize(latents)[0]))
+            (_, (d_metrics, stats)), d_grads = jax.value_and_grad(vqgan_loss.discriminator_loss, has_aux=True)(
+                disc, stats, nets.disc, images, reconstructions, step, w)
+            d_updates, opt_d = tx.update(d_grads, opt_d, disc)
+            disc = optax.apply_updates(disc, d_updates)
+            metrics.update(d_metrics)
+            metrics["d_grad_norm"] = optax.global_norm(d_grads)
+        # without the GAN, dead codes are reseeded from this step's (pre-update) encoder outputs
         usage = state["usage"] + jnp.bincount(codes.reshape(-1), length=n_embed).astype(jnp.int32)
         if t.reseed_every > 0:
             due = (step + 1) % t.reseed_every == 0
@@ -187,10 +193,8 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
         ema = state["ema"]
         if t.ema_decay > 0:
             ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1.0 - t.ema_decay) * p, ema, gen)
-        metrics.update(d_metrics)
         metrics.update(vqgan_loss.codebook_stats(codes, n_embed))
         metrics["g_grad_norm"] = optax.global_norm(g_grads)
-        metrics["d_grad_norm"] = optax.global_norm(d_grads)
         new_state = {"gen": gen, "disc": disc, "disc_stats": stats, "opt_g": opt_g, "opt_d": opt_d, "ema": ema,
                      "usage": usage, "step": step + 1}
         return new_state, metrics
