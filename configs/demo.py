@@ -53,6 +53,7 @@ def _lm(stage: int, quick: bool) -> ml_collections.ConfigDict:
     d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.45, "report_to_cxr": 0.35, "vqa": 0.1, "text": 0.1})
     t.batch_size = 4 if not quick else 8  # small batches, more steps: more learning per CPU second
     t.learning_rate = 3e-3
+    t.weight_decay = 0.1  # the LM overfits the corpus (train 1.1 vs held-out 1.7 without it)
     t.warmup_steps = 10
     t.schedule = "cosine"
     t.final_lr_ratio = 0.1
@@ -82,7 +83,8 @@ def get_config(variant=None):
     c.stage1 = _lm(1, quick)
     c.stage2 = _lm(2, quick)
     c.evaluate = ml_collections.ConfigDict({"max_images": 8 if quick else 0, "max_vqa": 8 if quick else 300,
-                                            "batch_size": 32, "greedy": False, "max_new_tokens": 24 if quick else 96,
+                                            "batch_size": 32, "greedy": False, "temperature": 0.5,
+                                            "max_new_tokens": 24 if quick else 96,
                                             "grid_images": 4 if quick else 8})
     c.pytorch = ml_collections.ConfigDict({"max_new_tokens": 16 if quick else 64})
     return c

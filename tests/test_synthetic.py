@@ -272,6 +272,17 @@ def test_render_image_shows_findings():
     assert synthetic.render_image({}, "LATERAL", 96, rng(), anat).shape == (96, 96)
 
 
+def test_catheters_stay_visible_on_small_films():
+    """A jugular catheter is a third of a pixel wide at 64 px; drawn at that width it falls between
+    pixel centres. The renderer's line floor keeps it showing in every row of its course."""
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    anat = synthetic.sample_anatomy(np.random.default_rng(1))
+    cvc = {"Support Devices": Finding("Support Devices", "positive", devices=("cvc",))}
+    normal = synthetic.render_image({}, "PA", 64, rng(), anat).astype(int)
+    line = synthetic.render_image(cvc, "PA", 64, rng(), anat).astype(int)
+    assert (line - normal)[5:26].max(axis=1).min() >= 18
+
+
 # ---- the images carry their findings -------------------------------------------------------------
 
 def _auroc(score, y):

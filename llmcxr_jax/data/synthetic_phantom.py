@@ -294,7 +294,7 @@ def render_frontal(findings: Mapping, view: str, size: int, rng: np.random.Gener
 
     sd, _ = get("Support Devices")
     if sd:
-        D += 0.9 * _devices(X, Y, sd.devices)
+        D += 0.9 * _devices(X, Y, sd.devices, out_size)
     return _expose(D, rng, ap, out_size, marker=True)
 
 
@@ -318,21 +318,31 @@ def _expose(D, rng, ap, size, marker):
     return np.clip(img, 0, 1)
 
 
-def _devices(X, Y, kinds) -> np.ndarray:
+def _line_width(width: float, out_size: int) -> float:
+    """Tubes and leads are drawn at least ~1.5 output pixels wide (full width at half maximum):
+    a thinner line falls between the pixel centres of a small film and vanishes (at 64 px a
+    catheter would be a third of a pixel wide). At 256 px and above every device is wider."""
+    return max(width, 1.8 / out_size)
+
+
+def _devices(X, Y, kinds, out_size: int) -> np.ndarray:
+    def line(pts, width):
+        return _polyline(X, Y, pts, _line_width(width, out_size))
+
     out = np.zeros_like(X)
     for kind in kinds:
         if kind == "ett":  # endotracheal tube, tip above the carina
-            out = np.maximum(out, _polyline(X, Y, [(0.01, -1.1), (0.01, -0.42)], 0.012))
+            out = np.maximum(out, line([(0.01, -1.1), (0.01, -0.42)], 0.012))
         elif kind == "enteric":  # down the oesophagus, through the diaphragm into the stomach
-            out = np.maximum(out, _polyline(X, Y, _curve((0.03, -1.1), (0.02, 0.2), (0.05, 0.62), (0.38, 0.58)), 0.01))
+            out = np.maximum(out, line(_curve((0.03, -1.1), (0.02, 0.2), (0.05, 0.62), (0.38, 0.58)), 0.01))
         elif kind == "cvc":  # right internal jugular line ending in the SVC
-            out = np.maximum(out, _polyline(X, Y, _curve((-0.3, -1.1), (-0.12, -0.7), (-0.07, -0.22)), 0.01))
+            out = np.maximum(out, line(_curve((-0.3, -1.1), (-0.12, -0.7), (-0.07, -0.22)), 0.01))
         elif kind == "picc":  # from the right arm to the SVC
-            out = np.maximum(out, _polyline(X, Y, _curve((-1.1, -0.62), (-0.35, -0.72), (-0.06, -0.22)), 0.008))
+            out = np.maximum(out, line(_curve((-1.1, -0.62), (-0.35, -0.72), (-0.06, -0.22)), 0.008))
         elif kind == "pacer":  # left chest generator with leads to the right atrium and ventricle
             box = _sig((0.09 - np.abs(X - 0.55)) / 0.008) * _sig((0.06 - np.abs(Y + 0.62)) / 0.008)
-            la = _polyline(X, Y, _curve((0.5, -0.6), (0.1, -0.75), (-0.05, -0.2), (-0.03, 0.12)), 0.008)
-            lv = _polyline(X, Y, _curve((0.52, -0.6), (0.05, -0.8), (-0.02, 0.1), (0.18, 0.42)), 0.008)
+            la = line(_curve((0.5, -0.6), (0.1, -0.75), (-0.05, -0.2), (-0.03, 0.12)), 0.008)
+            lv = line(_curve((0.52, -0.6), (0.05, -0.8), (-0.02, 0.1), (0.18, 0.42)), 0.008)
             out = np.maximum(out, np.maximum(1.6 * box, np.maximum(la, lv)))
     return out
 
@@ -373,7 +383,7 @@ def render_lateral(findings: Mapping, size: int, rng: np.random.Generator, anat:
     sd, _ = _drawn(findings, "Support Devices")
     if sd:
         if any(d in sd.devices for d in ("ett", "enteric", "cvc")):
-            D += 0.9 * _polyline(X, Y, [(-0.03, -1.1), (0.08, -0.3)], 0.012)
+            D += 0.9 * _polyline(X, Y, [(-0.03, -1.1), (0.08, -0.3)], _line_width(0.012, out_size))
         if "pacer" in sd.devices:
             D += 1.4 * _sig((0.05 - np.abs(X + 0.82)) / 0.008) * _sig((0.09 - np.abs(Y + 0.55)) / 0.008)
     return _expose(D, rng, False, out_size, marker=False)
