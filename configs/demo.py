@@ -1,7 +1,8 @@
 """`llmcxr demo`: the whole LLM-CXR loop at laptop size on a synthetic CXR corpus.
 
-get_config("full") (the default): ~20 minutes on 2 CPU cores (the README has one run's numbers:
-the LM reads the findings only a little better than chance in that budget). get_config("quick"): every phase at toy size in a few minutes (CI runs it).
+get_config("full") (the default): ~19 minutes on 2 CPU cores (the README has one run's numbers:
+the LM learns cardiomegaly and effusion in both directions in that budget, not yet pneumothorax
+and devices). get_config("quick"): every phase at toy size in a few minutes (CI runs it).
 
 Sections: corpus (llmcxr synth), vqgan / stage1 / stage2 (complete train configs; the demo fills
 in the data paths), tokenizer, classifier (the synthetic-corpus CNN scoring report->CXR images),
