@@ -176,7 +176,7 @@ def generate_cmd(args) -> None:
     from llmcxr_jax.infer import tasks
 
     inputs = _generate_inputs(args)
-    tasks.default_sampling(args.task, args.greedy, 1, 1, args.temperature, args.top_p, args.top_k)  # before loading
+    tasks.check_sampling(args.greedy, args.temperature, args.top_p, args.top_k)
     g = tasks.Generator.load(args.ckpt, args.vqgan)
     sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
                                       args.temperature, args.top_p, args.top_k)

@@ -71,7 +71,7 @@ class EvalOptions:
             raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        tasks.default_sampling("report", self.greedy, 1, 1, self.temperature, self.top_p, self.top_k)  # checks them
+        tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
 
 
 def _reference_text(record: mimic_cxr.CxrRecord, part: str) -> str:

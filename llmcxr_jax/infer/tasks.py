@@ -144,6 +144,11 @@ class Generator:
         return self.decode_codes(codes), codes
 
 
+def check_sampling(greedy: bool, temperature: float, top_p: float, top_k: int) -> None:
+    """Fail in one line on settings the sampler would refuse, before a model loads."""
+    SamplingConfig(max_new_tokens=1, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int,
                      temperature: float = 1.0, top_p: float = 0.92, top_k: int = 0) -> SamplingConfig:
     """LLM-CXR's settings by default (temperature 1, top_p 0.92, top_k 0; 128 tokens for reports,
