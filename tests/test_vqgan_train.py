@@ -69,7 +69,7 @@ def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
 def test_without_the_gan_the_discriminator_never_runs(tmp_path):
     """disc_factor 0: the generator follows the same path as a run whose GAN starts later (the GAN
     terms weigh 0 until then), while the discriminator, its statistics and its Adam state stay put."""
-    no_reseed = {"train.reseed_every": 0, "train.steps": 3, "train.ema_decay": 0.0}
+    no_reseed = {"train.reseed_every": 0, "train.steps": 2, "train.ema_decay": 0.0, "train.eval_every": 0}
     later = train_vqgan.train(small(**no_reseed, **{"train.disc_start": 100}), str(tmp_path / "a"), echo=False)
     off = train_vqgan.train(small(**no_reseed, **{"train.disc_factor": 0.0}), str(tmp_path / "b"), echo=False)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
@@ -81,7 +81,8 @@ def test_without_the_gan_the_discriminator_never_runs(tmp_path):
     records = [r for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if "l1" in r]
     assert records and not any(k.startswith(("d_", "g_loss", "logits")) for r in records for k in r)
     # dead codes are still reseeded without the GAN
-    train_vqgan.train(small(**{"train.disc_factor": 0.0, "train.reseed_every": 1}), str(tmp_path / "c"), echo=False)
+    train_vqgan.train(small(**{"train.disc_factor": 0.0, "train.reseed_every": 1, "train.steps": 2,
+                               "train.eval_every": 0}), str(tmp_path / "c"), echo=False)
     records = [r for r in read_metrics(str(tmp_path / "c" / "metrics.jsonl")) if "reseeded_codes" in r]
     assert sum(r["reseeded_codes"] for r in records) > 0
 
