@@ -176,10 +176,10 @@ def generate_cmd(args) -> None:
     from llmcxr_jax.infer import tasks
 
     inputs = _generate_inputs(args)
-    tasks.check_sampling(args.greedy, args.temperature, args.top_p, args.top_k)
+    tasks.check_sampling(args.greedy, **_sampling_settings(args))
     g = tasks.Generator.load(args.ckpt, args.vqgan)
     sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
-                                      args.temperature, args.top_p, args.top_k)
+                                      **_sampling_settings(args))
     os.makedirs(args.out, exist_ok=True)
     rows = []
     if args.task == "report":
@@ -208,7 +208,7 @@ def evaluate_cmd(args) -> None:
 
     opts = evaluate.EvalOptions(tasks=tuple(t for t in args.tasks.split(",") if t), max_images=args.max_images,
                                 max_vqa=args.max_vqa, batch_size=args.batch_size, greedy=args.greedy, seed=args.seed,
-                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                **_sampling_settings(args),
                                 max_new_tokens=args.max_new_tokens, report_part=args.report_part,
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
@@ -238,9 +238,15 @@ def demo_cmd(args) -> None:
 
 
 def _sampling_args(p) -> None:
-    p.add_argument("--temperature", type=float, default=1.0, help="when sampling (LLM-CXR: 1.0)")
-    p.add_argument("--top-p", type=float, default=0.92, help="nucleus size when sampling (LLM-CXR: 0.92; 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="when sampling (LLM-CXR: 0, off)")
+    p.add_argument("--temperature", type=float, default=None, help="when sampling (default: LLM-CXR's 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus when sampling (default: LLM-CXR's 0.92; 1: off)")
+    p.add_argument("--top-k", type=int, default=None, help="when sampling (default: LLM-CXR's 0, off)")
+
+
+def _sampling_settings(args) -> dict:
+    """The --temperature / --top-p / --top-k given; the others keep LLM-CXR's values."""
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _generate_inputs(args) -> list[str]:

@@ -28,6 +28,15 @@ def small(**overrides):
     return cfg
 
 
+def _same(tree_a, tree_b):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tree_a, tree_b)
+
+
+def _equal(tree_a, tree_b) -> bool:
+    return all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted 4-step run: (final state, its workdir)."""
@@ -87,11 +96,6 @@ def test_without_the_gan_the_discriminator_never_runs(tmp_path):
     assert sum(r["reseeded_codes"] for r in records) > 0
 
 
-def _equal(tree_a, tree_b) -> bool:
-    return all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
-
-
 def test_bad_configs_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="batch_size 6 does not divide over 8 data-parallel devices"):
         train_vqgan.train(small(**{"train.batch_size": 6}), str(tmp_path / "a"), echo=False)
@@ -100,10 +104,6 @@ def test_bad_configs_fail_before_training(tmp_path):
     train_vqgan.train(small(**{"train.steps": 1}), str(tmp_path / "c"), echo=False)
     with pytest.raises(ValueError, match="holds a run with a different model"):
         train_vqgan.train(small(**{"model.ch": 64}), str(tmp_path / "c"), echo=False)
-
-
-def _same(tree_a, tree_b):
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tree_a, tree_b)
 
 
 def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):

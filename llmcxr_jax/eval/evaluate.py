@@ -39,6 +39,7 @@ from llmcxr_jax.data import mimic_cxr, text_corpora
 from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
 from llmcxr_jax.eval.report_metrics import label_metrics, text_metrics
 from llmcxr_jax.infer import tasks
+from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
 
 TASKS = ("report", "image", "vqa")
 
@@ -50,9 +51,9 @@ class EvalOptions:
     max_vqa: int = 0                 # 0: every question of those images
     batch_size: int = 16
     greedy: bool = False             # LLM-CXR samples (top_p 0.92); greedy is reproducible across libraries
-    temperature: float = 1.0         # when sampling; LLM-CXR: 1.0
-    top_p: float = 0.92              # when sampling; LLM-CXR: 0.92 (1.0: off)
-    top_k: int = 0                   # when sampling; LLM-CXR: 0 (off)
+    temperature: float = LLMCXR_TEMPERATURE  # when sampling (default: LLM-CXR's)
+    top_p: float = LLMCXR_TOP_P              # 1.0: off
+    top_k: int = LLMCXR_TOP_K                # 0: off
     max_new_tokens: int = 0          # reports and answers; 0: LLM-CXR's 128
     seed: int = 0
     report_part: str = "impression"  # reference text: "impression" (stage 2) or "findings+impression"

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = ("text", "image", "unconstrained")
+# LLM-CXR's generation settings: nucleus sampling at temperature 1, top_p 0.92, top_k 0 (off)
+LLMCXR_TEMPERATURE, LLMCXR_TOP_P, LLMCXR_TOP_K = 1.0, 0.92, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,8 @@ class SamplingConfig:
     @classmethod
     def llmcxr(cls, max_new_tokens: int) -> "SamplingConfig":
         """LLM-CXR's generation settings: nucleus sampling, top_p 0.92, top_k 0, temperature 1."""
-        return cls(max_new_tokens=max_new_tokens, greedy=False, temperature=1.0, top_k=0, top_p=0.92)
+        return cls(max_new_tokens=max_new_tokens, greedy=False, temperature=LLMCXR_TEMPERATURE, top_k=LLMCXR_TOP_K,
+                   top_p=LLMCXR_TOP_P)
 
 
 @dataclasses.dataclass(frozen=True)

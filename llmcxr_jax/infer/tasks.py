@@ -15,7 +15,7 @@ from llmcxr_jax import sharding
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import prompts
 from llmcxr_jax.infer import generate as gen
-from llmcxr_jax.infer.sampling import SamplingConfig
+from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P, SamplingConfig
 from llmcxr_jax.train import checkpoint
 
 TASKS = ("report", "image", "vqa", "text")
@@ -144,13 +144,15 @@ class Generator:
         return self.decode_codes(codes), codes
 
 
-def check_sampling(greedy: bool, temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling(greedy: bool, temperature: float = LLMCXR_TEMPERATURE, top_p: float = LLMCXR_TOP_P,
+                   top_k: int = LLMCXR_TOP_K) -> None:
     """Fail in one line on settings the sampler would refuse, before a model loads."""
     SamplingConfig(max_new_tokens=1, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int,
-                     temperature: float = 1.0, top_p: float = 0.92, top_k: int = 0) -> SamplingConfig:
+                     temperature: float = LLMCXR_TEMPERATURE, top_p: float = LLMCXR_TOP_P,
+                     top_k: int = LLMCXR_TOP_K) -> SamplingConfig:
     """LLM-CXR's settings by default (temperature 1, top_p 0.92, top_k 0; 128 tokens for reports,
     the image span for images); temperature / top_p / top_k override them when sampling."""
     if max_new_tokens is None:

@@ -170,7 +170,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
         updates, opt_g = tx.update(g_grads, state["opt_g"], state["gen"])
         gen = optax.apply_updates(state["gen"], updates)
         disc, opt_d = state["disc"], state["opt_d"]
-        if gan:
+        if gan:  # (without it, dead codes below reseed from the encoder outputs of the loss above)
             # the discriminator sees reconstructions of the updated generator, as in taming's loop
             new_gen = nnx.merge(nets.gen, gen)
             latents = new_gen.encode_latents(images)
@@ -181,7 +181,6 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Nets) -> Callable:
             disc = optax.apply_updates(disc, d_updates)
             metrics.update(d_metrics)
             metrics["d_grad_norm"] = optax.global_norm(d_grads)
-        # without the GAN, dead codes are reseeded from this step's (pre-update) encoder outputs
         usage = state["usage"] + jnp.bincount(codes.reshape(-1), length=n_embed).astype(jnp.int32)
         if t.reseed_every > 0:
             due = (step + 1) % t.reseed_every == 0
