@@ -283,6 +283,19 @@ def test_catheters_stay_visible_on_small_films():
     assert (line - normal)[5:26].max(axis=1).min() >= 18
 
 
+def test_a_small_pneumothorax_shows_a_rim_on_small_films():
+    """A 1.5 cm rim is 2 px at 64 px, which an f8 VQ-GAN's codes lose; the renderer keeps a small
+    pneumothorax's airspace at least ~3 px wide at the hilum there, on the side it is on only."""
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    anat = synthetic.sample_anatomy(np.random.default_rng(1))
+    ptx = {"Pneumothorax": Finding("Pneumothorax", "positive", "right", 0)}
+    normal = synthetic.render_image({}, "PA", 64, rng(), anat).astype(int)
+    darker = normal - synthetic.render_image(ptx, "PA", 64, rng(), anat).astype(int)
+    rows = darker[28:36]  # around the hilum
+    assert (rows[:, :32] >= 20).sum(axis=1).min() >= 3  # the patient's right is the image's left
+    assert (rows[:, 32:] >= 20).sum() == 0
+
+
 # ---- the images carry their findings -------------------------------------------------------------
 
 def _auroc(score, y):
