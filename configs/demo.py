@@ -2,7 +2,8 @@
 
 get_config("full") (the default): ~19 minutes on 2 CPU cores (the README has one run's numbers:
 in that budget the LM's reports name cardiomegaly, effusion and pneumothorax well above chance;
-its drawings and devices are not yet above chance). get_config("quick"): every phase at toy size in a few minutes (CI runs it).
+its drawings and devices are not yet above chance). get_config("quick"): every phase at toy size
+in a few minutes (CI runs it).
 
 Sections: corpus (llmcxr synth), vqgan / stage1 / stage2 (complete train configs; the demo fills
 in the data paths), tokenizer, classifier (the synthetic-corpus CNN scoring report->CXR images),
