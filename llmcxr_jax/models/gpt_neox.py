@@ -110,6 +110,14 @@ class KVCache:
         return cls(key=zeros, value=zeros, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
+def _dense(x: jax.Array, kernel: jax.Array, **kw) -> jax.Array:
+    """x [..., k] times kernel [k, ...] as one flat 2-d matmul: XLA:CPU runs the kernel gradient
+    of a matmul with several leading activation dims (several contracting dims) at half speed."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    out = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1), **kw)
+    return out.reshape(*lead, *kernel.shape[1:])
+
+
 def _param(rngs: nnx.Rngs, init, shape, dtype, axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
@@ -178,7 +186,7 @@ class Attention(nnx.Module):
         and attention runs over the whole cache. Returns (out, (k, v) for the cache or None).
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        qkv = jnp.einsum("bse,ehtd->bshtd", x, self.query_key_value["kernel"].get_value().astype(dt))
+        qkv = _dense(x, self.query_key_value["kernel"].get_value().astype(dt))  # [b, s, heads, 3, head_dim]
         if cfg.attention_bias:
             qkv = qkv + self.query_key_value["bias"].get_value().astype(dt)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [batch, length, heads, head_dim]
@@ -195,7 +203,8 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dt))
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
-        out = jnp.einsum("bqhd,hde->bqe", out, self.dense["kernel"].get_value().astype(dt))
+        kernel = self.dense["kernel"].get_value().astype(dt)  # [heads, head_dim, embed]
+        out = _dense(out.reshape(*out.shape[:2], -1), kernel.reshape(-1, kernel.shape[-1]))
         if cfg.attention_bias:
             out = out + self.dense["bias"].get_value().astype(dt)
         return out, new_kv
@@ -212,10 +221,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.cfg.compute_dtype
-        h = x @ self.dense_h_to_4h["kernel"].get_value().astype(dt) + self.dense_h_to_4h["bias"].get_value().astype(dt)
+        up, down = self.dense_h_to_4h, self.dense_4h_to_h
+        h = _dense(x, up["kernel"].get_value().astype(dt)) + up["bias"].get_value().astype(dt)
         h = jax.nn.gelu(h, approximate=False)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return h @ self.dense_4h_to_h["kernel"].get_value().astype(dt) + self.dense_4h_to_h["bias"].get_value().astype(dt)
+        return _dense(h, down["kernel"].get_value().astype(dt)) + down["bias"].get_value().astype(dt)
 
 
 class Layer(nnx.Module):
@@ -363,11 +373,8 @@ class GPTNeoXForCausalLM(nnx.Module):
         return x, new_kv
 
     def _logits(self, x):
-        # one flat [b*s, e] x [e, v] matmul: XLA:CPU runs the kernel gradient of the 3-d einsum (two
-        # contracting dims) at half the speed, and this head is a third of a small model's step
-        b, s, e = x.shape
-        kernel = self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype)
-        logits = jnp.dot(x.reshape(b * s, e), kernel, preferred_element_type=jnp.float32).reshape(b, s, -1)
+        logits = _dense(x, self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         if self.cfg.padded_vocab_size > self.cfg.vocab_size:
             real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
