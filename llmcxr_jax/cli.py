@@ -212,7 +212,8 @@ def evaluate_cmd(args) -> None:
                                 max_new_tokens=args.max_new_tokens, report_part=args.report_part,
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
-                                grid_images=args.grid_images, reports_root=args.reports_root)
+                                grid_images=args.grid_images, reports_root=args.reports_root,
+                                ci_samples=args.ci_samples)
     metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
     with open(os.path.join(args.out, "metrics.md")) as f:
         print(f.read(), file=sys.stderr)
@@ -404,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--generated-labels", default="",
                            help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
             p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid")
+            p.add_argument("--ci-samples", type=int, default=1000,
+                           help="bootstrap resamples for per-finding 95%% intervals (0: none)")
             p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")
         elif name == "demo":
             p.add_argument("--workdir", default=None, help="run directory (default runs/demo_full or runs/demo_quick); "

@@ -138,6 +138,8 @@ def test_classifier_scores_and_vqa_baseline():
     probs[:, LABELS.index("Pneumothorax")] = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]
     s = E.classifier_scores(probs, ref)
     assert s["per_class"]["Pneumothorax"]["auroc"] == 1.0 and np.isnan(s["per_class"]["Edema"]["auroc"])
+    ci = E.classifier_scores(probs, ref, ci_samples=200)["per_class"]
+    assert ci["Pneumothorax"]["auroc_ci"] == [1.0, 1.0] and np.isnan(ci["Edema"]["auroc_ci"]).all()
     chance = E.chance_classifier_scores(ref)
     assert chance["per_class"]["Pneumothorax"]["auroc"] == 0.5 and chance["auroc_micro"] > 0.5
     refs, kinds = ["Yes.", "yes", "no", "left", "right", "left"], ["presence"] * 3 + ["location"] * 3
@@ -148,3 +150,13 @@ def test_markdown_lists_paper_numbers_and_missing_parts():
     md = report_card.markdown({"n_images": 2, "report": {"labels": {"f1_micro": 0.5}}, "baselines": {}})
     assert "| CXR->report | label F1 micro (14 obs.) | 0.500 | not run | 0.360 | UniXGen-512 0.413 |" in md
     assert "| report->CXR | classifier AUROC micro | not run |" in md
+
+
+def test_markdown_shows_per_finding_intervals_when_computed():
+    per = {"Cardiomegaly": {"f1": 0.44, "support": 60, "f1_ci": [0.35, 0.52]},
+           "Pneumothorax": {"f1": 0.5, "support": 50, "f1_ci": [float("nan"), float("nan")]}}
+    gen = {"Cardiomegaly": {"auroc": 0.6, "auroc_ci": [0.52, 0.68]}}
+    md = report_card.markdown({"report": {"labels": {"per_class": per}}, "image": {"classifier": {"per_class": gen}},
+                               "baselines": {}})
+    assert "| Cardiomegaly | 60 | 0.440 (0.35-0.52) | not run | 0.600 (0.52-0.68) |" in md
+    assert "| Pneumothorax | 50 | 0.500 | not run | not run |" in md

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.torch
 VOCAB = 97
 
 
-def _pair(tmp_path, parallel, pct, mesh="1,-1,1"):
-    d = str(tmp_path / f"hf_{parallel}_{pct}")
-    hf = make_hf_model(d, VOCAB, parallel=parallel, rotary_pct=pct)
+def _pair(tmp_path, parallel, pct, mesh="1,-1,1", act="gelu"):
+    d = str(tmp_path / f"hf_{parallel}_{pct}_{act}")
+    hf = make_hf_model(d, VOCAB, parallel=parallel, rotary_pct=pct, hidden_act=act)
     imp = hf_gpt_neox.import_hf(d, 0, mesh=sharding.make_mesh(mesh), dtype="float32", param_dtype="float32")
     return hf, imp.model
 
@@ -72,12 +72,25 @@ def test_rotary_matches(tmp_path, pct):
     np.testing.assert_allclose(np.asarray(ours_k), rk.numpy().transpose(0, 2, 1, 3), atol=1e-5, rtol=0)
 
 
-def test_mlp_matches(tmp_path):
-    hf, ours = _pair(tmp_path, True, 0.25)
-    x = np.random.default_rng(3).normal(size=(2, 7, ours.cfg.hidden_size)).astype(np.float32)
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"])
+def test_mlp_matches(tmp_path, act):
+    hf, ours = _pair(tmp_path, True, 0.25, act=act)
+    assert ours.cfg.hidden_act == act
+    x = 2 * np.random.default_rng(3).normal(size=(2, 7, ours.cfg.hidden_size)).astype(np.float32)
     with torch.no_grad():
         ref = hf.gpt_neox.layers[1].mlp(torch.tensor(x)).numpy()
     np.testing.assert_allclose(np.asarray(ours.layers[1].mlp(jnp.asarray(x))), ref, atol=1e-5, rtol=0)
+
+
+def test_tanh_gelu_model_matches_and_differs_from_exact(tmp_path):
+    """A whole gelu_new model matches transformers; the two gelus differ by more than the tolerance."""
+    hf, ours = _pair(tmp_path, True, 0.25, act="gelu_new")
+    ids = np.random.default_rng(5).integers(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids)))[..., :VOCAB], ref, atol=1e-4, rtol=0)
+    h = jnp.linspace(-4, 4, 101)
+    assert float(jnp.abs(gpt_neox.ACTIVATIONS["gelu"](h) - gpt_neox.ACTIVATIONS["gelu_new"](h)).max()) > 1e-4
 
 
 def test_attention_matches(tmp_path):

@@ -112,6 +112,33 @@ def test_auroc_mann_whitney_with_ties():
     assert rm.auroc(y, hard) == pytest.approx(balanced, abs=1e-12)
 
 
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
+    x = (np.random.default_rng(1).random(400) < 0.3).astype(float)
+    lo, hi = rm.bootstrap_interval(lambda i: [x[i].mean()], len(x), samples=2000)[0]
+    se = x.std() / math.sqrt(len(x))
+    assert lo == pytest.approx(x.mean() - 1.96 * se, abs=0.008) and hi == pytest.approx(x.mean() + 1.96 * se, abs=0.008)
+    narrow = rm.bootstrap_interval(lambda i: [np.tile(x, 4)[i].mean()], 4 * len(x), samples=2000)[0]
+    assert narrow[1] - narrow[0] == pytest.approx((hi - lo) / 2, rel=0.15)  # width ~ 1 / sqrt(n)
+    assert np.isnan(rm.bootstrap_interval(lambda i: [np.nan], 5, samples=10)).all()
+    with pytest.raises(ValueError, match="n >= 1"):
+        rm.bootstrap_interval(lambda i: [0.0], 0)
+    with pytest.raises(ValueError, match="level"):
+        rm.bootstrap_interval(lambda i: [0.0], 5, level=1.0)
+
+
+def test_label_metrics_intervals_bracket_the_scores_and_skip_one_valued_classes():
+    rng = np.random.default_rng(0)
+    ref = (rng.random((300, 3)) < [0.3, 0.2, 0.0]).astype(float)
+    gen = np.where(rng.random(ref.shape) < 0.8, ref, 1 - ref)  # 80% of labels copied
+    m = rm.label_metrics(ref, gen, names="abc", ci_samples=500)
+    for name in "ab":
+        c = m["per_class"][name]
+        assert c["f1_ci"][0] < c["f1"] < c["f1_ci"][1] and c["auroc_ci"][0] < c["auroc"] < c["auroc_ci"][1]
+        assert 0.02 < c["f1_ci"][1] - c["f1_ci"][0] < 0.3
+    assert np.isnan(m["per_class"]["c"]["auroc_ci"]).all()  # no reference positives
+    assert "f1_ci" not in rm.label_metrics(ref, gen, names="abc")["per_class"]["a"]
+
+
 # ----------------------------------------------------------------------------- BLEU
 
 H1 = "It is a guide to action which ensures that the military always obeys the commands of the party".split()

@@ -63,6 +63,7 @@ class EvalOptions:
     generated_labels: str = ""       # ... over generated_reports.csv
     grid_images: int = 8
     reports_root: str | None = None
+    ci_samples: int = 1000           # bootstrap resamples for per-class intervals; 0: none
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -72,6 +73,8 @@ class EvalOptions:
             raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ci_samples < 0:
+            raise ValueError(f"ci_samples must be >= 0 (0: no intervals), got {self.ci_samples}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
 
 
@@ -114,13 +117,19 @@ def chance_label_metrics(reference: np.ndarray) -> dict:
             "per_class": {n: {"f1": float(p[k]), "auroc": 0.5, "prevalence": float(p[k])} for k, n in enumerate(names)}}
 
 
-def classifier_scores(probs: np.ndarray, reference: np.ndarray) -> dict:
-    """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1)."""
-    from llmcxr_jax.eval.report_metrics import auroc, binarize
+def classifier_scores(probs: np.ndarray, reference: np.ndarray, ci_samples: int = 0) -> dict:
+    """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1); with
+    ci_samples > 0 each class also gets "auroc_ci", a bootstrap interval over images
+    (report_metrics.bootstrap_interval)."""
+    from llmcxr_jax.eval.report_metrics import auroc, auroc_columns, binarize, bootstrap_interval
 
     y = binarize(reference)
     per = {name: {"auroc": auroc(y[:, k], probs[:, k]), "support": int(y[:, k].sum())}
            for k, name in enumerate(mimic_cxr.CHEXPERT_LABELS)}
+    if ci_samples:
+        ci = bootstrap_interval(lambda i: auroc_columns(y[i], probs[i]), len(y), samples=ci_samples)
+        for k, name in enumerate(mimic_cxr.CHEXPERT_LABELS):
+            per[name]["auroc_ci"] = ci[k].tolist()
     valid = [v["auroc"] for v in per.values() if not np.isnan(v["auroc"])]
     return {"auroc_micro": auroc(y.ravel(), probs.ravel()),
             "auroc_macro": float(np.mean(valid)) if valid else float("nan"), "per_class": per}
@@ -177,7 +186,8 @@ class Evaluation:
             generated += self.g.report(paths[sl], sampling, self.opts.seed + b)
         self._write_reports(generated)
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
-        self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels),
+        self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
+                                                            ci_samples=self.opts.ci_samples),
                                   "text": text_metrics(generated, self.references)}
         self.metrics["baselines"]["report"] = {"labels": chance_label_metrics(self.reference_labels)}
         return generated
@@ -209,9 +219,10 @@ class Evaluation:
             p_fake, f_fake = cxr_classifier.predict(model, gray(fake, ccfg.image_size))
             p_real, f_real = cxr_classifier.predict(model, gray(real, ccfg.image_size))
             p_recon, _ = cxr_classifier.predict(model, gray(self.reconstructions(), ccfg.image_size))
-            scores["classifier"] = classifier_scores(p_fake, self.reference_labels)
-            scores["classifier_real"] = classifier_scores(p_real, self.reference_labels)
-            scores["classifier_reconstructed"] = classifier_scores(p_recon, self.reference_labels)
+            ci = self.opts.ci_samples
+            scores["classifier"] = classifier_scores(p_fake, self.reference_labels, ci)
+            scores["classifier_real"] = classifier_scores(p_real, self.reference_labels, ci)
+            scores["classifier_reconstructed"] = classifier_scores(p_recon, self.reference_labels, ci)
             scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
             self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(self.reference_labels)}
         if self.opts.txv_weights:

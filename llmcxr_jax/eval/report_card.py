@@ -50,6 +50,14 @@ def _fmt(value, missing: str = "not run") -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _with_ci(row: dict | None, key: str) -> str:
+    """A per-class score with its bootstrap interval when the evaluation computed one."""
+    row = row or {}
+    ci = row.get(f"{key}_ci")
+    value = _fmt(row.get(key))
+    return value if not ci or any(math.isnan(b) for b in ci) else f"{value} ({ci[0]:.2f}-{ci[1]:.2f})"
+
+
 def markdown(metrics: dict) -> str:
     """The evaluation as markdown: headline rows beside the paper, per-class label F1 for the
     findings the synthetic corpus draws, and VQA by question type, each with its chance baseline."""
@@ -65,7 +73,8 @@ def markdown(metrics: dict) -> str:
                      f"{paper or '-'} | {best or '-'} |")
     per = lookup(metrics, "report.labels.per_class")
     if per:
-        lines += ["", "CXR->report label F1 by finding (chance: a random report with the reference prevalence):", "",
+        lines += ["", "CXR->report label F1 by finding (chance: a random report with the reference prevalence); "
+                  "in brackets, 95% bootstrap intervals over the evaluation images:", "",
                   "| finding | support | F1 | chance F1 | classifier AUROC (chance 0.5): generated images | "
                   "real images | reconstructions |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -75,9 +84,9 @@ def markdown(metrics: dict) -> str:
         chance = lookup(base, "report.labels.per_class") or {}
         for name in FOCUS:
             c = per.get(name, {})
-            lines.append(f"| {name} | {c.get('support', 0)} | {_fmt(c.get('f1'))} | "
-                         f"{_fmt((chance.get(name) or {}).get('f1'))} | {_fmt((gen.get(name) or {}).get('auroc'))} | "
-                         f"{_fmt((real.get(name) or {}).get('auroc'))} | {_fmt((recon.get(name) or {}).get('auroc'))} |")
+            lines.append(f"| {name} | {c.get('support', 0)} | {_with_ci(c, 'f1')} | "
+                         f"{_fmt((chance.get(name) or {}).get('f1'))} | {_with_ci(gen.get(name), 'auroc')} | "
+                         f"{_with_ci(real.get(name), 'auroc')} | {_with_ci(recon.get(name), 'auroc')} |")
     vqa = metrics.get("vqa")
     if vqa:
         lines += ["", "CXR-VQA score by question type (chance: the most frequent answer of the type):", "",

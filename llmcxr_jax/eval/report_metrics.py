@@ -16,6 +16,11 @@ unless `names` says otherwise). LLM-CXR scores "positive = 1": -1 and blank coun
     so a class's AUROC is (TPR + TNR) / 2, its balanced accuracy. A class whose reference column
     has one value only gets nan and is left out of the macro and weighted means (sklearn raises
     instead); micro pools all (report, class) pairs into one binary problem.
+  Intervals (ci_samples > 0): a percentile bootstrap over reports. Each of ci_samples resamples
+    draws n reports with replacement (a fixed seed) and recomputes the per-class F1 and AUROC;
+    the interval is the 2.5th-97.5th percentile, resamples giving nan (a class with one reference
+    value) left out. It measures how much the score owes to which n reports were evaluated, not
+    the sampling noise of the generator.
 
 Text semantics. `tokenize`: lowercase; tokens are words (letters with inner hyphens or
 apostrophes: "plate-like", "can't"), numbers (with a decimal point: "2.5") and single punctuation
@@ -48,7 +53,7 @@ import numpy as np
 
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS
 
-__all__ = ["auroc", "binarize", "bleu", "cider_d", "corpus_bleu", "label_metrics", "rouge_l", "rouge_l_score",
+__all__ = ["auroc", "binarize", "bleu", "bootstrap_interval", "cider_d", "corpus_bleu", "label_metrics", "rouge_l", "rouge_l_score",
            "sentence_bleu", "text_metrics", "tokenize"]
 
 # ----------------------------------------------------------------------------- labels
@@ -92,6 +97,27 @@ def auroc(y_true, y_score) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def bootstrap_interval(statistic, n: int, *, samples: int = 1000, level: float = 0.95, seed: int = 0) -> np.ndarray:
+    """Percentile bootstrap of `statistic(idx) -> [k]` over n items: `samples` draws of n indices
+    with replacement -> [k, 2] (lower, upper) bounds at `level`; nan where every draw gave nan."""
+    if n < 1 or samples < 1 or not 0 < level < 1:
+        raise ValueError(f"a bootstrap needs n >= 1 items, samples >= 1 and 0 < level < 1; got {n}, {samples}, {level}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    values = np.stack([np.asarray(statistic(i), dtype=np.float64) for i in idx])  # [samples, k]
+    tail = 100 * (1 - level) / 2
+    out = np.full((values.shape[1], 2), np.nan)
+    for k in range(values.shape[1]):
+        v = values[:, k][~np.isnan(values[:, k])]
+        if v.size:
+            out[k] = np.percentile(v, [tail, 100 - tail])
+    return out
+
+
+def auroc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-column AUROC of [n, k] 0/1 labels against [n, k] scores -> [k] (nan: one class only)."""
+    return np.array([auroc(y[:, k], scores[:, k]) for k in range(y.shape[1])])
+
+
 def _ratio(num, den, zero_division: float):
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), zero_division)
@@ -104,11 +130,17 @@ def _averages(per_class: np.ndarray, support: np.ndarray, zero_division: float) 
     return macro, weighted
 
 
+def _f1_columns(y: np.ndarray, p: np.ndarray, zero_division: float) -> np.ndarray:
+    tp, fp, fn = (y & p).sum(0), ((1 - y) & p).sum(0), (y & (1 - p)).sum(0)
+    return _ratio(2 * tp, 2 * tp + fp + fn, zero_division)
+
+
 def label_metrics(reference, generated, *, uncertain: str = "negative", names: Sequence[str] = CHEXPERT_LABELS,
-                  zero_division: float = 0.0) -> dict:
+                  zero_division: float = 0.0, ci_samples: int = 0) -> dict:
     """Reference vs generated label matrices [n, len(names)] -> {"f1_micro", "f1_macro",
     "f1_weighted", the same for precision, recall, jaccard and auroc, "n_reports", "per_class":
-    {name: {precision, recall, f1, jaccard, auroc, support, predicted}}}. See the module docstring."""
+    {name: {precision, recall, f1, jaccard, auroc, support, predicted}}}, each class also with
+    "f1_ci" and "auroc_ci" [lower, upper] when ci_samples > 0. See the module docstring."""
     ref, gen = np.asarray(reference, dtype=np.float64), np.asarray(generated, dtype=np.float64)
     if ref.ndim != 2 or ref.shape != gen.shape or ref.shape[1] != len(names):
         raise ValueError(f"reference {ref.shape} and generated {gen.shape} must both be [n, {len(names)}]")
@@ -120,7 +152,7 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
     per = {
         "precision": _ratio(tp, tp + fp, zero_division),
         "recall": _ratio(tp, tp + fn, zero_division),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn, zero_division),
+        "f1": _f1_columns(y, p, zero_division),
         "jaccard": _ratio(tp, tp + fp + fn, zero_division),
     }
     T, P, F = tp.sum(), fp.sum(), fn.sum()
@@ -131,7 +163,7 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
         macro, weighted = _averages(values, support, zero_division)
         out[f"{metric}_micro"] = float(micro[metric])
         out[f"{metric}_macro"], out[f"{metric}_weighted"] = macro, weighted
-    aucs = np.array([auroc(y[:, k], p[:, k]) for k in range(y.shape[1])])
+    aucs = auroc_columns(y, p)
     valid = ~np.isnan(aucs)
     out["auroc_micro"] = auroc(y.ravel(), p.ravel())
     out["auroc_macro"] = float(aucs[valid].mean()) if valid.any() else float("nan")
@@ -141,6 +173,11 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
                                "f1": float(per["f1"][k]), "jaccard": float(per["jaccard"][k]),
                                "auroc": float(aucs[k]), "support": int(support[k]), "predicted": int(p[:, k].sum())}
                         for k, name in enumerate(names)}
+    if ci_samples:
+        f1_ci = bootstrap_interval(lambda i: _f1_columns(y[i], p[i], zero_division), len(y), samples=ci_samples)
+        auc_ci = bootstrap_interval(lambda i: auroc_columns(y[i], p[i]), len(y), samples=ci_samples)
+        for k, name in enumerate(names):
+            out["per_class"][name] |= {"f1_ci": f1_ci[k].tolist(), "auroc_ci": auc_ci[k].tolist()}
     return out
 
 

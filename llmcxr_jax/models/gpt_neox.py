@@ -8,6 +8,7 @@ float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -25,6 +26,15 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+# transformers' ACT2FN names -> the same function. "gelu" is exact (erf; Pythia, Dolly); the others
+# are the tanh approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), which transformers
+# computes as NewGELUActivation, FastGELUActivation and torch's gelu(approximate="tanh"). It is
+# ~10% of a small model's CPU step cheaper than erf.
+ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "gelu_new": partial(jax.nn.gelu, approximate=True),
+               "gelu_fast": partial(jax.nn.gelu, approximate=True),
+               "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +63,9 @@ class GPTNeoXConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_act != "gelu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; GPT-NeoX/Pythia/Dolly use 'gelu'")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)} "
+                             "(GPT-NeoX/Pythia/Dolly use 'gelu')")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         check_dtypes(self)
@@ -223,7 +234,7 @@ class MLP(nnx.Module):
         dt = self.cfg.compute_dtype
         up, down = self.dense_h_to_4h, self.dense_4h_to_h
         h = _dense(x, up["kernel"].get_value().astype(dt)) + up["bias"].get_value().astype(dt)
-        h = jax.nn.gelu(h, approximate=False)
+        h = ACTIVATIONS[self.cfg.hidden_act](h)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         return _dense(h, down["kernel"].get_value().astype(dt)) + down["bias"].get_value().astype(dt)
 
