@@ -154,3 +154,31 @@ def test_config_rejects_bad_values():
         tiny(remat_policy="sometimes")
     with pytest.raises(ValueError, match="hidden_act"):
         tiny(hidden_act="relu")
+
+
+def test_blocked_causal_attention_equals_one_block(model, monkeypatch):
+    """Long sequences attend in query blocks that skip the all-masked keys: same logits and
+    gradients as the whole score matrix, on packed rows with a padded tail."""
+    assert [gpt_neox.causal_blocks(n) for n in (128, 200, 256, 384, 512, 2048)] == [1, 1, 2, 3, 4, 16]
+    rng = np.random.default_rng(7)
+    seg = np.sort(rng.integers(1, 5, (2, 384)), axis=1)
+    seg[1, -40:] = 0
+    ids, seg = jnp.asarray(rng.integers(0, VOCAB, seg.shape)), jnp.asarray(seg)
+    real = np.asarray(seg) > 0
+    graphdef, params = nnx.split(model)
+
+    def run(p):
+        logits = nnx.merge(graphdef, p)(ids, segment_ids=seg)
+        return jnp.sum(jnp.where(real[..., None], logits[..., :VOCAB], 0.0) ** 2) * 1e-3, logits
+
+    (_, blocked), g_blocked = jax.value_and_grad(run, has_aux=True)(params)
+    monkeypatch.setattr(gpt_neox, "causal_blocks", lambda n: 1)
+    (_, whole), g_whole = jax.value_and_grad(run, has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(blocked)[real][:, :VOCAB], np.asarray(whole)[real][:, :VOCAB],
+                               atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(g_blocked), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    x = jnp.zeros((1, 8, model.cfg.hidden_size))
+    cos, sin = gpt_neox.rotary_tables(jnp.arange(8)[None], model.cfg.rotary_ndims, model.cfg.rotary_base)
+    with pytest.raises(ValueError, match="causal_blocks"):
+        model.layers[0].attention(x, cos, sin, jnp.ones((1, 8, 8), bool), causal_blocks=3)
