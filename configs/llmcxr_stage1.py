@@ -33,6 +33,7 @@ def get_config(variant=None, stage: int = 1):
     d.tokenizer = ""  # HF tokenizer directory; default: the one of train.init_from
     d.dolly = ""  # databricks-dolly-15k.jsonl; default ROOT/databricks-dolly-15k.jsonl
     d.dolly_eval_rows = 200  # held out for eval loss (LLM-CXR's test_size)
+    d.views = "all"  # stage-1 images: "all" views (LLM-CXR) or "frontal" (PA/AP, what stage 2 and evaluation use)
     d.seq_len = 2048
     d.max_length = 2048
     d.packing = True

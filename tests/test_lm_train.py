@@ -176,3 +176,16 @@ def test_non_finite_loss_stops_before_a_poisoned_checkpoint(setup, tmp_path):
         assert saved.latest_step() == step - 1 and f"checkpoints/{step - 1}" in message
     finally:
         saved.close()
+
+
+def test_frontal_only_stage1_keeps_the_pa_ap_images(setup):
+    from llmcxr_jax.data import mimic_cxr
+    from llmcxr_jax.train import lm_data
+
+    views = {r.dicom_id: r.view for r in mimic_cxr.load_corpus(setup["root"], progress=False).records}
+    every = lm_data.read_sources(tiny_config(setup).data).train["image_text"]
+    frontal = lm_data.read_sources(tiny_config(setup, "--config.data.views=frontal").data).train["image_text"]
+    assert {views[e.dicom_id] for e in every} - mimic_cxr.FRONTAL_VIEWS  # the corpus has laterals
+    assert [e for e in every if views[e.dicom_id] in mimic_cxr.FRONTAL_VIEWS] == frontal
+    with pytest.raises(ValueError, match="data.views"):
+        lm_data.read_sources(tiny_config(setup, "--config.data.views=lateral").data)

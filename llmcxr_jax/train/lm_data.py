@@ -14,6 +14,7 @@ from llmcxr_jax.data import codes as code_files
 from llmcxr_jax.data import lm_batches, mimic_cxr
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
+VIEWS = ("all", "frontal")
 BATCH_KEYS = ("seq_len", "max_length", "packing", "max_examples_per_row", "loss", "image_delimiters", "mixture",
               "epoch_size", "seed", "num_workers", "num_threads", "report_instructions", "image_instructions")
 
@@ -42,7 +43,13 @@ def read_sources(d: ml_collections.ConfigDict) -> Sources:
     stage = int(d.stage)
     if stage not in (1, 2):
         raise ValueError(f"data.stage must be 1 or 2, got {stage}")
+    views = d.get("views", "all")
+    if views not in VIEWS:
+        raise ValueError(f"data.views must be one of {VIEWS} (stage-1 images: every view as LLM-CXR, or PA/AP "
+                         f"only), got {views!r}")
     train_records = mimic_cxr.stage_records(corpus, stage)
+    if views == "frontal":  # stage 2 and evaluation are PA/AP already
+        train_records = [r for r in train_records if r.view in mimic_cxr.FRONTAL_VIEWS]
     held_records = mimic_cxr.evaluation_records(corpus)
     vqa = mimic_cxr.read_vqa(d.root).items if os.path.isdir(os.path.join(d.root, "mimic-cxr-jpg_medvqa_v1")) else []
     dolly_path = d.dolly or os.path.join(d.root, "databricks-dolly-15k.jsonl")
