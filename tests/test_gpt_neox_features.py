@@ -180,5 +180,5 @@ def test_blocked_causal_attention_equals_one_block(model, monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     x = jnp.zeros((1, 8, model.cfg.hidden_size))
     cos, sin = gpt_neox.rotary_tables(jnp.arange(8)[None], model.cfg.rotary_ndims, model.cfg.rotary_base)
-    with pytest.raises(ValueError, match="causal_blocks"):
-        model.layers[0].attention(x, cos, sin, jnp.ones((1, 8, 8), bool), causal_blocks=3)
+    with pytest.raises(ValueError, match="blocks=3"):
+        model.layers[0].attention(x, cos, sin, jnp.ones((1, 8, 8), bool), blocks=3)

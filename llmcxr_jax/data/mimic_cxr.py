@@ -23,8 +23,8 @@ from llmcxr_jax.data.text_corpora import (
     VQA_DIR, ReadResult, VqaExample, VqaItem, read_dolly, read_vqa, vqa_for_records)
 
 __all__ = [
-    "CHEXPERT_LABELS", "FRONTAL_VIEWS", "CxrRecord", "MimicCxrCorpus", "Skipped", "evaluation_records", "load_corpus",
-    "parse_report", "read_chexpert_labels", "stage_records", "stage_text", "vqa_image_records",
+    "CHEXPERT_LABELS", "FRONTAL_VIEWS", "CxrRecord", "MimicCxrCorpus", "Skipped", "evaluation_records",
+    "load_corpus", "parse_report", "read_chexpert_labels", "stage_records", "stage_text", "vqa_image_records",
     # re-exported from text_corpora
     "VQA_DIR", "ReadResult", "VqaExample", "VqaItem", "read_dolly", "read_vqa", "vqa_for_records",
 ]

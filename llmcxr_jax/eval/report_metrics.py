@@ -53,8 +53,8 @@ import numpy as np
 
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS
 
-__all__ = ["auroc", "binarize", "bleu", "bootstrap_interval", "cider_d", "corpus_bleu", "label_metrics", "rouge_l", "rouge_l_score",
-           "sentence_bleu", "text_metrics", "tokenize"]
+__all__ = ["auroc", "auroc_columns", "binarize", "bleu", "bootstrap_interval", "cider_d", "corpus_bleu",
+           "label_metrics", "rouge_l", "rouge_l_score", "sentence_bleu", "text_metrics", "tokenize"]
 
 # ----------------------------------------------------------------------------- labels
 
