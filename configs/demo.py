@@ -15,9 +15,10 @@ GPT-NeoX of a few million parameters trained from scratch with a large step size
 batches, a task mixture that favours the image tasks, and stage 1 on frontal images only
 (LLM-CXR trains stage 1 on every view; here laterals took a third of the steps, and dropping
 them took held-out image-token loss from 2.75 to 2.55 and device F1 from 0.17 to 0.39).
-Why f8: at f4 (16 x 16 = 256 codes) the VQ-GAN keeps more (a classifier on its reconstructions: pneumothorax AUROC 0.98 against 0.76
-at f8 on films whose rim was ~2 px), but each image example costs the LM four times the tokens,
-and in the same 20 minutes it learned neither direction. The synthetic films now keep small
+Why f8: at f4 (16 x 16 = 256 codes) the VQ-GAN keeps more (a classifier on its
+reconstructions: pneumothorax AUROC 0.98 against 0.76 at f8 on films whose rim was ~2 px), but
+each image example costs the LM four times the tokens, and in the same 20 minutes it learned
+neither direction. The synthetic films now keep small
 findings wide enough for f8 codes (pneumothorax 0.98, devices 0.84 on reconstructions).
 """
 import ml_collections
