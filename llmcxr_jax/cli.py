@@ -213,7 +213,7 @@ def evaluate_cmd(args) -> None:
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
                                 grid_images=args.grid_images, reports_root=args.reports_root,
-                                ci_samples=args.ci_samples)
+                                ci_samples=args.ci_samples, image_temperature=args.image_temperature)
     metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
     with open(os.path.join(args.out, "metrics.md")) as f:
         print(f.read(), file=sys.stderr)
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--greedy", action="store_true", help="argmax decoding instead of top_p 0.92")
             _sampling_args(p)
+            p.add_argument("--image-temperature", type=float, default=None,
+                           help="when sampling report->CXR images (default: --temperature)")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--max-new-tokens", type=int, default=0, help="for reports and answers (0: 128)")
             p.add_argument("--report-part", default="impression", choices=("impression", "findings+impression"),

@@ -47,12 +47,14 @@ def _evaluate(capsys, env, out, *args):
 def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert env["n_eval"] >= 3
     code, out, err = _evaluate(capsys, env, tmp_path, "--max-new-tokens", "8", "--classifier", env["classifier"],
-                               "--max-vqa", "5", "--grid-images", "2", "--batch-size", "2", "--temperature", "0.7")
+                               "--max-vqa", "5", "--grid-images", "2", "--batch-size", "2", "--temperature", "0.7",
+                               "--image-temperature", "0.9")
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["n_images"] == env["n_eval"]
     m = json.loads((tmp_path / "metrics.json").read_text())
     n = env["n_eval"]
     assert (m["options"]["temperature"], m["options"]["top_p"], m["options"]["greedy"]) == (0.7, 0.92, False)
+    assert m["options"]["image_temperature"] == 0.9
     assert m["report"]["labels"]["n_reports"] == n and 0 <= m["report"]["labels"]["f1_micro"] <= 1
     assert set(m["report"]["text"]) >= {"bleu_4", "rouge_l", "cider_d"}
     assert m["image"]["n"] == n and np.isfinite(m["image"]["fid_classifier"])
@@ -69,10 +71,12 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert len((tmp_path / "vqa.jsonl").read_text().splitlines()) == 5
     md = (tmp_path / "metrics.md").read_text()
     assert "| CXR->report | label F1 micro (14 obs.) |" in md and "0.360" in md and "44.8%" in md
+    assert "Decoding: sampled at temperature 0.7 (drawings 0.9), top_p 0.92, top_k 0 (0: off)." in md
     assert "LLM-CXR (paper)" in err  # the table is printed too
 
 
 @pytest.mark.parametrize("args, message", [(["--temperature", "-1"], "temperature must be > 0"),
+                                           (["--image-temperature", "0"], "image_temperature must be > 0"),
                                            (["--top-k", "-2"], "top_k must be >= 0")])
 def test_bad_sampling_settings_fail_before_generating(capsys, env, tmp_path, args, message):
     code, _, err = _evaluate(capsys, env, tmp_path / "o", *args)
@@ -118,6 +122,15 @@ def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     code, _, err = _evaluate(capsys, env, tmp_path / "out", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out" / "reports.csv").exists()
+
+
+def test_drawings_sample_at_their_own_temperature():
+    o = E.EvalOptions(temperature=0.5, image_temperature=0.8, max_new_tokens=96)
+    image, report, vqa = (E.task_sampling(o, t, 64) for t in ("image", "report", "vqa"))
+    assert (image.temperature, report.temperature, vqa.temperature) == (0.8, 0.5, 0.5)
+    assert (report.max_new_tokens, vqa.max_new_tokens) == (96, 96) and image.max_new_tokens > 64  # the span
+    assert E.task_sampling(E.EvalOptions(temperature=0.5), "image", 64).temperature == 0.5  # unset: the same
+    assert E.task_sampling(E.EvalOptions(greedy=True, image_temperature=0.8), "image", 64).greedy
 
 
 def test_chance_baseline_matches_random_reports():

@@ -52,6 +52,7 @@ class EvalOptions:
     batch_size: int = 16
     greedy: bool = False             # LLM-CXR samples (top_p 0.92); greedy is reproducible across libraries
     temperature: float = LLMCXR_TEMPERATURE  # when sampling (default: LLM-CXR's)
+    image_temperature: float | None = None   # report->CXR drawing; None: `temperature`
     top_p: float = LLMCXR_TOP_P              # 1.0: off
     top_k: int = LLMCXR_TOP_K                # 0: off
     max_new_tokens: int = 0          # reports and answers; 0: LLM-CXR's 128
@@ -76,6 +77,17 @@ class EvalOptions:
         if self.ci_samples < 0:
             raise ValueError(f"ci_samples must be >= 0 (0: no intervals), got {self.ci_samples}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
+        if self.image_temperature is not None and not self.image_temperature > 0.0:
+            raise ValueError(f"image_temperature must be > 0 (or unset: the report temperature), "
+                             f"got {self.image_temperature}")
+
+
+def task_sampling(o: EvalOptions, task: str, codes_per_image: int):
+    """The decoding settings of one task: max_new_tokens caps reports and answers (images take their
+    span), and drawings sample at image_temperature when it is set."""
+    limit = o.max_new_tokens if task != "image" and o.max_new_tokens else None
+    temperature = o.image_temperature if task == "image" and o.image_temperature is not None else o.temperature
+    return tasks.default_sampling(task, o.greedy, limit, codes_per_image, temperature, o.top_p, o.top_k)
 
 
 def _reference_text(record: mimic_cxr.CxrRecord, part: str) -> str:
@@ -174,9 +186,7 @@ class Evaluation:
         self._recon: np.ndarray | None = None
 
     def _sampling(self, task: str):
-        limit = self.opts.max_new_tokens if task != "image" and self.opts.max_new_tokens else None
-        o = self.opts
-        return tasks.default_sampling(task, o.greedy, limit, self.g.codes_per_image, o.temperature, o.top_p, o.top_k)
+        return task_sampling(self.opts, task, self.g.codes_per_image)
 
     def reports(self) -> list[str]:
         paths = [r.image_path for r in self.records]

@@ -58,6 +58,18 @@ def _with_ci(row: dict | None, key: str) -> str:
     return value if not ci or any(math.isnan(b) for b in ci) else f"{value} ({ci[0]:.2f}-{ci[1]:.2f})"
 
 
+def _decoding(options: dict | None) -> str:
+    """' Decoding: ...' for the table's preamble (nothing when the options are unknown)."""
+    if not options:
+        return ""
+    if options.get("greedy"):
+        return " Decoding: greedy."
+    t, image_t = options.get("temperature"), options.get("image_temperature")
+    drawn = f" (drawings {image_t:g})" if image_t is not None and image_t != t else ""
+    return (f" Decoding: sampled at temperature {t:g}{drawn}, top_p {options.get('top_p'):g}, "
+            f"top_k {options.get('top_k')} (0: off).")
+
+
 def markdown(metrics: dict) -> str:
     """The evaluation as markdown: headline rows beside the paper, per-class label F1 for the
     findings the synthetic corpus draws, and VQA by question type, each with its chance baseline."""
@@ -65,7 +77,8 @@ def markdown(metrics: dict) -> str:
     lines = [f"# LLM-CXR evaluation: {metrics.get('checkpoint', '')}", "",
              f"{metrics.get('n_images', 0)} evaluation images, {metrics.get('n_vqa', 0)} VQA questions, "
              f"labels by {metrics.get('labels_from', 'the rule-based labeler')}. The paper's numbers are on "
-             "MIMIC-CXR with the CheXpert labeler; on another corpus they are context, not targets.", "",
+             "MIMIC-CXR with the CheXpert labeler; on another corpus they are context, not targets." +
+             _decoding(metrics.get("options")), "",
              "| task | metric | ours | chance baseline | LLM-CXR (paper) | best baseline (paper) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for task, name, path, paper, best in PAPER_ROWS:
