@@ -39,7 +39,7 @@ def _vqgan(quick: bool) -> ml_collections.ConfigDict:
     m.attn_resolutions = (8,)
     m.n_embed = 512
     t.steps = 4 if quick else 200
-    t.batch_size = 8 if quick else 4  # full: twice the updates of batch 8 in the same time
+    t.batch_size = 4  # twice the updates of batch 8 in the same time
     t.learning_rate = 1e-3
     t.reseed_every = 10  # unused codes take encoder outputs often: ~120 of 512 in use after 200 steps
     t.disc_factor = 0.0  # no GAN in a short run (it only adds noise before convergence); the step skips it
@@ -63,7 +63,7 @@ def _lm(stage: int, quick: bool) -> ml_collections.ConfigDict:
     d.dolly_eval_rows = 20
     d.num_shards = 1
     d.mixture = ml_collections.ConfigDict({"cxr_to_report": 0.45, "report_to_cxr": 0.35, "vqa": 0.1, "text": 0.1})
-    t.batch_size = 4 if not quick else 8  # small batches, more steps: more learning per CPU second
+    t.batch_size = 4  # small batches, more steps: more learning per CPU second
     t.learning_rate = 3e-3
     t.weight_decay = 0.1  # the LM overfits the corpus (train 1.1 vs held-out 1.7 without it)
     t.warmup_steps = 10

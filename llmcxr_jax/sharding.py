@@ -6,6 +6,7 @@ silent replicate.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -66,6 +67,19 @@ def parse_mesh_shape(spec: str | Sequence[int], num_devices: int) -> tuple[int, 
         raise ValueError(f"mesh shape {tuple(sizes)} uses {int(np.prod(sizes))} devices but {num_devices} are present; "
                          "make the product equal the device count or use -1 for one axis")
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def fit_batch(spec: str | Sequence[int], batch_size: int, num_devices: int) -> str:
+    """A mesh spec on every device whose batch axes split `batch_size` rows: `spec` unchanged when
+    its data x fsdp divides the batch; otherwise the larger of data / fsdp becomes gcd(batch, data x
+    fsdp), the other 1, and tensor takes the remaining devices (e.g. "1,-1,1" with a batch of 4 on
+    8 devices -> "1,4,2"). For runs whose batch is fixed by their config, like `llmcxr demo`."""
+    data, fsdp, tensor = parse_mesh_shape(spec, num_devices)
+    if batch_size % (data * fsdp) == 0:
+        return spec if isinstance(spec, str) else ",".join(map(str, spec))
+    g = math.gcd(batch_size, data * fsdp)
+    shape = (g, 1) if data >= fsdp else (1, g)
+    return ",".join(map(str, (*shape, num_devices // g)))
 
 
 def make_mesh(spec: str | Sequence[int] = "1,-1,1", devices: Sequence[jax.Device] | None = None) -> Mesh:

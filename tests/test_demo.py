@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from llmcxr_jax import cli, configs
@@ -30,6 +31,9 @@ def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     state = json.load(open(os.path.join(work, "phases.json")))
     assert [name for name, _, _ in pipeline.PHASES] == list(state)
     check = state["pytorch"]["result"]
+    if jax.device_count() == 8:  # the suite's forced host devices: the batch of 4 took data x fsdp 4, tensor 2
+        assert json.load(open(os.path.join(work, "vqgan", "config.json")))["train"]["mesh"] == "4,1,2"
+        assert json.load(open(os.path.join(work, "stage1", "config.json")))["train"]["mesh"] == "1,4,2"
     assert check["same_tokens"] and check["diffusers_decode_max_abs_diff"] < 1e-4
     for path in ("summary.md", "eval/metrics.json", "eval/metrics.md", "eval/reports.csv", "eval/grid_0.png",
                  "export/hf/config.json", "export/hf/tokenizer.json", "export/diffusers/config.json",
@@ -59,8 +63,8 @@ def test_demo_configs_parse():
 def test_full_demo_learns_the_findings(tmp_path):
     """15-20 minutes on 2 cores: label F1 of CXR->report and classifier AUROC on report->CXR images
     beat their chance baselines for the four findings the README lists. Run as a user runs it, in
-    its own process on the one CPU device (the suite's 8 forced host devices do not divide the
-    demo's batch of 4, and would make it another run than the README's)."""
+    its own process on the one CPU device: under the suite's 8 forced host devices the demo would
+    take another mesh (data x fsdp 4, tensor 2), so other float sums and not the README's run."""
     work = str(tmp_path / "demo")
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
         "--xla_force_host_platform_device_count=8", "").strip(), JAX_PLATFORMS="cpu")

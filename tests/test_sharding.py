@@ -11,6 +11,24 @@ from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
 from llmcxr_jax.vocab import VocabLayout
 
 
+def test_fit_batch_moves_spare_devices_to_tensor():
+    assert sharding.fit_batch("1,-1,1", 4, 8) == "1,4,2"
+    assert sharding.fit_batch("-1,1,1", 4, 8) == "4,1,2"
+    assert sharding.fit_batch("1,-1,1", 8, 8) == "1,-1,1"  # fits: unchanged
+    assert sharding.fit_batch("1,-1,1", 4, 1) == "1,-1,1"
+    assert sharding.fit_batch([2, 2, 2], 4, 8) == "2,2,2"
+    assert sharding.fit_batch("1,-1,1", 6, 8) == "1,2,4"
+    assert sharding.fit_batch("2,2,2", 2, 8) == "2,1,4"
+    for devices in (1, 2, 3, 4, 6, 8, 16):
+        for batch in range(1, 17):
+            for spec in ("1,-1,1", "-1,1,1"):
+                fitted = sharding.fit_batch(spec, batch, devices)
+                data, fsdp, tensor = sharding.parse_mesh_shape(fitted, devices)
+                assert data * fsdp * tensor == devices and batch % (data * fsdp) == 0, (spec, batch, devices)
+    with pytest.raises(ValueError, match="does not divide"):
+        sharding.fit_batch("3,-1,1", 4, 8)
+
+
 def test_mesh_shape_inference_and_errors():
     assert sharding.parse_mesh_shape("1,-1,2", 8) == (1, 4, 2)
     assert sharding.parse_mesh_shape([2, 2, 2], 8) == (2, 2, 2)

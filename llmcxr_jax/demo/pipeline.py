@@ -44,9 +44,21 @@ class Paths:
     taming = property(lambda self: self._at("export", "taming_vqgan.ckpt"))
 
 
+def _fit_mesh(train: ml_collections.ConfigDict) -> None:
+    """The demo's batches are fixed by its config, not by the machine: on a device count that does
+    not divide a batch (8 GPUs, batch 4), the spare devices go to the tensor axis."""
+    import jax
+
+    from llmcxr_jax import sharding
+
+    rows = train.batch_size // train.get("grad_accum", 1)
+    train.mesh = sharding.fit_batch(train.mesh, rows, jax.device_count())
+
+
 def _lm_config(section: ml_collections.ConfigDict, p: Paths) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(section.to_dict())
     c.data.root, c.data.codes, c.data.tokenizer = p.corpus, p.codes, p.tokenizer
+    _fit_mesh(c.train)
     return c
 
 
@@ -63,6 +75,7 @@ def vqgan(config, p: Paths) -> dict:
 
     c = ml_collections.ConfigDict(config.vqgan.to_dict())
     c.train.data = p.corpus
+    _fit_mesh(c.train)
     train_vqgan.train(c, p.vqgan)
     evals = [r for r in _jsonl(os.path.join(p.vqgan, "metrics.jsonl")) if "eval_l1" in r]
     return {"steps": c.train.steps, "eval_l1_first": evals[0]["eval_l1"], "eval_l1_last": evals[-1]["eval_l1"]}
