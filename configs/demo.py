@@ -2,9 +2,8 @@
 
 get_config("full") (the default): 15-19 minutes on 2 CPU cores, as fast as the machine (the
 README has one run's numbers: in that budget the LM's reports name all four findings the README
-lists well above chance, and it draws effusion and devices above chance; its cardiomegaly and
-pneumothorax drawings score 0.55-0.65). get_config("quick"): every phase at toy size in a few
-minutes (CI runs it).
+lists well above chance, and the classifier finds each of them in its drawings above chance,
+AUROC 0.62-0.70). get_config("quick"): every phase at toy size in a few minutes (CI runs it).
 
 Sections: corpus (llmcxr synth), vqgan / stage1 / stage2 (complete train configs; the demo fills
 in the data paths), tokenizer, classifier (the synthetic-corpus CNN scoring report->CXR images),
@@ -17,7 +16,7 @@ batches, a task mixture that favours the image tasks, and stage 1 on frontal ima
 them took held-out image-token loss from 2.75 to 2.55 and device F1 from 0.17 to 0.39).
 Evaluation samples reports at temperature 0.5 and drawings at 0.8 (LLM-CXR: 1.0 for both). On one
 model, averaged over four sampling seeds, drawings at 0.8 against 0.5 scored (classifier AUROC)
-cardiomegaly 0.62 / 0.61, effusion 0.68 / 0.67, pneumothorax 0.62 / 0.56, devices 0.69 / 0.74;
+cardiomegaly 0.62 / 0.61, effusion 0.67 / 0.67, pneumothorax 0.62 / 0.56, devices 0.69 / 0.74;
 at 1.0 (three seeds) 0.58 / 0.58 / 0.59 / 0.64. Reports sampled above 0.5 name fewer findings.
 Why f8: at f4 (16 x 16 = 256 codes) the VQ-GAN keeps more (a classifier on its
 reconstructions: pneumothorax AUROC 0.98 against 0.76 at f8 on films whose rim was ~2 px), but
