@@ -59,6 +59,28 @@ def test_demo_configs_parse():
         configs.load_config(f"{DEMO}:huge")
 
 
+def _one_process_env(devices: int | None) -> dict:
+    """This environment without the suite's 8 forced host devices (with `devices` forced instead)."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    if devices:
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+@pytest.mark.slow
+def test_quick_demo_on_six_devices(tmp_path):
+    """6 devices divide neither the batch of 4 nor the encode batch of 32: the spare devices go to
+    the tensor axis (data x fsdp 2, tensor 3, which does not divide the LM's 4 heads) and every
+    phase still runs, the PyTorch check included."""
+    work = str(tmp_path / "demo")
+    subprocess.run([sys.executable, "-m", "llmcxr_jax.cli", "demo", "--quick", "--workdir", work],
+                   env=_one_process_env(6), check=True)
+    assert json.load(open(os.path.join(work, "vqgan", "config.json")))["train"]["mesh"] == "2,1,3"
+    assert json.load(open(os.path.join(work, "stage1", "config.json")))["train"]["mesh"] == "1,2,3"
+    state = json.load(open(os.path.join(work, "phases.json")))
+    assert state["codes"]["result"]["images"] == 160 and state["pytorch"]["result"]["same_tokens"]
+
+
 @pytest.mark.slow
 def test_full_demo_learns_the_findings(tmp_path):
     """15-20 minutes on 2 cores: label F1 of CXR->report and classifier AUROC on report->CXR images
@@ -66,9 +88,8 @@ def test_full_demo_learns_the_findings(tmp_path):
     its own process on the one CPU device: under the suite's 8 forced host devices the demo would
     take another mesh (data x fsdp 4, tensor 2), so other float sums and not the README's run."""
     work = str(tmp_path / "demo")
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", "").strip(), JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-m", "llmcxr_jax.cli", "demo", "--workdir", work], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "llmcxr_jax.cli", "demo", "--workdir", work], env=_one_process_env(None),
+                   check=True)
     m = json.load(open(os.path.join(work, "eval", "metrics.json")))
     per, chance = m["report"]["labels"]["per_class"], m["baselines"]["report"]["labels"]["per_class"]
     auroc = m["image"]["classifier"]["per_class"]

@@ -44,15 +44,18 @@ class Paths:
     taming = property(lambda self: self._at("export", "taming_vqgan.ckpt"))
 
 
-def _fit_mesh(train: ml_collections.ConfigDict) -> None:
+def _fitted(spec: str, rows: int) -> str:
     """The demo's batches are fixed by its config, not by the machine: on a device count that does
-    not divide a batch (8 GPUs, batch 4), the spare devices go to the tensor axis."""
+    not divide a batch (8 GPUs and batch 4, 6 and 32), the spare devices go to the tensor axis."""
     import jax
 
     from llmcxr_jax import sharding
 
-    rows = train.batch_size // train.get("grad_accum", 1)
-    train.mesh = sharding.fit_batch(train.mesh, rows, jax.device_count())
+    return sharding.fit_batch(spec, rows, jax.device_count())
+
+
+def _fit_mesh(train: ml_collections.ConfigDict) -> None:
+    train.mesh = _fitted(train.mesh, train.batch_size // train.get("grad_accum", 1))
 
 
 def _lm_config(section: ml_collections.ConfigDict, p: Paths) -> ml_collections.ConfigDict:
@@ -86,7 +89,8 @@ def codes(config, p: Paths) -> dict:
 
     records = mimic_cxr.load_corpus(p.corpus, progress=False).records
     s = encode.encode_images(p.vqgan_model, [(r.dicom_id, r.image_path) for r in records], p.codes,
-                             batch_size=config.encode_batch_size, mesh="-1,1,1")
+                             batch_size=config.encode_batch_size,
+                             mesh=_fitted("-1,1,1", config.encode_batch_size))
     return {"images": s["num_images"], "codes_per_image": s["codes_per_image"], "codebook_size": s["codebook_size"]}
 
 
