@@ -16,6 +16,12 @@ DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 FOCUS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Support Devices")
 
 
+def _meshes(work: str) -> tuple[str, str]:
+    """The meshes the demo's VQ-GAN and stage-1 runs recorded in their config.json."""
+    return tuple(json.load(open(os.path.join(work, phase, "config.json")))["train"]["mesh"]
+                 for phase in ("vqgan", "stage1"))
+
+
 def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     work = str(tmp_path / "demo")
     # stop after the codes, as a killed run would; the full run then skips what is done
@@ -32,8 +38,7 @@ def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     assert [name for name, _, _ in pipeline.PHASES] == list(state)
     check = state["pytorch"]["result"]
     if jax.device_count() == 8:  # the suite's forced host devices: the batch of 4 took data x fsdp 4, tensor 2
-        assert json.load(open(os.path.join(work, "vqgan", "config.json")))["train"]["mesh"] == "4,1,2"
-        assert json.load(open(os.path.join(work, "stage1", "config.json")))["train"]["mesh"] == "1,4,2"
+        assert _meshes(work) == ("4,1,2", "1,4,2")
     assert check["same_tokens"] and check["diffusers_decode_max_abs_diff"] < 1e-4
     for path in ("summary.md", "eval/metrics.json", "eval/metrics.md", "eval/reports.csv", "eval/grid_0.png",
                  "export/hf/config.json", "export/hf/tokenizer.json", "export/diffusers/config.json",
@@ -75,8 +80,7 @@ def test_quick_demo_on_six_devices(tmp_path):
     work = str(tmp_path / "demo")
     subprocess.run([sys.executable, "-m", "llmcxr_jax.cli", "demo", "--quick", "--workdir", work],
                    env=_one_process_env(6), check=True)
-    assert json.load(open(os.path.join(work, "vqgan", "config.json")))["train"]["mesh"] == "2,1,3"
-    assert json.load(open(os.path.join(work, "stage1", "config.json")))["train"]["mesh"] == "1,2,3"
+    assert _meshes(work) == ("2,1,3", "1,2,3")
     state = json.load(open(os.path.join(work, "phases.json")))
     assert state["codes"]["result"]["images"] == 160 and state["pytorch"]["result"]["same_tokens"]
 
