@@ -38,6 +38,12 @@ def _state_file() -> str:
     return f"{LOG_DIR}/state_worker$wid"
 
 
+def _write_state(text: str, path: str) -> str:
+    """Replace the state file atomically (write a sibling, rename it over): a poll that reads while the
+    state changes sees the old line or the new one, never the empty file `echo >` leaves for a moment."""
+    return f'echo "{text}" >"{path}.$$" && mv -f "{path}.$$" "{path}"'
+
+
 def setup_script(repo: str, commit: str, python: str) -> str:
     """Clone or fetch, check out the pinned commit, install llmcxr-jax (with its [gcs] extra, for
     gs:// workdirs) and jax[tpu] into a venv."""
@@ -75,13 +81,13 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
         "export LLMCXR_DISTRIBUTED=tpu", *(f"export {shlex.quote(e)}" for e in env),
         f'"{VENV_DIR}/bin/llmcxr" {train} &',
         "pid=$!",
-        f'echo "RUNNING $pid $$" >"{state}"',  # the wrapper outlives the trainer until the final state is written
+        _write_state("RUNNING $pid $$", state),  # the wrapper outlives the trainer until the final state is written
         "wait $pid",
         "rc=$?",
         # exit 0 means this launch printed the last summary line in the log
         f'if [ $rc -ne 0 ]; then s=FAILED; elif grep "^{{\\"workdir\\"" "{log}" | tail -n 1 | '
         'grep -q "\\"preempted\\": true"; then s=STOPPED; else s=DONE; fi',
-        f'echo "$s $pid $rc" >"{state}"',
+        _write_state("$s $pid $rc", state),
         'echo "=== llmcxr exit $rc ($s)"')
     checks = []
     if commit:
@@ -93,18 +99,21 @@ def run_script(command: str, train_args: list[str], workdir: str, commit: str | 
         f'mkdir -p "{LOG_DIR}"',
         f'if [ -f "{_state_file()}" ] && read s pid rc <"{_state_file()}" && [ "$s" = RUNNING ] && {ALIVE}; '
         'then echo "worker $wid: training already runs (pid $pid); stop it first" >&2; exit 3; fi',
-        f'echo STARTING >"{_state_file()}"',
+        _write_state("STARTING", _state_file()),
         f"WID=$wid setsid nohup bash -c {shlex.quote(inner)} >/dev/null 2>&1 </dev/null &",
         f'echo "llmcxr run worker=$wid log={LOG_DIR}/train_worker$wid.log"')
 
 
 def poll_script() -> str:
     """One line per worker: `llmcxr-state worker=<i> <STATE>[ rc=<rc>]`; LOST = RUNNING but both the
-    trainer and its wrapper are gone (the trainer alone exits a moment before the wrapper records why)."""
+    trainer and its wrapper are gone (the trainer alone exits a moment before the wrapper records why).
+    Gone is judged after the read, so the state is read again then: the wrapper may have recorded the
+    exit and left in between, and only a file still RUNNING with nobody left to change it is LOST."""
     return _script(
         *WORKER_ID, "s=NONE", "pid=", "rc=",
         f'if [ -f "{_state_file()}" ]; then read s pid rc <"{_state_file()}"; fi',
-        f'if [ "$s" = RUNNING ]; then w=$rc; rc=; if ! {{ {ALIVE}; }} && ! {{ {_alive("w")}; }}; then s=LOST; fi; fi',
+        f'if [ "$s" = RUNNING ]; then w=$rc; rc=; if ! {{ {ALIVE}; }} && ! {{ {_alive("w")}; }}; then '
+        f'read s pid rc <"{_state_file()}"; if [ "$s" = RUNNING ]; then s=LOST; rc=; fi; fi; fi',
         'echo "llmcxr-state worker=$wid $s${rc:+ rc=$rc}"')
 
 

@@ -120,10 +120,13 @@ INNER = (
     'cd "$HOME/llmcxr-jax"; export LLMCXR_DISTRIBUTED=tpu; '
     '"$HOME/llmcxr-venv/bin/llmcxr" train --config configs/llmcxr_stage1.py:3b --config.data.root=/data/mimic '
     '--workdir gs://bucket/runs/stage1 & pid=$!; '
-    'echo "RUNNING $pid $$" >"$HOME/llmcxr_logs/state_worker$WID"; wait $pid; rc=$?; '
+    'echo "RUNNING $pid $$" >"$HOME/llmcxr_logs/state_worker$WID.$$" && '
+    'mv -f "$HOME/llmcxr_logs/state_worker$WID.$$" "$HOME/llmcxr_logs/state_worker$WID"; wait $pid; rc=$?; '
     'if [ $rc -ne 0 ]; then s=FAILED; elif grep "^{\\"workdir\\"" "$HOME/llmcxr_logs/train_worker$WID.log" | '
     'tail -n 1 | grep -q "\\"preempted\\": true"; then s=STOPPED; else s=DONE; fi; '
-    'echo "$s $pid $rc" >"$HOME/llmcxr_logs/state_worker$WID"; echo "=== llmcxr exit $rc ($s)"')
+    'echo "$s $pid $rc" >"$HOME/llmcxr_logs/state_worker$WID.$$" && '
+    'mv -f "$HOME/llmcxr_logs/state_worker$WID.$$" "$HOME/llmcxr_logs/state_worker$WID"; '
+    'echo "=== llmcxr exit $rc ($s)"')
 RUN = (
     WID +
     '[ "$(git -C "$HOME/llmcxr-jax" rev-parse HEAD)" = "$(git -C "$HOME/llmcxr-jax" rev-parse --verify -q '
@@ -132,7 +135,8 @@ RUN = (
     'if [ -f "$HOME/llmcxr_logs/state_worker$wid" ] && read s pid rc <"$HOME/llmcxr_logs/state_worker$wid" && '
     '[ "$s" = RUNNING ] && kill -0 "$pid" 2>/dev/null && grep -qa llmcxr "/proc/$pid/cmdline" 2>/dev/null; then '
     'echo "worker $wid: training already runs (pid $pid); stop it first" >&2; exit 3; fi; '
-    'echo STARTING >"$HOME/llmcxr_logs/state_worker$wid"; '
+    'echo "STARTING" >"$HOME/llmcxr_logs/state_worker$wid.$$" && '
+    'mv -f "$HOME/llmcxr_logs/state_worker$wid.$$" "$HOME/llmcxr_logs/state_worker$wid"; '
     f"WID=$wid setsid nohup bash -c '{INNER}' >/dev/null 2>&1 </dev/null & "
     'echo "llmcxr run worker=$wid log=$HOME/llmcxr_logs/train_worker$wid.log"')
 
@@ -277,6 +281,44 @@ def test_worker_stop_kills_a_trainer_that_ignores_sigterm(tmp_path):
     assert _settled(home) == "llmcxr-state worker=2 FAILED rc=137"
 
 
+def test_a_poll_never_reads_a_half_written_state(tmp_path):
+    """Every state change renames a finished file into place. `echo ... >state` truncates first, and a
+    poll in that moment printed a bare `llmcxr-state worker=2` (once in CI): 2000 writes against 2000
+    reads of the poll's own `read` must give no empty state."""
+    scripts = sys.modules["tpu_worker_scripts"]
+    state = f"{scripts.LOG_DIR}/state_worker$wid"
+    wrapper_state = state.replace("$wid", "$WID")  # the detached wrapper's name for the same file
+    run = tpu_pod.run_script("train", [], "/w")
+    inner = shlex.split(run.split("bash -c ", 1)[1])[0]  # the detached wrapper's own script
+    assert scripts._write_state("STARTING", state) in run and f'>"{state}"' not in run
+    for text in ("RUNNING $pid $$", "$s $pid $rc"):
+        assert scripts._write_state(text, wrapper_state) in inner
+    assert f'>"{wrapper_state}"' not in inner
+    home = _worker_home(tmp_path)
+    (home / "llmcxr_logs").mkdir()
+    race = scripts._script(
+        "wid=2", f'echo "RUNNING 1 2" >"{state}"',
+        f'( for i in $(seq 2000); do {scripts._write_state("RUNNING 1 2", state)}; done ) &',
+        "empty=0", f'for i in $(seq 2000); do s=; read s pid rc <"{state}"; [ -n "$s" ] || empty=$((empty+1)); done',
+        "wait", 'echo "empty=$empty"')
+    assert _bash(race, home).stdout == "empty=0\n"
+
+
+def test_a_poll_between_the_wrappers_last_write_and_its_exit_is_not_lost(tmp_path):
+    """The poll reads RUNNING; before it checks the pids, the wrapper records FAILED and exits. A `kill`
+    that does exactly that at the first liveness check makes the moment certain: the poll must report the
+    recorded exit, not LOST (this happened in the SIGKILL test once the state write became a rename)."""
+    home = _worker_home(tmp_path)
+    state = home / "llmcxr_logs" / "state_worker2"
+    state.parent.mkdir()
+    state.write_text("RUNNING 4194305 4194306\n")  # neither pid exists
+    wrapper_exits = f'kill() {{ [ -e "{state}.done" ] || {{ echo "FAILED 4194305 137" >"{state}"; : >"{state}.done"; }}; ' \
+                    'return 1; }; '
+    assert _bash(wrapper_exits + tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 FAILED rc=137\n"
+    state.write_text("RUNNING 4194305 4194306\n")  # nobody changes it: LOST
+    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
+
+
 # ---------------------------------------------------------------- supervise against a fake gcloud
 
 FAKE_GCLOUD = """#!{python}
@@ -395,3 +437,21 @@ def test_supervise_waits_for_a_queued_resource(tmp_path):
                         "--zone=us-central2-b", "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
                         "--spot"]
     assert "queued resource WAITING_FOR_RESOURCES; waiting" in done.stdout
+
+
+def test_readme_shows_the_dry_run_the_script_prints():
+    """The README's `supervise --dry-run` block is this script's output for the command shown above it."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    head, tail = readme.split("Here is the output of the same `supervise` command with `--dry-run` added:", 1)
+    command = head[head.rindex("python launch/tpu_pod.py supervise"):].split("\n")
+    lines = []
+    for line in command:
+        lines.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    args = shlex.split(" ".join(lines))[2:]
+    cut = args.index("--")
+    shown = tail.split("```\n", 2)[1]
+    done = _cli(*args[:cut], "--dry-run", *args[cut:])
+    assert done.returncode == 0, done.stderr
+    assert shown == done.stdout
