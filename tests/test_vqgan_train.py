@@ -62,6 +62,36 @@ def test_training_steps_are_finite_and_write_records(straight):
     assert json.load(open(tmp_path / "config.json"))["model"]["resolution"] == 16
 
 
+def test_a_training_checkpoint_loads_as_a_vqgan(straight, tmp_path):
+    """`--vqgan WORKDIR/checkpoints` (any train-vqgan step, not only the finished WORKDIR/vqgan) gives its
+    EMA weights, or the generator's in a run without EMA; a checkpoint missing a parameter, or holding
+    no weights at all, is a one-line error (orbax's partial restore would leave abstract arrays)."""
+    from llmcxr_jax import sharding
+    from llmcxr_jax.train import checkpoint
+
+    state, workdir = straight
+    mesh = sharding.make_mesh("-1,1,1")
+    model, meta = checkpoint.load_vqgan(str(workdir / "checkpoints"), mesh)
+    assert not _equal(state["ema"], state["gen"])
+    _same(nnx.state(model, nnx.Param).to_pure_dict(), state["ema"])
+    finished, _ = checkpoint.load_vqgan(str(workdir / "vqgan"), mesh)
+    _same(nnx.state(finished, nnx.Param).to_pure_dict(), state["ema"])
+
+    def save(name, tree):
+        ckpt = checkpoint.TrainCheckpointer(str(tmp_path / name), keep=1)
+        ckpt.save(4, tree, {}, {"vqgan_config": meta["vqgan_config"]})
+        ckpt.close()
+        return str(tmp_path / name)
+
+    no_ema = save("no_ema", {"gen": state["gen"], "ema": {}, "step": state["step"]})
+    _same(nnx.state(checkpoint.load_vqgan(no_ema, mesh)[0], nnx.Param).to_pure_dict(), state["gen"])
+    partial = save("partial", {"params": {k: v for k, v in state["gen"].items() if k != "quant_conv"}})
+    with pytest.raises(ValueError, match=r"lacks 2 of this model's parameters under 'params' \(first \['quant_conv'\]"):
+        checkpoint.load_vqgan(partial, mesh)
+    with pytest.raises(ValueError, match=r"holds no 'params' weights \(its state has step, usage\)"):
+        checkpoint.load_vqgan(save("bare", {"step": state["step"], "usage": state["usage"]}), mesh)
+
+
 def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
     straight = straight[0]
     first = train_vqgan.train(small(), str(tmp_path / "b"), stop_after=3, echo=False)  # "killed" after step 3

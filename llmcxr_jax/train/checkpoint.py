@@ -134,20 +134,36 @@ def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
         return dict(mngr.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
 
 
-def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Fill an abstract module's Params from item state["params"], each placed by the rules table.
+def _state_tree(directory: str, step: int) -> dict[str, Any]:
+    """The saved state's tree of array metadata (shapes and dtypes; no array is read)."""
+    meta = ocp.PyTreeCheckpointHandler().metadata(storage.path(directory) / str(step) / STATE)
+    return dict(getattr(meta, "tree", meta))
 
-    Works on params-only and full train-state checkpoints (the rest of the state is not read).
+
+def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, key: str = "params") -> nnx.Module:
+    """Fill an abstract module's Params from item state[key], each placed by the rules table.
+
+    Works on params-only and full train-state checkpoints (the rest of the state is not read). A
+    parameter the checkpoint does not hold is an error, not a silently abstract leaf.
     """
+    saved = _state_tree(directory, step)
+    if key not in saved:
+        raise ValueError(f"{directory} step {step} holds no '{key}' weights (its state has {', '.join(sorted(saved))}); "
+                         "give a model checkpoint")
     graphdef, params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(params, mesh)
-    target = {"params": jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                                     params.to_pure_dict(), shardings.to_pure_dict())}
+    target = {key: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                params.to_pure_dict(), shardings.to_pure_dict())}
     with _manager(directory) as mngr:
         restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)}))[STATE]
-    params.replace_by_pure_dict(restored["params"])
+    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored[key])
+               if not isinstance(leaf, jax.Array)]
+    if missing:
+        raise ValueError(f"{directory} step {step} lacks {len(missing)} of this model's parameters under '{key}' "
+                         f"(first {missing[0]}); it was written for another architecture")
+    params.replace_by_pure_dict(restored[key])
     return nnx.merge(graphdef, params)
 
 
@@ -157,12 +173,23 @@ def save_vqgan(directory: str, model: VQModel, *, step: int = 0, extra_metadata:
 
 
 def load_vqgan(directory: str, mesh: Mesh, *, step: int | None = None) -> tuple[VQModel, dict[str, Any]]:
+    """A VQ-GAN from an import-vqgan or finished train-vqgan checkpoint, or from any train-vqgan step."""
     step = latest_step(directory) if step is None else step
     meta = read_metadata(directory, step)
     if "vqgan_config" not in meta:
         raise ValueError(f"{directory} is not a VQ-GAN checkpoint (its metadata has no vqgan_config)")
     cfg = VQGANConfig.from_dict(meta["vqgan_config"])
-    return restore_module(directory, step, abstract_vqgan(cfg), mesh), meta
+    return restore_module(directory, step, abstract_vqgan(cfg), mesh, vqgan_weights(directory, step)), meta
+
+
+def vqgan_weights(directory: str, step: int) -> str:
+    """Which weights of a VQ-GAN checkpoint to load: "params" (import-vqgan, or train-vqgan's finished
+    WORKDIR/vqgan), else those of a train-vqgan WORKDIR/checkpoints step: its EMA when the run keeps one,
+    the generator otherwise (what train-vqgan exports when it finishes)."""
+    saved = _state_tree(directory, step)
+    if "params" in saved or "gen" not in saved:
+        return "params"
+    return "ema" if saved.get("ema") else "gen"
 
 
 def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
