@@ -94,20 +94,28 @@ def export_hf_cmd(args) -> None:
     print(json.dumps({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype}))
 
 
-@command("import-vqgan", "taming / LLM-CXR VQ-GAN .ckpt -> orbax checkpoint (architecture inferred or from YAML)")
+@command("import-vqgan", "taming / LLM-CXR VQ-GAN .ckpt or diffusers VQModel directory -> orbax checkpoint")
 def import_vqgan_cmd(args) -> None:
-    from llmcxr_jax.convert import taming_vqgan
+    from llmcxr_jax.convert import diffusers_vqgan, taming_vqgan
     from llmcxr_jax.train import checkpoint
 
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise ValueError(f"--out {args.out} is not empty; give a new directory")
-    sd = taming_vqgan.read_ckpt(args.taming)
-    if args.taming_config:
-        cfg = taming_vqgan.config_from_yaml(args.taming_config)
+    ignored: list[str] = []
+    if args.diffusers:
+        if args.taming_config or args.resolution is not None:
+            raise ValueError("--taming-config and --resolution are for --taming; a diffusers directory's "
+                             "config.json gives the architecture")
+        model = diffusers_vqgan.import_diffusers(args.diffusers)
     else:
-        cfg = taming_vqgan.config_from_state_dict(sd, resolution=args.resolution)
-    model, ignored = taming_vqgan.from_taming_state_dict(sd, cfg)
-    checkpoint.save_vqgan(args.out, model, extra_metadata={"source": os.path.abspath(args.taming)})
+        sd = taming_vqgan.read_ckpt(args.taming)
+        if args.taming_config:
+            cfg = taming_vqgan.config_from_yaml(args.taming_config)
+        else:
+            cfg = taming_vqgan.config_from_state_dict(sd, resolution=args.resolution or 256)
+        model, ignored = taming_vqgan.from_taming_state_dict(sd, cfg)
+    cfg = model.cfg
+    checkpoint.save_vqgan(args.out, model, extra_metadata={"source": os.path.abspath(args.diffusers or args.taming)})
     print(json.dumps({"out": args.out, "config": cfg.to_dict(), "codes_per_image": cfg.codes_per_image,
                       "ignored_loss_tensors": len(ignored)}))
 
@@ -354,11 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
             p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
         elif name == "import-vqgan":
-            p.add_argument("--taming", required=True, help="taming / LLM-CXR Lightning .ckpt (or a bare state dict)")
+            source = p.add_mutually_exclusive_group(required=True)
+            source.add_argument("--taming", help="taming / LLM-CXR Lightning .ckpt (or a bare state dict)")
+            source.add_argument("--diffusers", help="diffusers VQModel directory (config.json + safetensors)")
             p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
             p.add_argument("--taming-config", default=None, help="taming model YAML; default: infer from shapes")
-            p.add_argument("--resolution", type=int, default=256,
-                           help="input size when inferring (weights do not record it; LLM-CXR: 256)")
+            p.add_argument("--resolution", type=int, default=None,
+                           help="--taming: input size when inferring (weights do not record it; LLM-CXR: 256)")
         elif name == "convert-weights":
             p.add_argument("net", choices=("lpips", "txv"))
             p.add_argument("--vgg16", default=None, help="torchvision vgg16 state dict (vgg16-397923af.pth)")

@@ -196,6 +196,27 @@ def test_cli_import_and_export_vqgan(pair, tmp_path, capsys):
     assert os.path.isfile(str(tmp_path / "dd" / "diffusion_pytorch_model.safetensors"))
 
 
+def test_cli_imports_a_diffusers_directory(pair, tmp_path, capsys):
+    """`import-vqgan --diffusers` reads what diffusers' own save_pretrained writes; the result encodes
+    as the diffusers model does. Taming-only options are refused with it."""
+    ref, ours = pair
+    hf = str(tmp_path / "hf_vq")
+    ref.save_pretrained(hf)
+    assert cli.main(["import-vqgan", "--diffusers", hf, "--out", str(tmp_path / "ck")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["config"] == ours.cfg.to_dict() and out["ignored_loss_tensors"] == 0
+    model, meta = checkpoint.load_vqgan(str(tmp_path / "ck"), sharding.make_mesh("-1,1,1"))
+    assert meta["source"] == os.path.abspath(hf)
+    x = images(2)
+    with torch.no_grad():
+        _, _, (_, _, idx) = ref.quantize(ref.encode(nchw(x)).latents)
+    np.testing.assert_array_equal(np.asarray(encode(model, jnp.asarray(x))[0]).reshape(-1), idx.numpy().reshape(-1))
+    assert cli.main(["import-vqgan", "--diffusers", hf, "--out", str(tmp_path / "c2"), "--resolution", "64"]) == 2
+    assert "--resolution are for --taming" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one source, not both
+        cli.main(["import-vqgan", "--diffusers", hf, "--taming", "x.ckpt", "--out", str(tmp_path / "c3")])
+
+
 def test_wrong_image_size_or_channels(pair):
     _, ours = pair
     with pytest.raises(ValueError, match=r"give \[batch, 64, 64, 3\]"):
