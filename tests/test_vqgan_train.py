@@ -92,6 +92,25 @@ def test_a_training_checkpoint_loads_as_a_vqgan(straight, tmp_path):
         checkpoint.load_vqgan(save("bare", {"step": state["step"], "usage": state["usage"]}), mesh)
 
 
+def test_a_directory_without_a_checkpoint_says_what_to_give(straight, tmp_path):
+    """A training workdir, a Hugging Face or diffusers model directory, or anything else given where a
+    checkpoint belongs: the one-line error names what to pass or the command that converts it."""
+    from llmcxr_jax import sharding
+    from llmcxr_jax.train import checkpoint
+
+    mesh = sharding.make_mesh("-1,1,1")
+    _, workdir = straight
+    with pytest.raises(FileNotFoundError, match=f"it is a training workdir: give {workdir}/checkpoints or {workdir}/vqgan$"):
+        checkpoint.load_vqgan(str(workdir), mesh)
+    for name, config, hint in (("hf", {"model_type": "gpt_neox"}, "import-hf --hf"),
+                               ("dvq", {"_class_name": "VQModel"}, "import-vqgan --diffusers"),
+                               ("other", ["not", "a", "config"], "give a directory written by `llmcxr import-hf`")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / name} holds no orbax checkpoint; .*{hint}"):
+            checkpoint.load_lm(str(tmp_path / name), mesh)
+
+
 def test_killed_and_resumed_run_is_bit_identical(straight, tmp_path):
     straight = straight[0]
     first = train_vqgan.train(small(), str(tmp_path / "b"), stop_after=3, echo=False)  # "killed" after step 3

@@ -6,6 +6,7 @@ driver and its other files, like ours, through etils.epath (llmcxr_jax.storage).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -123,9 +124,26 @@ def latest_step(directory: str) -> int:
     with _manager(directory) as mngr:
         step = mngr.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{directory} holds no orbax checkpoint; give a directory written by "
-                                "`llmcxr import-hf` or `llmcxr train`")
+        raise FileNotFoundError(f"{directory} holds no orbax checkpoint; {_instead(directory)}")
     return step
+
+
+def _instead(directory: str) -> str:
+    """What to give in place of a directory without a checkpoint, judged from what it holds."""
+    p = storage.path(directory)
+    inner = [name for name in ("checkpoints", "vqgan") if has_checkpoint(str(p / name))]
+    if inner:  # a train / train-vqgan workdir
+        return "it is a training workdir: give " + " or ".join(f"{directory.rstrip('/')}/{n}" for n in inner)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and config.get("_class_name") == "VQModel":
+        return f"it is a diffusers VQModel directory: convert it with `llmcxr import-vqgan --diffusers {directory} --out DIR`"
+    if isinstance(config, dict) and "model_type" in config:
+        return f"it is a Hugging Face model directory: convert it with `llmcxr import-hf --hf {directory} --out DIR`"
+    return ("give a directory written by `llmcxr import-hf`, `import-vqgan`, `train` (its WORKDIR/checkpoints) "
+            "or `train-vqgan` (WORKDIR/vqgan)")
 
 
 def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
