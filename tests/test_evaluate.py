@@ -116,6 +116,9 @@ def test_labels_from_a_chexpert_csv(capsys, env, tmp_path):
     (["--tasks", "report,draw"], "unknown evaluation task"),
     (["--classifier", "{tmp}/none"], "classifier.safetensors"),
     (["--batch-size", "0"], "batch_size"),
+    (["--max-images", "-3"], "max_images must be >= 0 (0: every image), got -3"),  # not a slice from the end
+    (["--max-vqa", "-1"], "max_vqa must be >= 0"),
+    (["--max-new-tokens", "-8"], "max_new_tokens must be >= 0"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -74,8 +74,11 @@ class EvalOptions:
             raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.ci_samples < 0:
-            raise ValueError(f"ci_samples must be >= 0 (0: no intervals), got {self.ci_samples}")
+        for name, zero in (("max_images", "every image"), ("max_vqa", "every question"),
+                           ("max_new_tokens", "LLM-CXR's 128"), ("grid_images", "no grids"),
+                           ("ci_samples", "no intervals")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
         if self.image_temperature is not None and not self.image_temperature > 0.0:
             raise ValueError(f"image_temperature must be > 0 (or unset: the report temperature), "
