@@ -58,3 +58,23 @@ def test_truncated_jpeg_is_an_error(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(images.ImageError, match="cut.jpg"):
         images.load_image(str(tmp_path / "cut.jpg"), 64, 1)
+
+
+@pytest.mark.parametrize("fmt, mode, scale", [("png", "I;16", 257), ("png", "I;16", 16), ("tiff", "I", 16),
+                                              ("tiff", "F", 1 / 255)])
+def test_high_bit_depth_grey_is_stretched_not_clipped(tmp_path, fmt, mode, scale):
+    """A 16-bit PNG (full range, or 12-bit DICOM values in 16 bits), a 32-bit TIFF or a float TIFF of a
+    grey ramp reads as the 8-bit ramp does; PIL's own convert gave a white image (values clipped at 255)
+    or, for floats in [0, 1], a black one."""
+    ramp = np.tile(np.arange(256, dtype=np.float64), (96, 1))  # 0..255 across, min 0 and max 255
+    Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / "eight.png")
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    wide = Image.fromarray((ramp * scale).astype(dtype), mode=mode if mode != "I;16" else None)
+    assert wide.mode == mode
+    wide.save(tmp_path / f"wide.{fmt}")
+    assert Image.open(tmp_path / f"wide.{fmt}").mode == mode
+    want = images.load_image(str(tmp_path / "eight.png"), 64, 3)
+    got = images.load_image(str(tmp_path / f"wide.{fmt}"), 64, 3)
+    np.testing.assert_array_equal(got, want)
+    alone = np.asarray(Image.open(tmp_path / f"wide.{fmt}").convert("L")).mean()  # the ramp's mean is 127.5
+    assert abs(alone - 127.5) > 100

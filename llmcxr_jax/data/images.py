@@ -13,15 +13,28 @@ class ImageError(ValueError):
     """An image file that cannot be used (unreadable, truncated, too small)."""
 
 
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float greyscale image (a PNG / TIFF converted from DICOM) -> 8-bit grey,
+    its own minimum to 0 and maximum to 255 (linear, rounded). PIL's convert would clip every value
+    above 255 and give a white image; 8-bit images, as LLM-CXR reads them, pass unchanged."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+
+
 def preprocess(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """PIL image -> [size, size, channels] float32 in [-1, 1].
 
     Shorter side resized to `size` with Lanczos (new size rounded as torchvision does),
-    then a centre crop of size x size. channels 3 converts to RGB (LLM-CXR), 1 to grey.
+    then a centre crop of size x size. channels 3 converts to RGB (LLM-CXR), 1 to grey; a
+    high-bit-depth greyscale image is first stretched to 8 bits (`_eight_bit`).
     """
     if channels not in (1, 3):
         raise ImageError(f"channels must be 1 or 3, got {channels}")
-    img = img.convert("RGB" if channels == 3 else "L")
+    img = _eight_bit(img).convert("RGB" if channels == 3 else "L")
     w, h = img.size
     s = min(w, h)
     if s <= 0:
