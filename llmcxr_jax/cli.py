@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--scan-layers", action="store_true", help="store layers stacked for lax.scan")
             p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (one may be -1)")
         elif name == "export-hf":
-            p.add_argument("--ckpt", required=True, help="orbax checkpoint directory")
+            p.add_argument("--ckpt", required=True, help="orbax LM checkpoint directory (or a train WORKDIR)")
             p.add_argument("--out", required=True, help="directory for the HF files")
             p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
             p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
             p.add_argument("--out", required=True, help="safetensors file to write")
         elif name == "generate":
-            p.add_argument("--ckpt", required=True, help="LM checkpoint (a train WORKDIR/checkpoints or import-hf output)")
-            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on")
+            p.add_argument("--ckpt", required=True, help="LM checkpoint (import-hf output, or a train WORKDIR or its checkpoints/)")
+            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on (import-vqgan output or a train-vqgan WORKDIR)")
             p.add_argument("--task", required=True, choices=("report", "image", "vqa", "text"))
             p.add_argument("--image", default=None, help="CXR image file (report, vqa)")
             p.add_argument("--report", default=None, help="report text to draw (image)")
@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--max-new-tokens", type=int, default=None)
         elif name == "evaluate":
-            p.add_argument("--ckpt", required=True, help="LM checkpoint (a train WORKDIR/checkpoints or import-hf output)")
-            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on")
+            p.add_argument("--ckpt", required=True, help="LM checkpoint (import-hf output, or a train WORKDIR or its checkpoints/)")
+            p.add_argument("--vqgan", required=True, help="VQ-GAN checkpoint whose codes the LM was trained on (import-vqgan output or a train-vqgan WORKDIR)")
             p.add_argument("--data", required=True, help="MIMIC-CXR-JPG layout root (real, or made by `llmcxr synth`)")
             p.add_argument("--out", required=True, help="directory for metrics.json, metrics.md, reports.csv, grids")
             p.add_argument("--tasks", default="report,image,vqa", help="comma-separated subset of report,image,vqa")
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", required=True, help="FILE[:VARIANT], e.g. configs/vqgan_f16_1024.py:tiny")
             p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
         elif name == "export-vqgan":
-            p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory")
+            p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory (or a train-vqgan WORKDIR)")
             p.add_argument("--format", required=True, choices=("taming", "diffusers"))
             p.add_argument("--out", required=True, help="FILE.ckpt for taming, a directory for diffusers")
         elif name == "synth":
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image-size", type=int, default=256)
             p.add_argument("--seed", type=int, default=0)
         elif name == "encode-images":
-            p.add_argument("--vqgan", required=True, help="orbax VQ-GAN checkpoint (train-vqgan's WORKDIR/vqgan or import-vqgan)")
+            p.add_argument("--vqgan", required=True, help="orbax VQ-GAN checkpoint (import-vqgan output, or a train-vqgan WORKDIR or its vqgan/)")
             p.add_argument("--data", required=True, help="MIMIC-CXR-JPG layout root (real, or made by `llmcxr synth`)")
             p.add_argument("--out", required=True, help="directory for the code shards (rerun to resume)")
             p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")

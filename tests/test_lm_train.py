@@ -157,6 +157,10 @@ def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
     got = jax.tree.map(np.asarray, nnx.state(other.model, nnx.Param).to_pure_dict())
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b)
+    by_workdir = checkpoint.load_lm(str(tmp_path), sharding.make_mesh("2,2,2"))  # the workdir stands for it
+    assert by_workdir.step == other.step and by_workdir.tokenizer is not None
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(nnx.state(by_workdir.model, nnx.Param).to_pure_dict())):
+        np.testing.assert_array_equal(a, np.asarray(b))
     # and training continues there
     more = tiny_config(setup, "--config.train.steps=3", "--config.train.eval_every=0", "--config.train.mesh=2,2,2")
     assert lm.train(more, str(tmp_path), echo=False)["step"] == 3

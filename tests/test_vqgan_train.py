@@ -92,16 +92,20 @@ def test_a_training_checkpoint_loads_as_a_vqgan(straight, tmp_path):
         checkpoint.load_vqgan(save("bare", {"step": state["step"], "usage": state["usage"]}), mesh)
 
 
-def test_a_directory_without_a_checkpoint_says_what_to_give(straight, tmp_path):
-    """A training workdir, a Hugging Face or diffusers model directory, or anything else given where a
-    checkpoint belongs: the one-line error names what to pass or the command that converts it."""
+def test_a_workdir_stands_for_its_model_and_other_directories_say_what_to_give(straight, tmp_path):
+    """A train-vqgan workdir loads its finished vqgan/ (else its latest checkpoints/ step). A Hugging
+    Face or diffusers model directory, or anything else, given where a checkpoint belongs: the one-line
+    error names the command that converts it, or what to pass."""
     from llmcxr_jax import sharding
     from llmcxr_jax.train import checkpoint
 
     mesh = sharding.make_mesh("-1,1,1")
-    _, workdir = straight
-    with pytest.raises(FileNotFoundError, match=f"it is a training workdir: give {workdir}/checkpoints or {workdir}/vqgan$"):
-        checkpoint.load_vqgan(str(workdir), mesh)
+    state, workdir = straight
+    assert checkpoint.model_dir(str(workdir), "vqgan") == str(workdir / "vqgan")
+    assert checkpoint.model_dir(str(workdir), "lm") == str(workdir / "checkpoints")
+    _same(nnx.state(checkpoint.load_vqgan(str(workdir), mesh)[0], nnx.Param).to_pure_dict(), state["ema"])
+    with pytest.raises(ValueError, match="checkpoints is not a language-model checkpoint"):
+        checkpoint.load_lm(str(workdir), mesh)
     for name, config, hint in (("hf", {"model_type": "gpt_neox"}, "import-hf --hf"),
                                ("dvq", {"_class_name": "VQModel"}, "import-vqgan --diffusers"),
                                ("other", ["not", "a", "config"], "give a directory written by `llmcxr import-hf`")):

@@ -130,20 +130,32 @@ def latest_step(directory: str) -> int:
 
 def _instead(directory: str) -> str:
     """What to give in place of a directory without a checkpoint, judged from what it holds."""
-    p = storage.path(directory)
-    inner = [name for name in ("checkpoints", "vqgan") if has_checkpoint(str(p / name))]
-    if inner:  # a train / train-vqgan workdir
-        return "it is a training workdir: give " + " or ".join(f"{directory.rstrip('/')}/{n}" for n in inner)
     try:
-        config = json.loads((p / "config.json").read_text())
+        config = json.loads((storage.path(directory) / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
     if isinstance(config, dict) and config.get("_class_name") == "VQModel":
         return f"it is a diffusers VQModel directory: convert it with `llmcxr import-vqgan --diffusers {directory} --out DIR`"
     if isinstance(config, dict) and "model_type" in config:
         return f"it is a Hugging Face model directory: convert it with `llmcxr import-hf --hf {directory} --out DIR`"
-    return ("give a directory written by `llmcxr import-hf`, `import-vqgan`, `train` (its WORKDIR/checkpoints) "
-            "or `train-vqgan` (WORKDIR/vqgan)")
+    return ("give a directory written by `llmcxr import-hf`, `import-vqgan`, `train` or `train-vqgan` (or their "
+            "workdir)")
+
+
+# Where a training workdir keeps the model each loader wants, in order of preference.
+WORKDIR_MODELS = {"lm": ("checkpoints",), "vqgan": ("vqgan", "checkpoints")}
+
+
+def model_dir(directory: str, kind: str) -> str:
+    """A checkpoint directory as given, or the one a training workdir holds for `kind`: WORKDIR/checkpoints
+    for the LM; the finished WORKDIR/vqgan, else the latest WORKDIR/checkpoints step, for the VQ-GAN."""
+    if has_checkpoint(directory):
+        return directory
+    for name in WORKDIR_MODELS[kind]:
+        inner = str(storage.path(directory) / name)
+        if has_checkpoint(inner):
+            return inner
+    return directory
 
 
 def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
@@ -192,6 +204,7 @@ def save_vqgan(directory: str, model: VQModel, *, step: int = 0, extra_metadata:
 
 def load_vqgan(directory: str, mesh: Mesh, *, step: int | None = None) -> tuple[VQModel, dict[str, Any]]:
     """A VQ-GAN from an import-vqgan or finished train-vqgan checkpoint, or from any train-vqgan step."""
+    directory = model_dir(directory, "vqgan")
     step = latest_step(directory) if step is None else step
     meta = read_metadata(directory, step)
     if "vqgan_config" not in meta:
@@ -212,7 +225,9 @@ def vqgan_weights(directory: str, step: int) -> str:
 
 def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
             remat_policy: str | None = None) -> LoadedLM:
-    """Restore params (from a params-only or full train-state checkpoint) sharded onto `mesh`."""
+    """Restore params (from a params-only or full train-state checkpoint, or a train workdir's latest)
+    sharded onto `mesh`."""
+    directory = model_dir(directory, "lm")
     step = latest_step(directory) if step is None else step
     meta = read_metadata(directory, step)
     if "model_config" not in meta:

@@ -54,11 +54,10 @@ def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: in
         if not where.exists():
             raise FileNotFoundError(f"train.init_from {source} does not exist; give a HF GPT-NeoX directory or an "
                                     "orbax LM checkpoint (import-hf output or a train workdir)")
-        workdir_ckpt = os.path.join(source, "checkpoints")
-        is_workdir = (where / "checkpoints").is_dir()
-        if (where / "config.json").is_file() and not is_workdir and not checkpoint.has_checkpoint(source):
+        ckpt_dir = checkpoint.model_dir(source, "lm")  # a train workdir stands for its checkpoints/
+        if (where / "config.json").is_file() and not (where / "checkpoints").is_dir() \
+                and not checkpoint.has_checkpoint(ckpt_dir):
             return _from_hf(config, mesh, image_codes, runtime)
-        ckpt_dir = workdir_ckpt if is_workdir else source
         lm = checkpoint.load_lm(ckpt_dir, mesh, dtype=m.dtype, remat_policy=m.remat_policy)
         if lm.config.scan_layers != m.scan_layers:
             raise ValueError(f"{source} stores layers with scan_layers={lm.config.scan_layers}; set "
