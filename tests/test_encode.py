@@ -123,6 +123,18 @@ def test_resume_refuses_another_list(vqgan_dir, image_list, full_run, mesh):
         _run(vqgan_dir, image_list + image_list[:1], full_run[0], mesh)
 
 
+def test_a_directory_of_other_files_is_not_mixed_into(vqgan_dir, image_list, mesh, tmp_path):
+    """--out pointing at, say, a tokenizer directory is refused before anything is written there."""
+    other = tmp_path / "tokenizer"
+    other.mkdir()
+    (other / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds files that are not codes \\(e.g. tokenizer.json\\)"):
+        _run(vqgan_dir, image_list, other, mesh)
+    with pytest.raises(ValueError, match="holds files that are not codes"):
+        encode.import_pickle(_llmcxr_pickle(tmp_path / "in.pkl", {"a": [0] * 256}), str(other))
+    assert os.listdir(other) == ["tokenizer.json"]
+
+
 def test_two_processes_split_shards(vqgan_dir, image_list, full_run, mesh, tmp_path):
     out = tmp_path / "codes"
     first = _run(vqgan_dir, image_list, out, mesh, process_index=0, process_count=2)

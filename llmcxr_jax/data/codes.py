@@ -136,6 +136,20 @@ def read_sidecar(out_dir: str, shard: int, num_shards: int) -> dict[str, Any] | 
     return meta
 
 
+_TEMP_RE = re.compile(r"^\.?(.*?)(\.tmp-\d+)?$")
+
+
+def check_codes_dir(out_dir: str) -> None:
+    """out_dir is new, empty or a codes directory (shards, sidecars, index.json and the temporary files
+    of their writers); a directory holding anything else is refused rather than mixed into."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    foreign = sorted(n for n in names if not (_SHARD_RE.match(_TEMP_RE.match(n).group(1))
+                                              or _TEMP_RE.match(n).group(1) == INDEX))
+    if foreign:
+        raise ValueError(f"{out_dir} holds files that are not codes (e.g. {foreign[0]}); give a new directory "
+                         "or a codes directory to resume")
+
+
 def shard_counts(out_dir: str) -> dict[int, set[int]]:
     """num_shards -> shard indices with any file (committed or not) in out_dir."""
     found: dict[int, set[int]] = collections.defaultdict(set)
@@ -372,6 +386,7 @@ def import_pickle(pkl_path: str, out_dir: str, *, codes_per_image: int = LLMCXR_
                   codebook_size: int = LLMCXR_CODEBOOK_SIZE, shard_size: int = 4096) -> dict[str, Any]:
     """LLM-CXR pickle -> a codes directory (shards + index.json). Invalid entries are left out and
     listed in the index. Returns the index."""
+    check_codes_dir(out_dir)
     table = read_codes(pkl_path, codes_per_image, codebook_size)
     os.makedirs(out_dir, exist_ok=True)
     if shard_counts(out_dir) or os.path.exists(os.path.join(out_dir, INDEX)):

@@ -197,6 +197,7 @@ def encode_images(vqgan_dir_or_model, image_list, out_dir: str, *, batch_size: i
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     local_batch = _check_batch(batch_size, mesh)
+    code_files.check_codes_dir(out_dir)
     num_shards = -(-len(items) // shard_size)
     others = set(code_files.shard_counts(out_dir)) - {num_shards}
     if others:
