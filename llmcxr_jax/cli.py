@@ -258,15 +258,29 @@ def _sampling_settings(args) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what --inputs FOLDER picks up
+
+
 def _generate_inputs(args) -> list[str]:
     """--image/--report/--text values, or one per line of --inputs FILE, or every image in a folder."""
     given = {"report": args.image, "vqa": args.image, "image": args.report, "text": args.text}[args.task]
     if args.inputs:
         if os.path.isdir(args.inputs):
-            names = sorted(n for n in os.listdir(args.inputs) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-            return [os.path.join(args.inputs, n) for n in names]
-        with open(args.inputs) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+            if args.task not in ("report", "vqa"):
+                raise ValueError(f"--inputs {args.inputs} is a folder; --task {args.task} takes a list file "
+                                 "(one input per line)")
+            names = sorted(n for n in os.listdir(args.inputs) if n.lower().endswith(IMAGE_SUFFIXES))
+            inputs = [os.path.join(args.inputs, n) for n in names]
+        elif os.path.isfile(args.inputs):
+            with open(args.inputs) as f:
+                inputs = [line.rstrip("\n") for line in f if line.strip()]
+        else:
+            raise FileNotFoundError(f"--inputs {args.inputs} does not exist; give a list file (one input per line) "
+                                    "or an image folder")
+        if not inputs:
+            what = f"no {'/'.join(IMAGE_SUFFIXES)} image" if os.path.isdir(args.inputs) else "no non-empty line"
+            raise ValueError(f"--inputs {args.inputs} has {what}; nothing to generate")
+        return inputs
     if not given:
         flag = {"report": "--image", "vqa": "--image", "image": "--report", "text": "--text"}[args.task]
         raise ValueError(f"--task {args.task} needs {flag} (or --inputs FILE/FOLDER)")

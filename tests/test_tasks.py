@@ -80,8 +80,15 @@ def test_sampling_settings_reach_the_sampler(env):
     (["--task", "report", "--image", "{image}", "--ckpt", "{lm0}"], "no image-token rows"),
     (["--task", "report", "--image", "{image}", "--temperature", "0"], "temperature must be > 0"),
     (["--task", "image", "--report", "Effusion.", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--task", "report", "--inputs", "{dir}/no_images"], "has no .jpg/.jpeg/.png image; nothing to generate"),
+    (["--task", "image", "--inputs", "{dir}/blank.txt"], "has no non-empty line; nothing to generate"),
+    (["--task", "text", "--inputs", "{dir}/absent.txt"], "does not exist; give a list file"),
+    (["--task", "text", "--inputs", "{dir}/no_images"], "is a folder; --task text takes a list file"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
+    (env["dir"] / "no_images").mkdir(exist_ok=True)
+    (env["dir"] / "no_images" / "notes.txt").write_text("not an image")
+    (env["dir"] / "blank.txt").write_text("\n  \n")
     args = [a.format(**{k: str(v) for k, v in env.items()}) for a in args]
     code, _, err = _run(capsys, env, *args, "--out", str(tmp_path / "o"))
     lines = err.strip().splitlines()

@@ -143,8 +143,8 @@ def check_codes_dir(out_dir: str) -> None:
     """out_dir is new, empty or a codes directory (shards, sidecars, index.json and the temporary files
     of their writers); a directory holding anything else is refused rather than mixed into."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    foreign = sorted(n for n in names if not (_SHARD_RE.match(_TEMP_RE.match(n).group(1))
-                                              or _TEMP_RE.match(n).group(1) == INDEX))
+    finals = {n: _TEMP_RE.match(n).group(1) for n in names}  # a temporary file's final name
+    foreign = sorted(n for n, final in finals.items() if not (_SHARD_RE.match(final) or final == INDEX))
     if foreign:
         raise ValueError(f"{out_dir} holds files that are not codes (e.g. {foreign[0]}); give a new directory "
                          "or a codes directory to resume")
