@@ -62,14 +62,17 @@ def _count_bar(total: int, desc: str, unit: str):
 def import_hf_cmd(args) -> None:
     from llmcxr_jax import sharding
     from llmcxr_jax.convert import hf_gpt_neox
+    from llmcxr_jax.data.codes import LLMCXR_CODEBOOK_SIZE
     from llmcxr_jax.train import checkpoint
 
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise ValueError(f"--out {args.out} is not empty; give a new directory")
     mesh = sharding.make_mesh(args.mesh)
     hf = hf_gpt_neox.read_hf_config(args.hf)
+    image_codes = args.image_codes if args.image_codes is not None else \
+        int(hf.get(hf_gpt_neox.IMAGE_CODES_KEY, LLMCXR_CODEBOOK_SIZE))
     with _progress(hf_gpt_neox.count_tensors(hf), "import") as tick:
-        imp = hf_gpt_neox.import_hf(args.hf, args.image_codes, mesh=mesh, new_rows=args.new_rows, seed=args.seed,
+        imp = hf_gpt_neox.import_hf(args.hf, image_codes, mesh=mesh, new_rows=args.new_rows, seed=args.seed,
                                     dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=args.scan_layers,
                                     remat_policy="none", progress=tick)
     meta = checkpoint.lm_metadata(imp.config, imp.layout, imp.special, mesh, imp.hf_config)
@@ -89,7 +92,7 @@ def export_hf_cmd(args) -> None:
     lm = checkpoint.load_lm(args.ckpt, mesh)
     with _progress(hf_gpt_neox.count_tensors(lm.config), "export") as tick:
         names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),
-                                      tokenizer=lm.tokenizer, tokenizer_config=lm.tokenizer_config,
+                                      image_codes=lm.layout.image_codes, tokenizer=lm.tokenizer, tokenizer_config=lm.tokenizer_config,
                                       special=lm.special, max_shard_bytes=_size(args.max_shard_size), progress=tick)
     print(json.dumps({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype}))
 
@@ -361,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import-hf":
             p.add_argument("--hf", required=True, help="HF GPT-NeoX directory (config.json + weights [+ tokenizer])")
             p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
-            p.add_argument("--image-codes", type=int, default=1024, help="K, the VQ-GAN codebook size (LLM-CXR: 1024)")
+            p.add_argument("--image-codes", type=int, default=None,
+                           help="K, the VQ-GAN codebook size (default: what an llmcxr export records, else "
+                                "LLM-CXR's 1024)")
             p.add_argument("--new-rows", choices=("normal", "mean"), default="normal",
                            help="init of the new rows: normal(0, initializer_range) as LLM-CXR, or the mean row")
             p.add_argument("--seed", type=int, default=0)

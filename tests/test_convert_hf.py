@@ -92,6 +92,25 @@ def test_export_reloads_in_transformers_and_matches_on_image_tokens(round_trip):
     assert np.isneginf(got[..., 341:]).all() and got.shape[-1] == 384
 
 
+def test_an_export_imports_back_with_its_own_image_rows(capsys, tmp_path, round_trip):
+    """config.json records K, so import-hf of an export needs no --image-codes and gives back every
+    row (the trained image rows too); another K is refused rather than misread. transformers keeps
+    the key as a config attribute."""
+    ckpt, out = round_trip
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["llmcxr_image_codes"] == K and load_hf(out).config.llmcxr_image_codes == K
+    again = str(tmp_path / "again")
+    assert cli.main(["import-hf", "--hf", out, "--out", again, "--dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_codes"] == K
+    mesh = sharding.make_mesh(MESH)
+    a, b = checkpoint.load_lm(ckpt, mesh), checkpoint.load_lm(again, mesh)
+    assert a.layout == b.layout
+    for x, y in zip(jax.tree.leaves(nnx.state(a.model, nnx.Param)), jax.tree.leaves(nnx.state(b.model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    err = _error(capsys, ["import-hf", "--hf", out, "--out", str(tmp_path / "o"), "--image-codes", "1024"])
+    assert f"is an LLM-CXR export with {K} image-token rows" in err and f"import it with {K} image codes" in err
+
+
 def test_exported_tokenizer_has_length_t_and_dolly_keys(round_trip):
     from transformers import AutoTokenizer
 

@@ -221,11 +221,20 @@ def model_config_from_hf(hf: dict[str, Any], layout: VocabLayout, *, dtype: str,
         dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy)
 
 
-def hf_config_from_model(cfg: GPTNeoXConfig, base: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
+# config.json key of an export that records K, the image-token rows after the text rows: import-hf
+# reads it back (a plain HF model cannot tell image rows from padding rows). transformers keeps it as
+# an attribute of the config.
+IMAGE_CODES_KEY = "llmcxr_image_codes"
+
+
+def hf_config_from_model(cfg: GPTNeoXConfig, base: dict[str, Any] | None, dtype: str,
+                         image_codes: int = 0) -> dict[str, Any]:
     """config.json for an export; readable by transformers 4.x and 5.x."""
     hf = dict(base or {})
-    for k in ("rope_scaling", "_name_or_path", "torch_dtype"):
+    for k in ("rope_scaling", "_name_or_path", "torch_dtype", IMAGE_CODES_KEY):
         hf.pop(k, None)
+    if image_codes:
+        hf[IMAGE_CODES_KEY] = int(image_codes)
     hf.update({
         "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -275,8 +284,15 @@ def resize_vocab_rows(old: np.ndarray, rows: int, init: str, std: float, rng: np
 def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "normal", seed: int = 0,
               dtype: str = "bfloat16", param_dtype: str = "float32", scan_layers: bool = False,
               remat_policy: str = "none", progress: Callable[[str], None] | None = None) -> ImportedLM:
-    """A HF GPT-NeoX directory -> our model with K image rows, each tensor placed on `mesh`."""
+    """A HF GPT-NeoX directory -> our model with K image rows, each tensor placed on `mesh`.
+
+    An llmcxr export records its K in config.json (IMAGE_CODES_KEY); another K would keep its trained
+    image rows as the first codes of a different codebook, so it is refused."""
     hf = read_hf_config(directory)
+    marked = hf.get(IMAGE_CODES_KEY)
+    if marked is not None and int(marked) != image_codes:
+        raise ValueError(f"{directory} is an LLM-CXR export with {marked} image-token rows (config.json "
+                         f"{IMAGE_CODES_KEY}); import it with {marked} image codes, not {image_codes}")
     reader = HFCheckpointReader(directory)
     tok = special = tok_cfg = None
     if vocab.has_tokenizer(directory):
@@ -391,7 +407,8 @@ def _to_host(a: jax.Array) -> np.ndarray:
 
 
 def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32", hf_config: dict | None = None,
-              tokenizer=None, tokenizer_config: dict | None = None, special: SpecialTokens | None = None,
+              image_codes: int = 0, tokenizer=None, tokenizer_config: dict | None = None,
+              special: SpecialTokens | None = None,
               max_shard_bytes: int = 5 * 1024 ** 3, progress: Callable[[str], None] | None = None) -> list[str]:
     """Write a HF GPT-NeoX directory that AutoModelForCausalLM.from_pretrained loads.
 
@@ -431,7 +448,7 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
                  "weight_map": {k: name for name, shard in zip(names, shards) for k, _, _ in shard}}
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
-    config = hf_config_from_model(model.cfg, hf_config, dtype)
+    config = hf_config_from_model(model.cfg, hf_config, dtype, image_codes)
     if special is not None:
         config.update(eos_token_id=special.eos_id, pad_token_id=special.pad_id)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -170,7 +170,8 @@ def export(config, p: Paths) -> dict:
     from llmcxr_jax.train import checkpoint
 
     lm = checkpoint.load_lm(p.lm, sharding.make_mesh("1,-1,1"), dtype="float32")
-    files = hf_gpt_neox.export_hf(lm.model, p.hf, hf_config=lm.metadata.get("hf_config"), tokenizer=lm.tokenizer,
+    files = hf_gpt_neox.export_hf(lm.model, p.hf, hf_config=lm.metadata.get("hf_config"),
+                                  image_codes=lm.layout.image_codes, tokenizer=lm.tokenizer,
                                   tokenizer_config=lm.tokenizer_config, special=lm.special)
     model, _ = checkpoint.load_vqgan(p.vqgan_model, sharding.make_mesh("-1,1,1"))
     diffusers_vqgan.export_diffusers(model, p.diffusers)
