@@ -219,6 +219,15 @@ def test_pickle_import_export_round_trip(tmp_path):
         back = pickle.load(f)  # what LLM-CXR's training code does
     assert back == data and type(back) is dict
     assert all(type(c) is int for v in back.values() for c in v)
+    # into a folder that does not exist yet; and a pickle with no entry of the expected length is an
+    # error that names the flags, with nothing written (it used to import 0 images and succeed)
+    assert encode.export_pickle(str(tmp_path / "codes"), str(tmp_path / "new" / "dir" / "out.pkl")) == 7
+    short = _llmcxr_pickle(tmp_path / "short.pkl", {f"id{n}": [1] * 64 for n in range(3)})
+    with pytest.raises(ValueError, match=r"no entry of 256 codes in \[0, 1024\) \(skipped: \{'wrong_length': 3\}\); "
+                                         r"give .* \(--codes-per-image, --codebook-size\)"):
+        encode.import_pickle(short, str(tmp_path / "c64"))
+    assert not (tmp_path / "c64").exists()
+    assert encode.import_pickle(short, str(tmp_path / "c64"), codes_per_image=64)["num_codes"] == 3
 
 
 def test_pickle_with_numpy_values(tmp_path):

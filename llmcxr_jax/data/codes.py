@@ -388,6 +388,11 @@ def import_pickle(pkl_path: str, out_dir: str, *, codes_per_image: int = LLMCXR_
     listed in the index. Returns the index."""
     check_codes_dir(out_dir)
     table = read_codes(pkl_path, codes_per_image, codebook_size)
+    if not len(table):
+        reasons = collections.Counter(r for _, r in table.skipped_items)
+        raise ValueError(f"{pkl_path} has no entry of {codes_per_image} codes in [0, {codebook_size}) (skipped: "
+                         f"{dict(reasons)}); give the codes per image and codebook size it was made with "
+                         "(--codes-per-image, --codebook-size)")
     os.makedirs(out_dir, exist_ok=True)
     if shard_counts(out_dir) or os.path.exists(os.path.join(out_dir, INDEX)):
         raise ValueError(f"{out_dir} already holds codes; import into an empty directory")
@@ -409,6 +414,7 @@ def export_pickle(codes_dir: str, pkl_path: str) -> int:
     Returns the number of entries."""
     table = read_codes(codes_dir)
     data = {i: table[i].tolist() for i in table}  # plain Python ints, as encode_cxr_all.py stores
+    os.makedirs(os.path.dirname(os.path.abspath(pkl_path)), exist_ok=True)
     tmp = f"{pkl_path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         pickle.dump(data, f, protocol=4)
