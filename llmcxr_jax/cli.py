@@ -498,11 +498,21 @@ def main(argv: list[str] | None = None) -> int:
 
             initialize_distributed()  # from SLURM / TPU pod / LLMCXR_* env; nothing on one process
         fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"llmcxr {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"llmcxr {args.command}: error: {_error_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _error_message(e: Exception) -> str:
+    """One line for a bad input: our own messages as they are; an operating-system error as its path and
+    reason (a file where an output directory should go, a full disk) rather than a traceback."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        hint = {FileExistsError: "; give a new directory path", NotADirectoryError: " (part of the path is a file)"}
+        return f"{e.filename}: {e.strerror}{hint.get(type(e), '')}"
+    return str(e)
 
 
 if __name__ == "__main__":

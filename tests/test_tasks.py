@@ -84,13 +84,15 @@ def test_sampling_settings_reach_the_sampler(env):
     (["--task", "image", "--inputs", "{dir}/blank.txt"], "has no non-empty line; nothing to generate"),
     (["--task", "text", "--inputs", "{dir}/absent.txt"], "does not exist; give a list file"),
     (["--task", "text", "--inputs", "{dir}/no_images"], "is a folder; --task text takes a list file"),
+    (["--task", "text", "--text", "Hi.", "--out", "{dir}/blank.txt"], "blank.txt: File exists; give a new directory"),
+    (["--task", "text", "--text", "Hi.", "--out", "{dir}/blank.txt/o"], "o: Not a directory (part of the path is a file)"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     (env["dir"] / "no_images").mkdir(exist_ok=True)
     (env["dir"] / "no_images" / "notes.txt").write_text("not an image")
     (env["dir"] / "blank.txt").write_text("\n  \n")
     args = [a.format(**{k: str(v) for k, v in env.items()}) for a in args]
-    code, _, err = _run(capsys, env, *args, "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, env, "--out", str(tmp_path / "o"), *args)  # an --out in args comes last and wins
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
 
