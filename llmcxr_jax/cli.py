@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="CheXpert labeler / CheXbert CSV over OUT/reference_reports.csv (default: ours)")
             p.add_argument("--generated-labels", default="",
                            help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
-            p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid")
+            p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid (0: no grids)")
             p.add_argument("--ci-samples", type=int, default=1000,
                            help="bootstrap resamples for per-finding 95%% intervals (0: none)")
             p.add_argument("--reports-root", default=None, help="unzipped mimic-cxr-reports root; default DATA/reports")

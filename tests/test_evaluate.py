@@ -75,6 +75,14 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert "LLM-CXR (paper)" in err  # the table is printed too
 
 
+def test_grid_images_zero_draws_no_grid(capsys, env, tmp_path):
+    """0 columns means no grids (it divided by zero in the grid loop)."""
+    code, _, err = _evaluate(capsys, env, tmp_path, "--tasks", "image", "--max-images", "2", "--grid-images", "0",
+                             "--batch-size", "2", "--ci-samples", "0")
+    assert code == 0, err
+    assert (tmp_path / "metrics.json").is_file() and not list(tmp_path.glob("grid_*.png"))
+
+
 @pytest.mark.parametrize("args, message", [(["--temperature", "-1"], "temperature must be > 0"),
                                            (["--image-temperature", "0"], "image_temperature must be > 0"),
                                            (["--top-k", "-2"], "top_k must be >= 0")])

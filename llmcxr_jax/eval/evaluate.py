@@ -247,6 +247,8 @@ class Evaluation:
 
     def _grids(self, real: np.ndarray, fake: np.ndarray) -> None:
         k = self.opts.grid_images
+        if k == 0:  # no grids asked for
+            return
         for g, start in enumerate(range(0, min(len(real), 2 * k), k)):  # at most two grids
             sl = slice(start, min(len(real), start + k))
             report_card.write_grid(os.path.join(self.out, f"grid_{g}.png"), real[sl], fake[sl], self.references[sl])
