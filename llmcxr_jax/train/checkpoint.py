@@ -170,13 +170,15 @@ def _state_tree(directory: str, step: int) -> dict[str, Any]:
     return dict(getattr(meta, "tree", meta))
 
 
-def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, key: str = "params") -> nnx.Module:
+def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, key: str = "params",
+                   saved: dict[str, Any] | None = None) -> nnx.Module:
     """Fill an abstract module's Params from item state[key], each placed by the rules table.
 
     Works on params-only and full train-state checkpoints (the rest of the state is not read). A
-    parameter the checkpoint does not hold is an error, not a silently abstract leaf.
+    parameter the checkpoint does not hold is an error, not a silently abstract leaf. `saved`: the
+    state's metadata tree when the caller has read it already.
     """
-    saved = _state_tree(directory, step)
+    saved = _state_tree(directory, step) if saved is None else saved
     if key not in saved:
         raise ValueError(f"{directory} step {step} holds no '{key}' weights (its state has {', '.join(sorted(saved))}); "
                          "give a model checkpoint")
@@ -210,14 +212,14 @@ def load_vqgan(directory: str, mesh: Mesh, *, step: int | None = None) -> tuple[
     if "vqgan_config" not in meta:
         raise ValueError(f"{directory} is not a VQ-GAN checkpoint (its metadata has no vqgan_config)")
     cfg = VQGANConfig.from_dict(meta["vqgan_config"])
-    return restore_module(directory, step, abstract_vqgan(cfg), mesh, vqgan_weights(directory, step)), meta
-
-
-def vqgan_weights(directory: str, step: int) -> str:
-    """Which weights of a VQ-GAN checkpoint to load: "params" (import-vqgan, or train-vqgan's finished
-    WORKDIR/vqgan), else those of a train-vqgan WORKDIR/checkpoints step: its EMA when the run keeps one,
-    the generator otherwise (what train-vqgan exports when it finishes)."""
     saved = _state_tree(directory, step)
+    return restore_module(directory, step, abstract_vqgan(cfg), mesh, vqgan_weights(saved), saved), meta
+
+
+def vqgan_weights(saved: dict[str, Any]) -> str:
+    """Which weights of a saved VQ-GAN state tree to load: "params" (import-vqgan, or train-vqgan's
+    finished WORKDIR/vqgan), else those of a train-vqgan WORKDIR/checkpoints step: its EMA when the run
+    keeps one, the generator otherwise (what train-vqgan exports when it finishes)."""
     if "params" in saved or "gen" not in saved:
         return "params"
     return "ema" if saved.get("ema") else "gen"
