@@ -24,6 +24,9 @@ setup(
         "pillow>=10",
         "array_record>=0.8",
         "tensorflow-datasets>=4.9.10,<5",  # builder + data_source only; no TensorFlow needed
+        "scipy>=1.11",  # FID's matrix square root (scipy.linalg.sqrtm, as pytorch-fid)
+        "scikit-learn>=1.4",  # F1 / precision / recall / Jaccard / AUROC
+        "pycocoevalcap==1.2",  # BLEU-1..4 / ROUGE-L / CIDEr-D scorers
     ],
     extras_require={
         "test": [
@@ -36,9 +39,11 @@ setup(
             "pyyaml>=6",
             "tensorboard>=2.16",  # only to check that our event files parse with TensorBoard's protos
             "scikit-image>=0.22",  # SSIM reference
+            "ruff>=0.6",  # lint (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
+            "import-linter>=2.1",  # layer contract (pyproject.toml [tool.importlinter])
         ],
         "tpu": ["libtpu==0.0.42.*"],
         "gcs": ["gcsfs", "google-cloud-storage"],  # gs:// workdirs (etils.epath and orbax)
     },
-    entry_points={"console_scripts": ["llmcxr=llmcxr_jax.cli:main"]},
+    entry_points={"console_scripts": ["llmcxr=llmcxr_jax.cli.main:main"]},
 )

@@ -92,8 +92,8 @@ def bench_encode(args) -> dict:
 def lm_inputs(directory: str, num_images: int, codes_per_image: int, codebook: int, seed: int = 0):
     """A synthetic corpus -> (tokenizer, special, layout, image_text, vqa, text, codes) with random
     codes standing in for encoded images (their values do not change the pipeline's cost)."""
-    from llmcxr_jax import vocab
-    from llmcxr_jax.data import lm_batches, mimic_cxr, synthetic, text_tokenizer
+    from llmcxr_jax import synthetic, vocab
+    from llmcxr_jax.data import lm_batches, mimic_cxr, text_tokenizer
 
     root = os.path.join(directory, "corpus")
     synthetic.synthesize(root, num_images=num_images, image_size=32, seed=seed)
@@ -173,6 +173,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from llmcxr_jax import distributed
+
+    distributed.mark_absl_flags_parsed()  # grain workers (--workers)
     args = parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(BENCHMARKS)

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmcxr_jax import sharding
-from llmcxr_jax.train import checkpoint
+from llmcxr_jax import checkpoint, sharding
 
 
 def main():

@@ -123,7 +123,8 @@ def stop_script(timeout_s: int) -> str:
     return _script(
         *WORKER_ID, "s=", "pid=",
         f'if [ -f "{_state_file()}" ]; then read s pid rc <"{_state_file()}"; fi',
-        f'if ! [ "$s" = RUNNING ] || ! {{ {ALIVE}; }}; then echo "llmcxr stop worker=$wid: nothing running"; exit 0; fi',
+        f'if ! [ "$s" = RUNNING ] || ! {{ {ALIVE}; }}; then '
+        'echo "llmcxr stop worker=$wid: nothing running"; exit 0; fi',
         'kill -TERM "$pid"',
         f'for i in $(seq {timeout_s}); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done',
         f'if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; echo "llmcxr stop worker=$wid pid=$pid: killed after '

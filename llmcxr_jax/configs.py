@@ -9,9 +9,11 @@ import ast
 import dataclasses
 import importlib.util
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
+
+from llmcxr_jax.errors import MissingInputError, UsageError
 
 
 def dataclass_from_dict(cls, d: dict, what: str):
@@ -19,19 +21,19 @@ def dataclass_from_dict(cls, d: dict, what: str):
     names = {f.name for f in dataclasses.fields(cls)}
     missing = names - set(d)
     if missing:
-        raise ValueError(f"{what} lacks {sorted(missing)}")
+        raise UsageError(f"{what} lacks {sorted(missing)}")
     return cls(**{k: d[k] for k in names})
 
 
 def _load_module(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise MissingInputError(f"config file {path} does not exist")
     name = "llmcxr_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config(arg)")
+        raise UsageError(f"config file {path} defines no get_config(arg)")
     return module
 
 
@@ -54,7 +56,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         key, sep, text = item.partition("=")
         key = key.removeprefix("--config.").removeprefix("config.")
         if not sep:
-            raise ValueError(f"override {item!r} is not KEY=VALUE")
+            raise UsageError(f"override {item!r} is not KEY=VALUE")
         parent, leaf = _parent(cfg, key)
         old = parent[leaf]
         parent[leaf] = _parse_like(old, text, key)
@@ -65,7 +67,7 @@ def _parent(cfg: ml_collections.ConfigDict, key: str):
     parts = key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise KeyError(f"config has no key {'.'.join(parts[:i + 1])!r} (override {key})")
+            raise UsageError(f"config has no key {'.'.join(parts[:i + 1])!r} (override {key})")
         if i < len(parts) - 1:
             node = node[part]
     return node, parts[-1]
@@ -74,22 +76,22 @@ def _parent(cfg: ml_collections.ConfigDict, key: str):
 def _parse_like(old, text: str, key: str):
     if isinstance(old, bool):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"config key {key} is a bool; got {text!r}")
+            raise UsageError(f"config key {key} is a bool; got {text!r}")
         return text.lower() in ("true", "1")
     if isinstance(old, int) and not isinstance(old, bool):
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"config key {key} is an int; got {text!r}") from None
+            raise UsageError(f"config key {key} is an int; got {text!r}") from None
     if isinstance(old, float):
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"config key {key} is a float; got {text!r}") from None
+            raise UsageError(f"config key {key} is a float; got {text!r}") from None
     if isinstance(old, str):
         return text
     if isinstance(old, ml_collections.ConfigDict):
-        raise ValueError(f"config key {key} is a section; override its fields instead")
+        raise UsageError(f"config key {key} is a section; override its fields instead")
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -103,7 +105,7 @@ def sweep_run_config(sweep_file: str, sweep: dict, run: str | None) -> ml_collec
     names = tuple(sweep["runs"])
     run = run or names[0]
     if run not in names:
-        raise ValueError(f"unknown run {run!r}; choose one of {names}")
+        raise UsageError(f"unknown run {run!r}; choose one of {names}")
     spec = sweep["runs"][run]
     spec = spec if isinstance(spec, dict) else {"overrides": spec}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sweep_file))))

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+
+from llmcxr_jax.errors import UsageError
 
 DEFAULT_PORT = 12355  # LLMCXR_COORDINATOR given as a bare host
 
@@ -49,7 +52,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
         for part in ranges.split(","):
             lo, _, hi = part.partition("-")
             if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"cannot parse SLURM node list {nodelist!r} at {part!r}")
+                raise UsageError(f"cannot parse SLURM node list {nodelist!r} at {part!r}")
             for n in range(int(lo), int(hi or lo) + 1):
                 hosts.extend(expand_nodelist(f"{prefix}{n:0{len(lo)}d}{rest}"))
     return hosts
@@ -64,7 +67,7 @@ def _tasks_per_node(env: Mapping[str, str]) -> int:
     for part in spec.split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not m:
-            raise ValueError(f"cannot parse SLURM tasks per node {spec!r}")
+            raise UsageError(f"cannot parse SLURM tasks per node {spec!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     node = int(env.get("SLURM_NODEID", 0))
     return counts[node] if node < len(counts) else counts[-1]
@@ -72,18 +75,18 @@ def _tasks_per_node(env: Mapping[str, str]) -> int:
 
 def _int(env: Mapping[str, str], key: str) -> int:
     if key not in env:
-        raise ValueError(f"{key} is not set; the launcher must set it for every process")
+        raise UsageError(f"{key} is not set; the launcher must set it for every process")
     try:
         return int(env[key])
     except ValueError:
-        raise ValueError(f"{key}={env[key]!r} is not an integer") from None
+        raise UsageError(f"{key}={env[key]!r} is not an integer") from None
 
 
 def _id_list(text: str, where: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"{where}={text!r} must be comma-separated device ids, e.g. 0,1") from None
+        raise UsageError(f"{where}={text!r} must be comma-separated device ids, e.g. 0,1") from None
 
 
 def _with_port(address: str, port: int) -> str:
@@ -96,7 +99,7 @@ def _env_plan(env: Mapping[str, str]) -> DistributedPlan:
     if switch in ("off", "single", "none"):
         return DistributedPlan("single")
     if switch not in ("", "tpu", "auto"):
-        raise ValueError(f"LLMCXR_DISTRIBUTED={switch!r} must be one of off, tpu, auto (or unset)")
+        raise UsageError(f"LLMCXR_DISTRIBUTED={switch!r} must be one of off, tpu, auto (or unset)")
     port = _int(env, "LLMCXR_COORDINATOR_PORT") if "LLMCXR_COORDINATOR_PORT" in env else None
     local = _id_list(env["LLMCXR_LOCAL_DEVICE_IDS"], "LLMCXR_LOCAL_DEVICE_IDS") if env.get(
         "LLMCXR_LOCAL_DEVICE_IDS") else None
@@ -108,7 +111,7 @@ def _env_plan(env: Mapping[str, str]) -> DistributedPlan:
     if "SLURM_JOB_ID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodes:
-            raise ValueError("SLURM job without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; launch the workers with srun")
+            raise UsageError("SLURM job without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST; launch the workers with srun")
         # The job id picks the port (as JAX's own SLURM detection does) so jobs sharing a node don't collide.
         port = port or 61440 + _int(env, "SLURM_JOB_ID") % 4096
         if local is None and _tasks_per_node(env) > 1 and "SLURM_LOCALID" in env:
@@ -146,14 +149,14 @@ def resolve_distributed(env: Mapping[str, str] = os.environ, coordinator_address
     if plan.num_processes == 1 and plan.process_id in (None, 0):
         return DistributedPlan("single")
     if missing:
-        raise ValueError(f"multi-process start-up ({plan.mode}) is missing the {', '.join(missing)}")
+        raise UsageError(f"multi-process start-up ({plan.mode}) is missing the {', '.join(missing)}")
     if plan.num_processes < 1:
-        raise ValueError(f"process count must be >= 1, got {plan.num_processes}")
+        raise UsageError(f"process count must be >= 1, got {plan.num_processes}")
     if not 0 <= plan.process_id < plan.num_processes:
-        raise ValueError(f"process id {plan.process_id} is outside [0, {plan.num_processes}); "
+        raise UsageError(f"process id {plan.process_id} is outside [0, {plan.num_processes}); "
                          "give each process a distinct id from 0 to the process count - 1")
     if not re.fullmatch(r"\S+:\d+", plan.coordinator):
-        raise ValueError(f"coordinator address {plan.coordinator!r} must be host:port")
+        raise UsageError(f"coordinator address {plan.coordinator!r} must be host:port")
     return plan
 
 
@@ -188,3 +191,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         plan = dataclasses.replace(plan, num_processes=1, process_id=0)
     _DONE = plan.describe()
     return _DONE
+
+
+def mark_absl_flags_parsed() -> None:
+    """grain hands absl flags to its worker processes and refuses unparsed ones. Entry points that
+    take their options elsewhere (the `llmcxr` command, the tests, the benchmarks) call this once at
+    start; a program of your own that runs grain workers calls it, or absl's app.run, too."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -7,12 +7,15 @@ silent replicate.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llmcxr_jax.errors import UsageError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over
@@ -55,16 +58,16 @@ def parse_mesh_shape(spec: str | Sequence[int], num_devices: int) -> tuple[int, 
     """"data,fsdp,tensor" sizes with at most one -1 inferred -> a shape that uses every device."""
     sizes = [int(s) for s in (spec.split(",") if isinstance(spec, str) else spec)]
     if len(sizes) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {spec!r} needs {len(MESH_AXES)} sizes for {','.join(MESH_AXES)}")
+        raise UsageError(f"mesh shape {spec!r} needs {len(MESH_AXES)} sizes for {','.join(MESH_AXES)}")
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh shape {spec!r}: sizes must be positive with at most one -1")
+        raise UsageError(f"mesh shape {spec!r}: sizes must be positive with at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh shape {spec!r} does not divide {num_devices} devices")
+            raise UsageError(f"mesh shape {spec!r} does not divide {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
-        raise ValueError(f"mesh shape {tuple(sizes)} uses {int(np.prod(sizes))} devices but {num_devices} are present; "
+        raise UsageError(f"mesh shape {tuple(sizes)} uses {int(np.prod(sizes))} devices but {num_devices} are present; "
                          "make the product equal the device count or use -1 for one axis")
     return tuple(sizes)  # type: ignore[return-value]
 
@@ -95,7 +98,7 @@ def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
             axes.append(None)
             continue
         if name not in LOGICAL_AXIS_RULES:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_AXIS_RULES in sharding.py")
+            raise UsageError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_AXIS_RULES in sharding.py")
         axes.append(LOGICAL_AXIS_RULES[name])
     return PartitionSpec(*axes)
 
@@ -117,7 +120,7 @@ def param_logical_axes(state: nnx.State) -> nnx.State:
         names = var.get_metadata().get("logical_axes")
         if names is None or len(names) != np.ndim(var.get_value()):
             where = "/".join(str(p) for p in path)
-            raise ValueError(f"parameter {where} has no logical axis names for all {np.ndim(var.get_value())} dims")
+            raise UsageError(f"parameter {where} has no logical axis names for all {np.ndim(var.get_value())} dims")
         return tuple(names)
 
     return nnx.map_state(axes, state)
@@ -205,7 +208,7 @@ def check_param_sharding(state_or_model, mesh: Mesh, *, min_bytes: int = REPLICA
                         f"{dict(mesh.shape)} [{'; '.join(too_big)}] -> map one of their logical axes to 'fsdp' or "
                         "'tensor' in LOGICAL_AXIS_RULES, or pick mesh sizes that divide those dims")
     if problems:
-        raise ValueError("parameter sharding check failed: " + " | ".join(problems))
+        raise UsageError("parameter sharding check failed: " + " | ".join(problems))
     return {"param_bytes": total, "bytes_per_device": per_device, "replicated_bytes": replicated,
             "largest_replicated": largest}
 
@@ -224,7 +227,7 @@ def _local_shard_counts(sharding: NamedSharding, ndim: int) -> list[tuple[int, i
 
 
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
-                 spec: PartitionSpec = PartitionSpec(BATCH_AXES)) -> dict[str, jax.Array]:
+                 spec: PartitionSpec = PartitionSpec(BATCH_AXES)) -> dict[str, jax.Array]:  # noqa: B008 (immutable)
     """This host's rows of every array -> global jax.Arrays laid out by `spec` over `mesh`.
 
     Each process passes its own slice (rows for its devices); the global batch has
@@ -235,11 +238,11 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh,
     for key, value in host_batch.items():
         value = np.asarray(value)
         if value.ndim < len(spec):
-            raise ValueError(f"batch[{key!r}] has {value.ndim} dims but the batch spec {spec} names {len(spec)}")
+            raise UsageError(f"batch[{key!r}] has {value.ndim} dims but the batch spec {spec} names {len(spec)}")
         global_shape = []
         for dim, (size, (local, total)) in enumerate(zip(value.shape, _local_shard_counts(sharding, value.ndim))):
             if size % local:
-                raise ValueError(f"batch[{key!r}] dim {dim} has {size} rows on this host, which does not divide over "
+                raise UsageError(f"batch[{key!r}] dim {dim} has {size} rows on this host, which does not divide over "
                                  f"its {local} shards of mesh {dict(mesh.shape)} (spec {spec}); make the per-host "
                                  f"batch a multiple of {local}")
             global_shape.append(size // local * total)

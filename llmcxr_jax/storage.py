@@ -10,6 +10,8 @@ import os
 
 from etils import epath
 
+from llmcxr_jax.errors import UsageError
+
 
 def is_remote(p) -> bool:
     """gs://, s3:// and the other URLs epath knows; anything else is a local path."""
@@ -41,7 +43,7 @@ def require_packages(scheme: str) -> None:
     missing = [] if _installed("gcsfs") or _installed("tensorflow") else ["gcsfs"]
     missing += [] if _installed("google.cloud.storage") else ["google-cloud-storage"]
     if missing:
-        raise ValueError(f"gs:// paths need {' and '.join(missing)}; pip install {' '.join(missing)} (or "
+        raise UsageError(f"gs:// paths need {' and '.join(missing)}; pip install {' '.join(missing)} (or "
                          "llmcxr-jax[gcs]) on every host")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from llmcxr_jax import storage
+from llmcxr_jax.errors import MissingInputError, UsageError
 
 # Dolly / LLM-CXR prompt keys; their exact strings matter for checkpoint compatibility.
 INSTRUCTION_KEY = "### Instruction:"
@@ -33,16 +34,16 @@ class VocabLayout:
     padded_size: int  # rows stored in embed_in / embed_out
 
     @classmethod
-    def create(cls, text_size: int, image_codes: int, tensor_parallelism: int = 1) -> "VocabLayout":
+    def create(cls, text_size: int, image_codes: int, tensor_parallelism: int = 1) -> VocabLayout:
         if text_size <= 0 or image_codes < 0:
-            raise ValueError(f"vocabulary needs text_size > 0 and image_codes >= 0, got {text_size}, {image_codes}")
+            raise UsageError(f"vocabulary needs text_size > 0 and image_codes >= 0, got {text_size}, {image_codes}")
         multiple = math.lcm(TABLE_MULTIPLE, int(tensor_parallelism))
         padded = -(-(text_size + image_codes) // multiple) * multiple
         return cls(text_size=int(text_size), image_codes=int(image_codes), padded_size=int(padded))
 
     def __post_init__(self):
         if self.padded_size < self.size:
-            raise ValueError(f"padded_size {self.padded_size} is smaller than T + K = {self.size}")
+            raise UsageError(f"padded_size {self.padded_size} is smaller than T + K = {self.size}")
 
     @property
     def size(self) -> int:
@@ -59,7 +60,7 @@ class VocabLayout:
         arr = np.asarray(codes)
         if arr.size and (arr.min() < 0 or arr.max() >= self.image_codes):
             bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
-            raise ValueError(f"image code {bad} is outside the codebook [0, {self.image_codes})")
+            raise UsageError(f"image code {bad} is outside the codebook [0, {self.image_codes})")
         out = arr.astype(np.int64) + self.text_size
         return int(out) if np.ndim(codes) == 0 else out
 
@@ -68,7 +69,8 @@ class VocabLayout:
         arr = np.asarray(token_ids)
         if arr.size and not np.all(self.is_image_token(arr)):
             bad = arr[~self.is_image_token(arr)].ravel()[0]
-            raise ValueError(f"token id {int(bad)} is not an image token (image ids are {self.text_size}..{self.size - 1})")
+            raise UsageError(f"token id {int(bad)} is not an image token "
+                             f"(image ids are {self.text_size}..{self.size - 1})")
         out = arr.astype(np.int64) - self.text_size
         return int(out) if np.ndim(token_ids) == 0 else out
 
@@ -82,7 +84,7 @@ class VocabLayout:
 
     def check_tensor_parallelism(self, tensor: int) -> None:
         if self.padded_size % tensor:
-            raise ValueError(
+            raise UsageError(
                 f"vocabulary table of {self.padded_size} rows does not split over tensor axis {tensor}; "
                 f"use a tensor size dividing {self.padded_size}")
 
@@ -90,7 +92,7 @@ class VocabLayout:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VocabLayout":
+    def from_dict(cls, d: dict[str, Any]) -> VocabLayout:
         return cls(text_size=int(d["text_size"]), image_codes=int(d["image_codes"]), padded_size=int(d["padded_size"]))
 
 
@@ -108,7 +110,7 @@ class SpecialTokens:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SpecialTokens":
+    def from_dict(cls, d: dict[str, Any]) -> SpecialTokens:
         return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls)})
 
 
@@ -129,7 +131,7 @@ def load_tokenizer(directory: str):
 
     folder = storage.path(directory)  # local or gs://
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
+        raise MissingInputError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
     tok = Tokenizer.from_str((folder / "tokenizer.json").read_text(encoding="utf-8"))
     cfg = _read_json(folder / "tokenizer_config.json")
     smap = _read_json(folder / "special_tokens_map.json")
@@ -138,7 +140,7 @@ def load_tokenizer(directory: str):
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     eos = _token_content(cfg.get("eos_token") or smap.get("eos_token"))
     if eos is None or tok.token_to_id(eos) is None:
-        raise ValueError(f"tokenizer in {directory} names no eos_token that exists in its vocabulary")
+        raise UsageError(f"tokenizer in {directory} names no eos_token that exists in its vocabulary")
     pad = _token_content(cfg.get("pad_token") or smap.get("pad_token")) or eos
     if tok.token_to_id(pad) is None:
         pad = eos

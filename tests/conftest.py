@@ -10,6 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from llmcxr_jax import distributed  # noqa: E402
+
+distributed.mark_absl_flags_parsed()  # grain workers in the tests, as the llmcxr entry point does
 # Runs that rebuild the same jitted step (resume tests) reuse its compilation.
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

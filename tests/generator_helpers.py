@@ -1,9 +1,8 @@
 """A random tiny LM checkpoint (with tokenizer and special ids) and VQ-GAN config for the tests of
 generation and evaluation."""
-from llmcxr_jax import sharding, vocab
+from llmcxr_jax import checkpoint, sharding, vocab
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
 from llmcxr_jax.models.vqgan import VQGANConfig
-from llmcxr_jax.train import checkpoint
 
 # 32 px, 3 downsamplings: a 4 x 4 latent = 16 codes, K = 64
 VQ = VQGANConfig(resolution=32, in_channels=3, out_channels=3, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1,

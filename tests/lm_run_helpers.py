@@ -5,9 +5,9 @@ import pickle
 
 import numpy as np
 
-from llmcxr_jax import configs
+from llmcxr_jax import configs, synthetic
 from llmcxr_jax.data import codes as code_files
-from llmcxr_jax.data import mimic_cxr, synthetic, text_tokenizer
+from llmcxr_jax.data import mimic_cxr, text_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STAGE1 = os.path.join(ROOT, "configs", "llmcxr_stage1.py")

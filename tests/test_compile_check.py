@@ -3,6 +3,7 @@ ahead-of-time compiles of a GPT-NeoX train step: CPU stand-ins for gpu:2x4 alway
 (fits) and v5e-4 (pythia-12b without fsdp: does not fit) with `-m tpu` when libtpu is installed."""
 import importlib.util
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import gpt_neox as gpt_neox_configs
-from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, count_params, model_flops_per_token
 from llmcxr_jax.sharding import param_shardings
 from llmcxr_jax.train import compile_check as cc
 from llmcxr_jax.train import topologies
@@ -118,6 +119,23 @@ def test_chip_table_matches_the_vendor_data_sheets():
         [(32, 275e12), (95, 459e12), (16, 197e12), (32, 918e12)]
     assert [(g[k].hbm_bytes / 1e9, g[k].peak_flops) for k in ("a100-40g", "a100-80g", "h100", "h200")] == \
         [(40, 312e12), (80, 312e12), (80, 989e12), (141, 989e12)]
+
+
+@pytest.mark.parametrize("platform, kind, peak", [
+    ("gpu", "NVIDIA H100 80GB HBM3", 989e12), ("gpu", "NVIDIA H200", 989e12), ("gpu", "NVIDIA A100-SXM4-40GB", 312e12),
+    ("gpu", "NVIDIA A100-SXM4-80GB", 312e12), ("gpu", "Tesla T4", 0.0), ("tpu", "TPU v4", 275e12),
+    ("tpu", "TPU v5 lite", 197e12), ("tpu", "TPU v6 lite", 918e12), ("tpu", "TPU v5", 459e12), ("tpu", "TPU v7x", 0.0),
+    ("cpu", "cpu", 0.0),
+])
+def test_peak_flops_of_a_device_come_from_the_chip_table(platform, kind, peak):
+    assert topologies.peak_flops(types.SimpleNamespace(platform=platform, device_kind=kind)) == peak
+
+
+def test_model_flops_per_token_counts_matmul_params_and_attention():
+    cfg = model_config("dolly-v2-3b")
+    matmul = count_params(cfg) - cfg.padded_vocab_size * cfg.hidden_size  # embed_in is a lookup
+    assert model_flops_per_token(cfg, 2048) == 6.0 * matmul + 12.0 * cfg.num_layers * cfg.hidden_size * 2048
+    assert model_flops(cfg, 8, 2048) == 8 * 2048 * model_flops_per_token(cfg, 2048)  # the stand-in step's count
 
 
 def test_slice_counts_and_gpu_shapes():

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from llmcxr_jax import configs
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, count_params
 from llmcxr_jax.vocab import VocabLayout
 
@@ -28,7 +29,7 @@ def test_overrides_change_typed_values_and_reject_unknown_keys():
     path = os.path.join(ROOT, "gpt_neox.py")
     cfg = configs.load_config(f"{path}:tiny", ["--config.num_layers=3", "config.dtype=float32", "scan_layers=true"])
     assert cfg.num_layers == 3 and cfg.dtype == "float32" and cfg.scan_layers is True
-    with pytest.raises(KeyError, match="config has no key 'num_layer'"):
+    with pytest.raises(UsageError, match="config has no key 'num_layer'"):
         configs.load_config(f"{path}:tiny", ["num_layer=3"])
     with pytest.raises(ValueError, match="num_layers is an int"):
         configs.load_config(f"{path}:tiny", ["num_layers=three"])
@@ -43,7 +44,8 @@ def test_overrides_change_typed_values_and_reject_unknown_keys():
 def test_variant_parameter_count_equals_transformers(variant):
     """Same shapes as HF GPT-NeoX (built on the meta device), plus K image rows in both tables."""
     import torch
-    from transformers import GPTNeoXConfig as HFConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig as HFConfig
+    from transformers import GPTNeoXForCausalLM
 
     c = configs.load_config(f"{os.path.join(ROOT, 'gpt_neox.py')}:{variant}")
     hf_cfg = HFConfig(vocab_size=c.text_size + c.image_codes, hidden_size=c.hidden_size,

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_helpers import left_padded_batch, load_hf, make_hf_model, make_tokenizer_dir
 from safetensors import safe_open
 
-from hf_helpers import left_padded_batch, load_hf, make_hf_model, make_tokenizer_dir
-from llmcxr_jax import cli, sharding
+from llmcxr_jax import checkpoint, cli, sharding
 from llmcxr_jax.convert import hf_gpt_neox
 from llmcxr_jax.infer.generate import greedy_generate
-from llmcxr_jax.train import checkpoint
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -234,7 +233,8 @@ def test_other_architecture(capsys, tmp_path, hf_dir):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "llama"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    assert "model_type 'llama', not 'gpt_neox'" in _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "o")])
+    message = _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "o")])
+    assert "model_type 'llama', not 'gpt_neox'" in message
 
 
 def test_tensor_shape_mismatch(capsys, tmp_path, hf_dir):

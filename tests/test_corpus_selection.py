@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from llmcxr_jax.data import mimic_cxr, synthetic
+from llmcxr_jax import synthetic
+from llmcxr_jax.data import mimic_cxr
 
 
 @pytest.fixture(scope="module")

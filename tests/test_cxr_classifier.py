@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from llmcxr_jax.data import mimic_cxr, synthetic
+from llmcxr_jax import synthetic
+from llmcxr_jax.data import mimic_cxr
 from llmcxr_jax.eval import cxr_classifier as C
 from llmcxr_jax.eval.report_metrics import auroc
 
@@ -40,7 +41,8 @@ def test_classifier_trains_saves_and_loads(tmp_path):
     cfg = C.ClassifierConfig(image_size=32, widths=(8, 8), hidden=12)
     model = C.train_classifier(x, y, cfg, steps=3, batch=8)
     probs, feats = C.predict(model, x)
-    assert probs.shape == (16, 14) and feats.shape == (16, 12) and np.all(feats >= 0) and np.all((probs > 0) & (probs < 1))
+    assert probs.shape == (16, 14) and feats.shape == (16, 12)
+    assert np.all(feats >= 0) and np.all((probs > 0) & (probs < 1))
     xt = x
     C.save_classifier(model, cfg, str(tmp_path))
     again, _ = C.load_classifier(str(tmp_path))

@@ -6,11 +6,10 @@ import pickle
 import numpy as np
 import pytest
 
-from llmcxr_jax import cli
+from llmcxr_jax import checkpoint, cli
 from llmcxr_jax.data import codes as code_files
 from llmcxr_jax.data import mimic_cxr
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-from llmcxr_jax.train import checkpoint
 
 # 32 px, one downsampling: 16 x 16 = 256 codes per image, as LLM-CXR.
 CFG = VQGANConfig(resolution=32, in_channels=3, out_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from llmcxr_jax import cli, configs
-from llmcxr_jax.demo import pipeline
+from llmcxr_jax.demo import phases, pipeline
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 FOCUS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Support Devices")
@@ -35,7 +35,7 @@ def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     out = json.loads(captured.out.splitlines()[-1])
     assert out["same_greedy_report_in_pytorch"] is True
     state = json.load(open(os.path.join(work, "phases.json")))
-    assert [name for name, _, _ in pipeline.PHASES] == list(state)
+    assert list(phases.NAMES) == list(state)
     check = state["pytorch"]["result"]
     if jax.device_count() == 8:  # the suite's forced host devices: the batch of 4 took data x fsdp 4, tensor 2
         assert _meshes(work) == ("4,1,2", "1,4,2")
@@ -48,7 +48,7 @@ def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     assert "| pytorch |" in summary and "![real vs generated](eval/grid_0.png)" in summary and "0.360" in summary
     # a rerun does nothing but rewrite the summary
     assert cli.main(["demo", "--quick", "--workdir", work]) == 0
-    assert capsys.readouterr().err.count("done before") == len(pipeline.PHASES)
+    assert capsys.readouterr().err.count("done before") == len(phases.PHASES)
     # another config in the same workdir is refused in one line
     assert cli.main(["demo", "--quick", "--workdir", work, "--config.seed=1"]) == 2
     err = capsys.readouterr().err.strip()

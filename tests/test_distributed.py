@@ -147,7 +147,7 @@ def test_two_processes_train_like_one(tmp_path):
         for i in range(2)]
     procs.append(_spawn("reference", single, 4, tmp_path, {}))
     try:
-        for proc, log in procs:
+        for proc, _ in procs:
             proc.wait(timeout=max(1.0, 240 - (time.time() - t0)))
     except subprocess.TimeoutExpired:
         pass

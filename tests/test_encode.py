@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llmcxr_jax import checkpoint
 from llmcxr_jax.data import codes as code_files
 from llmcxr_jax.data import encode
 from llmcxr_jax.data.images import load_image
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 from llmcxr_jax.sharding import make_mesh
-from llmcxr_jax.train import checkpoint
 
 # 32 px, one downsampling: a 16 x 16 latent = 256 codes per image like LLM-CXR, compiled in seconds.
 CFG = VQGANConfig(resolution=32, in_channels=3, out_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,

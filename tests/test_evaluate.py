@@ -9,14 +9,13 @@ import pytest
 from generator_helpers import VQ, tiny_lm
 from lm_run_helpers import make_setup
 
-from llmcxr_jax import cli
+from llmcxr_jax import checkpoint, cli
 from llmcxr_jax.data import mimic_cxr
 from llmcxr_jax.eval import cxr_classifier as C
 from llmcxr_jax.eval import evaluate as E
 from llmcxr_jax.eval import report_card
 from llmcxr_jax.eval.report_metrics import label_metrics
 from llmcxr_jax.models.vqgan import init_vqgan
-from llmcxr_jax.train import checkpoint
 
 LABELS = mimic_cxr.CHEXPERT_LABELS
 

@@ -11,9 +11,14 @@ from etils.epath import testing as epath_testing
 from orbax.checkpoint._src.path import gcs_utils
 from PIL import Image
 
-from llmcxr_jax import storage, vocab
-from llmcxr_jax.train import checkpoint, tensorboard
-from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, read_metrics, save_image_grid
+from llmcxr_jax import checkpoint, storage, vocab
+from llmcxr_jax.train import tensorboard
+from llmcxr_jax.train.metrics import (
+    MetricsLog,
+    claim_workdir,
+    read_metrics,
+    save_image_grid,
+)
 
 RUN = "gs://bucket/runs/a"
 

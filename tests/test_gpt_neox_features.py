@@ -44,7 +44,10 @@ def model():
     return gpt_neox.init_model(tiny(), seed=0)
 
 
-def test_kv_cache_decoding_equals_full_recomputation(model):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decoding_equals_full_recomputation(model, scan_layers):
+    if scan_layers:
+        model = _copy_params(model, gpt_neox.init_model(tiny(scan_layers=True), seed=2), stack=True)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, VOCAB, (2, 14)))
     mask = jnp.asarray(np.array([[1] * 14, [0] * 5 + [1] * 9]))

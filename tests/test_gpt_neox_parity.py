@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_helpers import left_padded_batch, make_hf_model
+
 from llmcxr_jax import sharding
 from llmcxr_jax.convert import hf_gpt_neox
 from llmcxr_jax.models import gpt_neox

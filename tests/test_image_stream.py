@@ -1,9 +1,9 @@
 """VQ-GAN image streams: image i depends only on (seed, i); bad files are replaced, never fatal."""
 import numpy as np
 import pytest
+from mimic_fixture import write_corpus
 
 from llmcxr_jax.data import image_stream
-from mimic_fixture import write_corpus
 
 
 @pytest.fixture(scope="module")

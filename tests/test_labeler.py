@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from llmcxr_jax.data import synthetic
+from llmcxr_jax import synthetic
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS, read_chexpert_labels, report_path
 from llmcxr_jax.eval import labeler
 

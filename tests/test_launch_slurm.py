@@ -28,7 +28,8 @@ def test_sbatch_command_for_two_nodes():
         "--config configs/llmcxr_stage1.py:3b --config.data.root=/shared/mimic\n")
     # one process per node, 4 GPUs each; a whole `llmcxr train-vqgan ... --workdir W` command (launch/sweep.py)
     done = _submit("--nodes", "2", "--gpus-per-node", "4", "--per", "node", "--job-name", "vq", "--signal-lead", "300",
-                   "--dependency", "afterok:41:42", "--dry-run", "--", "llmcxr", "train-vqgan", "--config", "configs/vqgan_f16_1024.py:tiny",
+                   "--dependency", "afterok:41:42", "--dry-run", "--", "llmcxr", "train-vqgan",
+                   "--config", "configs/vqgan_f16_1024.py:tiny",
                    "--workdir", "/shared/runs/vq")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (

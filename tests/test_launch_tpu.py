@@ -312,8 +312,8 @@ def test_a_poll_between_the_wrappers_last_write_and_its_exit_is_not_lost(tmp_pat
     state = home / "llmcxr_logs" / "state_worker2"
     state.parent.mkdir()
     state.write_text("RUNNING 4194305 4194306\n")  # neither pid exists
-    wrapper_exits = f'kill() {{ [ -e "{state}.done" ] || {{ echo "FAILED 4194305 137" >"{state}"; : >"{state}.done"; }}; ' \
-                    'return 1; }; '
+    wrapper_exits = (f'kill() {{ [ -e "{state}.done" ] || '
+                     f'{{ echo "FAILED 4194305 137" >"{state}"; : >"{state}.done"; }}; return 1; }}; ')
     assert _bash(wrapper_exits + tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 FAILED rc=137\n"
     state.write_text("RUNNING 4194305 4194306\n")  # nobody changes it: LOST
     assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"

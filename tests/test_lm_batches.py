@@ -8,7 +8,7 @@ import pytest
 from lm_helpers import CODES, K, make_corpus, make_tokenizer
 
 from llmcxr_jax import vocab
-from llmcxr_jax.data import lm_batches, prompts
+from llmcxr_jax.data import lm_batches, packing, prompts
 from llmcxr_jax.data.lm_batches import ImageTextExample, LmBatches, TextExample
 from llmcxr_jax.data.text_corpora import VqaExample
 from llmcxr_jax.vocab import VocabLayout
@@ -40,6 +40,8 @@ def test_batch_format_and_row_invariants(tok):
     batches = list(p.iterator(num_epochs=1))
     shapes = {"input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
               "positions": np.int32, "modality": np.int8}
+    assert packing.BATCH_SPEC == shapes  # the one spec the train step and compile-check read
+    assert set(packing.EXAMPLE_KEYS) | set(packing.ROW_LAYOUT_KEYS) == set(shapes)
     for b in batches:
         assert set(b) == set(shapes) | {"example_ids"}
         for k, dt in shapes.items():

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from lm_run_helpers import make_setup, tiny_config
 
-from llmcxr_jax import vocab
-from llmcxr_jax.train import checkpoint, lm, optim
+from llmcxr_jax import checkpoint, vocab
+from llmcxr_jax.train import lm, optim
 from llmcxr_jax.train.metrics import read_metrics
 
 
@@ -99,3 +99,30 @@ def test_freeze_regex_holds_matching_parameters():
     assert float(jnp.abs(updates["layers"]["1"]["mlp"]["kernel"]).max()) > 0.0
     with pytest.raises(ValueError, match="matches no parameter"):
         optim.make_optimizer(_train_cfg(freeze="nothing_named_this"), params)
+
+
+def test_a_checkpoint_whose_tokenizer_disagrees_with_its_layout_is_refused(setup, tmp_path, capsys):
+    """Resuming the run, continuing it elsewhere (resume_from) and starting from it (init_from) all read
+    its metadata through checkpoint.read_lm_metadata, which checks the tokenizer against the layout."""
+    from lm_run_helpers import STAGE1
+
+    from llmcxr_jax import cli
+
+    run = tmp_path / "run"
+    lm.train(tiny_config(setup, "--config.train.steps=1", "--config.train.eval_every=0"), str(run), echo=False)
+    tok_dir = str(run / "checkpoints" / checkpoint.TOKENIZER_DIR)
+    tok, _, tok_cfg = vocab.load_tokenizer(tok_dir)
+    size = vocab.text_size(tok)
+    assert checkpoint.read_metadata(str(run / "checkpoints"))["vocab"]["text_size"] == size
+    tok.add_tokens(["<|not-in-the-layout|>"])
+    vocab.save_tokenizer(tok, tok_cfg, tok_dir)
+    base = ["train", "--config", f"{STAGE1}:tiny", f"--config.data.root={setup['root']}",
+            f"--config.data.codes={setup['codes']}", f"--config.data.tokenizer={setup['tokenizer']}",
+            "--config.model.image_codes=64", "--config.data.dolly_eval_rows=20", "--config.train.steps=2",
+            "--config.train.eval_every=0"]
+    for workdir, start in ((run, []), (tmp_path / "resumed", [f"--config.train.resume_from={run}"]),
+                           (tmp_path / "init", [f"--config.train.init_from={run}"])):
+        assert cli.main([*base, "--workdir", str(workdir), *start]) == 2, start
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"has {size + 1} tokens" in err and f"T = {size}" in err, err
+        assert f"tokenizer in {tok_dir} " in err, err  # refused when the checkpoint is read, not by a later stage

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from lm_run_helpers import STAGE1, make_setup
 
-from llmcxr_jax.train import checkpoint
+from llmcxr_jax import checkpoint
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

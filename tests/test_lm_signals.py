@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from lm_run_helpers import STAGE1, make_setup, tiny_config
 
-from llmcxr_jax.train import checkpoint, lm
+from llmcxr_jax import checkpoint
+from llmcxr_jax.train import lm
 from llmcxr_jax.train.metrics import read_metrics
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -45,7 +46,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
             return
         time.sleep(0.2)
     proc.kill()
-    raise AssertionError("train did not reach step %d in time" % step)
+    raise AssertionError(f"train did not reach step {step} in time")
 
 
 def _params(ckpt_dir):

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from lm_run_helpers import make_setup, tiny_config
 
-from llmcxr_jax.train import checkpoint, lm
+from llmcxr_jax import checkpoint
+from llmcxr_jax.train import lm
 from llmcxr_jax.train.metrics import read_metrics
 
 
@@ -31,7 +32,7 @@ def test_tiny_stage1_lowers_the_loss(setup, tmp_path):
     cfg = tiny_config(setup, "--config.train.steps=30", "--config.train.log_every=1", "--config.train.eval_every=30")
     out = lm.train(cfg, str(tmp_path), echo=False)
     assert out["step"] == 30 and out["source"] == "scratch"
-    losses = [l for _, l in _losses(str(tmp_path))]
+    losses = [loss for _, loss in _losses(str(tmp_path))]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert any("eval_loss" in r and np.isfinite(r["eval_loss"]) for r in records)
@@ -49,7 +50,7 @@ def test_meshes_give_the_same_loss_curve(setup, tmp_path, mesh):
     lm.train(tiny_config(setup, *common, "--config.train.mesh=8,1,1"), str(tmp_path / "ref"), echo=False)
     lm.train(tiny_config(setup, *common, f"--config.train.mesh={mesh}"), str(tmp_path / "other"), echo=False)
     ref, other = _losses(str(tmp_path / "ref")), _losses(str(tmp_path / "other"))
-    np.testing.assert_allclose([l for _, l in other], [l for _, l in ref], rtol=1e-5)
+    np.testing.assert_allclose([loss for _, loss in other], [loss for _, loss in ref], rtol=1e-5)
 
 
 @pytest.mark.slow  # the gradients themselves: test_micro_batches_and_remat_policies_give_the_same_gradients
@@ -69,16 +70,20 @@ def _grads(setup, remat="none", accum=1):
     from flax import nnx
 
     from llmcxr_jax import sharding
+    from llmcxr_jax.data import packing
     from llmcxr_jax.models.gpt_neox import init_model
-    from llmcxr_jax.train import lm_data, state as state_lib
+    from llmcxr_jax.train import lm_data
+    from llmcxr_jax.train import state as state_lib
 
     cfg = tiny_config(setup, f"--config.model.remat_policy={remat}")
     mesh = sharding.make_mesh("2,2,2")
     sources = lm_data.read_sources(cfg.data)
-    start = state_lib.resolve_start(cfg, mesh, sources.codebook_size)
+    source = state_lib.start_source(cfg, os.path.join(setup["root"], "no-run"))
+    start = state_lib.resolve_start(cfg, mesh, sources.codebook_size, source)
+    assert start.source == "scratch"
     pipe = lm_data.make_batches(sources, "train", start.tokenizer, start.special, start.layout, cfg.data, 8,
                                 shard=grain.sharding.ShardOptions(0, 1))
-    batch = {k: v for k, v in next(pipe.iterator()).items() if k in lm.BATCH_FIELDS}
+    batch = {k: v for k, v in next(pipe.iterator()).items() if k in packing.BATCH_SPEC}
     model = init_model(start.config, 0)
     graphdef, params = nnx.split(model, nnx.Param)
     with jax.set_mesh(mesh):
@@ -133,8 +138,9 @@ def test_image_rows_only_keeps_text_rows(setup, tmp_path):
     ("--config.train.grad_accum=3", "grad_accum"),
 ])
 def test_bad_configs_fail_in_one_line(setup, tmp_path, capsys, override, message):
-    from llmcxr_jax import cli
     from lm_run_helpers import STAGE1
+
+    from llmcxr_jax import cli
 
     args = ["train", "--config", f"{STAGE1}:tiny", "--workdir", str(tmp_path / "run"),
             f"--config.data.root={setup['root']}", f"--config.data.codes={setup['codes']}",
@@ -193,3 +199,28 @@ def test_frontal_only_stage1_keeps_the_pa_ap_images(setup):
     assert [e for e in every if views[e.dicom_id] in mimic_cxr.FRONTAL_VIEWS] == frontal
     with pytest.raises(ValueError, match="data.views"):
         lm_data.read_sources(tiny_config(setup, "--config.data.views=lateral").data)
+
+
+def test_compile_check_lowers_the_step_that_training_runs(setup, tmp_path, monkeypatch):
+    """train() and lower_train_step (what compile-check compiles) lower to the same program: the same
+    jax.jit, state and batch shardings, donation and batch dtypes (train's from a real packed batch)."""
+    from llmcxr_jax import vocab
+
+    seen = {}
+
+    def stop_before_the_loop(run, state):
+        seen.update(run=run, state=state)
+        run.ckpt.close()
+        return {}
+
+    monkeypatch.setattr(lm, "_loop", stop_before_the_loop)
+    text_size = vocab.text_size(vocab.load_tokenizer(setup["tokenizer"])[0])  # lower_train_step's vocabulary
+    cfg = tiny_config(setup, "--config.train.mesh=2,2,2", "--config.train.grad_accum=2",
+                      f"--config.model.text_size={text_size}")
+    lm.train(cfg, str(tmp_path), echo=False)
+    run = seen["run"]
+    with jax.set_mesh(run.mesh):
+        trained = run.step_fn.lower(seen["state"], lm.global_batch(next(run.data_iter), run.mesh)).as_text()
+        checked = lm.lower_train_step(cfg, run.mesh).as_text()
+    assert "tf.aliasing_output" in checked  # the state is donated (and the text names every argument's sharding)
+    assert trained == checked

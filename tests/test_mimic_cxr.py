@@ -4,9 +4,9 @@ import gzip
 import json
 import shutil
 
+import mimic_fixture as fx
 import pytest
 
-import mimic_fixture as fx
 from llmcxr_jax.data import mimic_cxr as mc
 
 

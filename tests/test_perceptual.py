@@ -78,8 +78,8 @@ def test_lpips_parity_with_lpips_reference(lpips_torch, lpips_arrays, tmp_path):
 def test_reference_is_tamings_lpips(lpips_torch, lpips_arrays):
     """The re-stated reference equals taming's LPIPS module (what VQLPIPSWithDiscriminator runs) on
     the same weights, and taming's state dict layout converts to the same arrays."""
-    import torch
     import perceptual_refs as refs
+    import torch
 
     ref, vgg_sd, lin_sd = lpips_torch
     features = refs.vgg16_features()

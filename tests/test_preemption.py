@@ -20,7 +20,8 @@ def _run(processes: int, start: int, signal_step: int, **env) -> list[str]:
     base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env)
     if processes > 1:
         base.update(LLMCXR_COORDINATOR=f"localhost:{port}", LLMCXR_NUM_PROCESSES=str(processes))
-    procs = [subprocess.Popen([sys.executable, WORKER, str(start), str(signal_step)], env=dict(base, LLMCXR_PROCESS_ID=str(i)),
+    procs = [subprocess.Popen([sys.executable, WORKER, str(start), str(signal_step)],
+                              env=dict(base, LLMCXR_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
     lines = []
     for p in procs:

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from llmcxr_jax import configs, sharding
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
 from llmcxr_jax.vocab import VocabLayout
 
@@ -46,7 +47,7 @@ def test_mesh_shape_inference_and_errors():
 
 
 def test_unknown_logical_axis_is_an_error():
-    with pytest.raises(KeyError, match="logical axis 'wibble' has no sharding rule"):
+    with pytest.raises(UsageError, match="logical axis 'wibble' has no sharding rule"):
         sharding.logical_to_spec(("embed", "wibble"))
 
 

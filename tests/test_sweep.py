@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from lm_run_helpers import make_setup
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llmcxr_jax.data import synthetic
-from llmcxr_jax.data.synthetic_text import LABELS, Finding
+from llmcxr_jax import synthetic
+from llmcxr_jax.synthetic.text import LABELS, Finding
 
 SIZE = 64
 

@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from generator_helpers import VQ
+from generator_helpers import tiny_lm as _lm
 from lm_run_helpers import make_setup
 
-from generator_helpers import VQ, tiny_lm as _lm
-
-from llmcxr_jax import cli
+from llmcxr_jax import checkpoint, cli
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-from llmcxr_jax.train import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,8 @@ def test_sampling_settings_reach_the_sampler(env):
     (["--task", "text", "--inputs", "{dir}/absent.txt"], "does not exist; give a list file"),
     (["--task", "text", "--inputs", "{dir}/no_images"], "is a folder; --task text takes a list file"),
     (["--task", "text", "--text", "Hi.", "--out", "{dir}/blank.txt"], "blank.txt: File exists; give a new directory"),
-    (["--task", "text", "--text", "Hi.", "--out", "{dir}/blank.txt/o"], "o: Not a directory (part of the path is a file)"),
+    (["--task", "text", "--text", "Hi.", "--out", "{dir}/blank.txt/o"],
+     "o: Not a directory (part of the path is a file)"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     (env["dir"] / "no_images").mkdir(exist_ok=True)

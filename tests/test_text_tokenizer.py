@@ -28,7 +28,8 @@ def test_too_small_vocab_is_refused(tmp_path):
 
 
 def test_corpus_texts_gather_reports_vqa_and_dolly(tmp_path):
-    from llmcxr_jax.data import mimic_cxr, synthetic
+    from llmcxr_jax import synthetic
+    from llmcxr_jax.data import mimic_cxr
 
     root = str(tmp_path / "corpus")
     synthetic.synthesize(root, num_images=12, image_size=32, seed=0)

@@ -3,11 +3,10 @@ back with tfds.data_source and grain, counts and fields as data/mimic_cxr.py sel
 import io
 
 import grain
+import mimic_fixture as fx
 import numpy as np
 import pytest
 from PIL import Image
-
-import mimic_fixture as fx
 
 # tensorflow-datasets is an optional dependency (only this builder uses it).
 tfds = pytest.importorskip("tensorflow_datasets")

@@ -66,8 +66,7 @@ def test_a_training_checkpoint_loads_as_a_vqgan(straight, tmp_path):
     """`--vqgan WORKDIR/checkpoints` (any train-vqgan step, not only the finished WORKDIR/vqgan) gives its
     EMA weights, or the generator's in a run without EMA; a checkpoint missing a parameter, or holding
     no weights at all, is a one-line error (orbax's partial restore would leave abstract arrays)."""
-    from llmcxr_jax import sharding
-    from llmcxr_jax.train import checkpoint
+    from llmcxr_jax import checkpoint, sharding
 
     state, workdir = straight
     mesh = sharding.make_mesh("-1,1,1")
@@ -96,8 +95,7 @@ def test_a_workdir_stands_for_its_model_and_other_directories_say_what_to_give(s
     """A train-vqgan workdir loads its finished vqgan/ (else its latest checkpoints/ step). A Hugging
     Face or diffusers model directory, or anything else, given where a checkpoint belongs: the one-line
     error names the command that converts it, or what to pass."""
-    from llmcxr_jax import sharding
-    from llmcxr_jax.train import checkpoint
+    from llmcxr_jax import checkpoint, sharding
 
     mesh = sharding.make_mesh("-1,1,1")
     state, workdir = straight
@@ -162,12 +160,11 @@ def test_bad_configs_fail_before_training(tmp_path):
 def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
     """Fine-tuning starts from the given weights (generator, and the discriminator a taming .ckpt
     carries); with a zero step size the run ends where it started. Mismatches fail before training."""
-    from llmcxr_jax import sharding
+    from llmcxr_jax import checkpoint, sharding
     from llmcxr_jax.convert import taming_vqgan
     from llmcxr_jax.models import discriminator as disc_lib
     from llmcxr_jax.models.discriminator import DiscriminatorConfig
     from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-    from llmcxr_jax.train import checkpoint
 
     base = small()
     source = init_vqgan(VQGANConfig(**base.model), seed=11)
@@ -209,7 +206,7 @@ def test_init_from_a_taming_ckpt_or_an_orbax_vqgan(tmp_path):
 @pytest.mark.slow
 def test_tiny_training_halves_the_reconstruction_error(tmp_path):
     """On the synthetic CXR corpus (train split trains, validate/test images are held out)."""
-    from llmcxr_jax.data import synthetic
+    from llmcxr_jax import synthetic
 
     root = str(tmp_path / "corpus")
     synthetic.synthesize(root, num_images=600, image_size=64, seed=0)

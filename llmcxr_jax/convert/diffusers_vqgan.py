@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from llmcxr_jax.convert import taming_vqgan
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -64,9 +65,10 @@ def from_diffusers_state_dict(sd: dict[str, np.ndarray], cfg: VQGANConfig) -> VQ
     missing = sorted(set(names) - set(sd))
     extra = sorted(set(sd) - set(names))
     if missing:
-        raise ValueError(f"diffusers VQModel weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")
+        raise UsageError(f"diffusers VQModel weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")
     if extra:
-        raise ValueError(f"diffusers VQModel weights have {len(extra)} tensors this config does not use, e.g. {extra[0]}")
+        raise UsageError(f"diffusers VQModel weights have {len(extra)} tensors this config does not use, "
+                         f"e.g. {extra[0]}")
     taming = {}
     for dkey, tkey in names.items():
         t = np.asarray(sd[dkey], np.float32)
@@ -92,13 +94,13 @@ def diffusers_config(cfg: VQGANConfig) -> dict:
 
 def config_from_diffusers(d: dict, *, dtype: str = "float32", param_dtype: str = "float32") -> VQGANConfig:
     if d.get("_class_name", "VQModel") != "VQModel":
-        raise ValueError(f"diffusers config describes {d.get('_class_name')!r}, not 'VQModel'")
+        raise UsageError(f"diffusers config describes {d.get('_class_name')!r}, not 'VQModel'")
     if d.get("norm_type", "group") != "group" or d.get("norm_num_groups", 32) != 32:
-        raise ValueError("only VQModels with GroupNorm(32) (taming's architecture) are supported")
+        raise UsageError("only VQModels with GroupNorm(32) (taming's architecture) are supported")
     out = list(d["block_out_channels"])
     ch = out[0]
     if any(c % ch for c in out):
-        raise ValueError(f"block_out_channels {out} are not multiples of the first; not a taming layout")
+        raise UsageError(f"block_out_channels {out} are not multiples of the first; not a taming layout")
     res = d["sample_size"]
     attn = tuple(res // 2 ** i for i, t in enumerate(d["down_block_types"]) if t.startswith("Attn"))
     return VQGANConfig(resolution=res, in_channels=d["in_channels"], out_channels=d["out_channels"], ch=ch,
@@ -125,7 +127,7 @@ def import_diffusers(directory: str, *, dtype: str = "float32", param_dtype: str
     cfg_path, weights = os.path.join(directory, "config.json"), os.path.join(directory, WEIGHTS)
     for path in (cfg_path, weights):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} has no {os.path.basename(path)}; give a diffusers VQModel directory")
+            raise MissingInputError(f"{directory} has no {os.path.basename(path)}; give a diffusers VQModel directory")
     with open(cfg_path) as f:
         cfg = config_from_diffusers(json.load(f), dtype=dtype, param_dtype=param_dtype)
     return from_diffusers_state_dict(load_file(weights), cfg)

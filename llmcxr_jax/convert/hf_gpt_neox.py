@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llmcxr_jax import sharding, vocab
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
@@ -147,11 +149,11 @@ class HFCheckpointReader:
         elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
             self._index_file(os.path.join(directory, "pytorch_model.bin"))
         else:
-            raise FileNotFoundError(f"{directory} holds no model.safetensors, *.safetensors.index.json or "
+            raise MissingInputError(f"{directory} holds no model.safetensors, *.safetensors.index.json or "
                                     "pytorch_model.bin; give a HF GPT-NeoX directory")
         for path in set(self._where.values()):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"weight file {path} named by the index is missing")
+                raise MissingInputError(f"weight file {path} named by the index is missing")
 
     def _index_file(self, path: str) -> None:
         for k in self._file_keys(path):
@@ -187,14 +189,14 @@ def _torch_load(path: str) -> dict:
 
 def read_hf_config(directory: str) -> dict[str, Any]:
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"HF model directory {directory} does not exist")
+        raise MissingInputError(f"HF model directory {directory} does not exist")
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no config.json; give a HF GPT-NeoX directory")
+        raise MissingInputError(f"{directory} has no config.json; give a HF GPT-NeoX directory")
     with open(path) as f:
         hf = json.load(f)
     if hf.get("model_type") != "gpt_neox":
-        raise ValueError(f"{path} describes model_type {hf.get('model_type')!r}, not 'gpt_neox'")
+        raise UsageError(f"{path} describes model_type {hf.get('model_type')!r}, not 'gpt_neox'")
     return hf
 
 
@@ -202,7 +204,7 @@ def rotary_from_hf(hf: dict[str, Any]) -> tuple[float, float]:
     """(rotary_pct, rotary_base) from transformers 5 rope_parameters or 4.x rotary_pct/rotary_emb_base."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; only default RoPE")
+        raise UsageError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; only default RoPE")
     pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))  # HF's defaults when absent
     base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
     return float(pct), float(base)
@@ -269,7 +271,7 @@ NEW_ROW_INITS = ("normal", "mean")
 def resize_vocab_rows(old: np.ndarray, rows: int, init: str, std: float, rng: np.random.Generator) -> np.ndarray:
     """HF resize_token_embeddings(rows): keep the first min(old, rows) rows, initialise the rest."""
     if init not in NEW_ROW_INITS:
-        raise ValueError(f"new-row init {init!r} is not one of {NEW_ROW_INITS}")
+        raise UsageError(f"new-row init {init!r} is not one of {NEW_ROW_INITS}")
     keep = min(old.shape[0], rows)
     extra = rows - keep
     if extra == 0:
@@ -291,7 +293,7 @@ def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "
     hf = read_hf_config(directory)
     marked = hf.get(IMAGE_CODES_KEY)
     if marked is not None and int(marked) != image_codes:
-        raise ValueError(f"{directory} is an LLM-CXR export with {marked} image-token rows (config.json "
+        raise UsageError(f"{directory} is an LLM-CXR export with {marked} image-token rows (config.json "
                          f"{IMAGE_CODES_KEY}); import it with {marked} image codes, not {image_codes}")
     reader = HFCheckpointReader(directory)
     tok = special = tok_cfg = None
@@ -317,7 +319,7 @@ def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "
         if rule.vocab_rows:
             expected = (table_rows,) + expected[1:]
         if t.shape != expected:
-            raise ValueError(f"tensor {key} has shape {t.shape}, config.json implies {expected}")
+            raise UsageError(f"tensor {key} has shape {t.shape}, config.json implies {expected}")
         if rule.vocab_rows:
             t = resize_vocab_rows(t, layout.size, new_rows, cfg.initializer_range, rng)
         a = hf_to_flax(rule, cfg, t).astype(cfg.weight_dtype)
@@ -344,7 +346,7 @@ def _find_key(hf_key: str, rule: Rule, available: set[str], hf: dict[str, Any]) 
             return k
     if rule.flax.startswith("embed_out") and hf.get("tie_word_embeddings") and "gpt_neox.embed_in.weight" in available:
         return "gpt_neox.embed_in.weight"
-    raise KeyError(f"checkpoint has no tensor {hf_key}; is it a GPTNeoXForCausalLM checkpoint?")
+    raise UsageError(f"checkpoint has no tensor {hf_key}; is it a GPTNeoXForCausalLM checkpoint?")
 
 
 def _place(a: np.ndarray, sh: NamedSharding) -> jax.Array:
@@ -419,7 +421,7 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
     from safetensors.numpy import save_file
 
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+        raise UsageError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
     os.makedirs(out_dir, exist_ok=True)
     shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
     size = 0

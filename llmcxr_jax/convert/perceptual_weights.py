@@ -5,20 +5,22 @@ DenseNet-121. torch files are read with weights_only=True: nothing in them is ex
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.perceptual import (
-    DenseNet,
-    LPIPS,
-    LPIPSConfig,
-    TAMING_LPIPS_PREFIX,
     _HWIO_TO_OIHW,
     _OIHW_TO_HWIO,
+    LPIPS,
+    TAMING_LPIPS_PREFIX,
+    DenseNet,
+    LPIPSConfig,
     txv_densenet121,
 )
 
@@ -57,12 +59,12 @@ def _from_torch(shapes: Mapping[str, tuple], torch_key: Callable[[str], str], sd
     for key, shape in shapes.items():
         tk = torch_key(key)
         if tk not in sd:
-            raise ValueError(f"{what} lacks {tk!r}")
+            raise UsageError(f"{what} lacks {tk!r}")
         value = np.asarray(sd[tk], dtype=np.float32)
         kernel = key.endswith(".kernel")
         want = tuple(shape[i] for i in _HWIO_TO_OIHW) if kernel else shape
         if value.shape != want:
-            raise ValueError(f"{what} {tk!r} has shape {value.shape}, expected {want}")
+            raise UsageError(f"{what} {tk!r} has shape {value.shape}, expected {want}")
         out[key] = np.ascontiguousarray(value.transpose(_OIHW_TO_HWIO) if kernel else value)
     return out
 
@@ -70,7 +72,7 @@ def _from_torch(shapes: Mapping[str, tuple], torch_key: Callable[[str], str], sd
 def _refuse_unexpected(sd: Mapping[str, Any], expected: set[str], scope: Callable[[str], bool], what: str) -> None:
     extra = sorted(k for k in sd if scope(k) and k not in expected)
     if extra:
-        raise ValueError(f"{what} has unexpected {extra[0]!r} ({len(extra)} unexpected); is it the right network?")
+        raise UsageError(f"{what} has unexpected {extra[0]!r} ({len(extra)} unexpected); is it the right network?")
 
 
 def _to_torch(arrays: Mapping[str, np.ndarray], torch_key: Callable[[str], str]) -> dict[str, np.ndarray]:
@@ -122,7 +124,7 @@ def split_taming_lpips(state_dict: Mapping[str, Any], prefix: str = TAMING_LPIPS
         elif rest[0].startswith("lin"):
             lin[".".join(rest)] = value
     if not vgg or not lin:
-        raise ValueError(f"state dict has no LPIPS network and lin heads under {prefix!r}")
+        raise UsageError(f"state dict has no LPIPS network and lin heads under {prefix!r}")
     return vgg, lin
 
 
@@ -161,17 +163,17 @@ def _load(make: Callable[[], nnx.Module], path: str, missing_hint: str) -> Any:
     from safetensors.numpy import load_file
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(missing_hint)
+        raise MissingInputError(missing_hint)
     arrays = load_file(path)
     model = nnx.eval_shape(make)
     variables = _flat_variables(model)
     missing, unexpected = sorted(set(variables) - set(arrays)), sorted(set(arrays) - set(variables))
     if missing or unexpected:
         bad = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
-        raise ValueError(f"{path} {bad} ({len(missing)} missing, {len(unexpected)} unexpected); convert it again")
+        raise UsageError(f"{path} {bad} ({len(missing)} missing, {len(unexpected)} unexpected); convert it again")
     for key, var in variables.items():
         if arrays[key].shape != var.get_value().shape:
-            raise ValueError(f"{path}: {key!r} has shape {arrays[key].shape}, expected {var.get_value().shape}")
+            raise UsageError(f"{path}: {key!r} has shape {arrays[key].shape}, expected {var.get_value().shape}")
         var.set_value(jnp.asarray(arrays[key], var.get_value().dtype))
     return model
 

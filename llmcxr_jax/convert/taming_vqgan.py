@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax.convert.torch_files import read_torch_state_dict
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.vqgan import DTYPES, VQGANConfig, VQModel, abstract_vqgan
 
 # our leaf name -> (taming leaf name, torch-layout transform, inverse)
@@ -75,16 +76,16 @@ def from_taming_state_dict(state_dict: dict[str, np.ndarray], cfg: VQGANConfig) 
     missing = sorted(set(wanted) - model_keys)
     extra = sorted(model_keys - set(wanted))
     if missing:
-        raise ValueError(f"VQ-GAN checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
+        raise UsageError(f"VQ-GAN checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
     if extra:
-        raise ValueError(f"VQ-GAN checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[0]}")
+        raise UsageError(f"VQ-GAN checkpoint has {len(extra)} tensors this config does not use, e.g. {extra[0]}")
     shapes = {p: v.shape for p, v in flat_params(abstract).items()}
     flat = {}
     for key, path in wanted.items():
         leaf = path.rsplit(".", 1)[1]
         a = LEAVES[leaf][2](np.asarray(state_dict[key], np.float32))
         if a.shape != shapes[path]:
-            raise ValueError(f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
+            raise UsageError(f"tensor {key} has shape {tuple(np.shape(state_dict[key]))}, "
                              f"the config implies {LEAVES[leaf][1](np.zeros(shapes[path])).shape}")
         flat[path] = jnp.asarray(a, DTYPES[cfg.param_dtype])
     return load_flat_params(abstract, flat), ignored
@@ -95,19 +96,19 @@ def config_from_state_dict(sd: dict[str, Any], *, resolution: int, dtype: str = 
     """Architecture from tensor shapes and key names (resolution is not stored in the weights)."""
     def shape(key):
         if key not in sd:
-            raise ValueError(f"VQ-GAN checkpoint lacks {key}; is it a taming VQModel state dict?")
+            raise UsageError(f"VQ-GAN checkpoint lacks {key}; is it a taming VQModel state dict?")
         return tuple(np.shape(sd[key]))
 
     ch, in_channels = shape("encoder.conv_in.weight")[:2]
     levels = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m})
     blocks = sorted({int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)] if m})
     if not levels or not blocks:
-        raise ValueError("VQ-GAN checkpoint has no encoder.down.* blocks; is it a taming VQModel state dict?")
+        raise UsageError("VQ-GAN checkpoint has no encoder.down.* blocks; is it a taming VQModel state dict?")
     ch_mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
     attn = tuple(resolution // 2 ** i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd)
     z_channels = shape("encoder.conv_out.weight")[0]
     if shape("decoder.conv_in.weight")[1] != z_channels:
-        raise ValueError("encoder.conv_out and decoder.conv_in disagree on z_channels (double_z checkpoints "
+        raise UsageError("encoder.conv_out and decoder.conv_in disagree on z_channels (double_z checkpoints "
                          "are KL autoencoders, not VQ-GANs)")
     n_embed, embed_dim = shape("quantize.embedding.weight")
     return VQGANConfig(resolution=resolution, in_channels=in_channels, out_channels=shape("decoder.conv_out.weight")[0],
@@ -121,16 +122,16 @@ def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "f
     import yaml
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"taming config {path} does not exist")
+        raise MissingInputError(f"taming config {path} does not exist")
     with open(path) as f:
         doc = yaml.safe_load(f)
     try:
         params = doc["model"]["params"]
         dd = params["ddconfig"]
     except (KeyError, TypeError):
-        raise ValueError(f"{path} has no model.params.ddconfig; give a taming VQGAN YAML") from None
+        raise UsageError(f"{path} has no model.params.ddconfig; give a taming VQGAN YAML") from None
     if dd.get("double_z", False):
-        raise ValueError(f"{path} has double_z: true, a KL autoencoder, not a VQ-GAN")
+        raise UsageError(f"{path} has double_z: true, a KL autoencoder, not a VQ-GAN")
     return VQGANConfig(resolution=dd["resolution"], in_channels=dd["in_channels"], out_channels=dd["out_ch"],
                        ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
                        attn_resolutions=tuple(dd["attn_resolutions"]), z_channels=dd["z_channels"],

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def torch_greedy(hf_dir: str, prompt_ids: Sequence[int], *, max_new_tokens: int, stop_ids: Sequence[int],
                  suppress_ids: Sequence[int]) -> list[int]:
@@ -24,9 +26,8 @@ def torch_greedy(hf_dir: str, prompt_ids: Sequence[int], *, max_new_tokens: int,
     return new[:stop]
 
 
-def diffusers_decode(vqmodel_dir: str, codes) -> "np.ndarray":
+def diffusers_decode(vqmodel_dir: str, codes) -> np.ndarray:
     """Codes [n, h*w] -> images [n, H, W, C] (NHWC, about [-1, 1]) decoded by diffusers' VQModel."""
-    import numpy as np
     import torch
     from diffusers import VQModel
 

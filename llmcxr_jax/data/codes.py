@@ -18,10 +18,13 @@ import os
 import pickle
 import re
 import struct
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from llmcxr_jax.errors import MissingInputError, UsageError
 
 FORMAT = "llmcxr-codes-v1"
 INDEX = "index.json"
@@ -38,23 +41,23 @@ def encode_code_record(dicom_id: str, codes) -> bytes:
     """(dicom_id, integer codes [h*w]) -> bytes: b"CXC1", uint16 id length, utf-8 id, uint16 LE codes."""
     ident = str(dicom_id).encode("utf-8")
     if not ident or len(ident) > 0xFFFF:
-        raise ValueError(f"dicom_id {dicom_id!r} must be a non-empty string of at most 65535 bytes")
+        raise UsageError(f"dicom_id {dicom_id!r} must be a non-empty string of at most 65535 bytes")
     arr = np.asarray(codes)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise ValueError(f"codes for {dicom_id} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        raise UsageError(f"codes for {dicom_id} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
-        raise ValueError(f"codes for {dicom_id} must lie in [0, 65536) to be stored as uint16")
+        raise UsageError(f"codes for {dicom_id} must lie in [0, 65536) to be stored as uint16")
     return _HEAD.pack(_MAGIC, len(ident)) + ident + arr.astype("<u2").tobytes()
 
 
 def decode_code_record(record: bytes) -> tuple[str, np.ndarray]:
     """bytes from encode_code_record -> (dicom_id, np.uint16 [h*w])."""
     if len(record) < _HEAD.size or record[:4] != _MAGIC:
-        raise ValueError("not an image-code record (bad magic); was this file written by encode-images?")
+        raise UsageError("not an image-code record (bad magic); was this file written by encode-images?")
     _, n = _HEAD.unpack_from(record)
     body = record[_HEAD.size + n:]
     if len(record) < _HEAD.size + n or len(body) % 2:
-        raise ValueError("truncated image-code record")
+        raise UsageError("truncated image-code record")
     ident = record[_HEAD.size:_HEAD.size + n].decode("utf-8")
     return ident, np.frombuffer(body, "<u2").astype(np.uint16)
 
@@ -146,7 +149,7 @@ def check_codes_dir(out_dir: str) -> None:
     finals = {n: _TEMP_RE.match(n).group(1) for n in names}  # a temporary file's final name
     foreign = sorted(n for n, final in finals.items() if not (_SHARD_RE.match(final) or final == INDEX))
     if foreign:
-        raise ValueError(f"{out_dir} holds files that are not codes (e.g. {foreign[0]}); give a new directory "
+        raise UsageError(f"{out_dir} holds files that are not codes (e.g. {foreign[0]}); give a new directory "
                          "or a codes directory to resume")
 
 
@@ -164,7 +167,7 @@ def committed_sidecars(out_dir: str) -> tuple[list[dict[str, Any]], list[int], i
     """(sidecars of committed shards, missing shard indices, num_shards) from whatever is present."""
     counts = shard_counts(out_dir)
     if len(counts) > 1:
-        raise ValueError(f"{out_dir} mixes shard sets of {sorted(counts)} shards; keep one run per directory")
+        raise UsageError(f"{out_dir} mixes shard sets of {sorted(counts)} shards; keep one run per directory")
     if not counts:
         return [], [], 0
     (num_shards,) = counts
@@ -286,15 +289,15 @@ def _read_dir(path: str, codes_per_image: int | None, codebook_size: int | None)
         with open(index_path) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{index_path} is not a {FORMAT} index")
+            raise UsageError(f"{index_path} is not a {FORMAT} index")
         files, missing = [s["file"] for s in meta["shards"]], []
         for name in files:
             if not os.path.isfile(os.path.join(path, name)):
-                raise FileNotFoundError(f"{path} lacks {name} listed in its index.json; re-run encode-images")
+                raise MissingInputError(f"{path} lacks {name} listed in its index.json; re-run encode-images")
     else:  # a run still in progress, or processes that have not all finished: use what is committed
         metas, missing, _ = committed_sidecars(path)
         if not metas:
-            raise FileNotFoundError(f"{path} holds no committed code shards; run `llmcxr encode-images` into it")
+            raise MissingInputError(f"{path} holds no committed code shards; run `llmcxr encode-images` into it")
         files = [m["file"] for m in metas]
         meta = {k: metas[0].get(k) for k in ("format", "codes_per_image", "codebook_size", "vqgan",
                                              "vqgan_fingerprint", "shard_size")}
@@ -326,7 +329,7 @@ def read_codes(path: str, codes_per_image: int | None = None, codebook_size: int
     if os.path.isdir(path):
         return _read_dir(path, codes_per_image, codebook_size)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no codes at {path}; give an encode-images output directory or an LLM-CXR pickle")
+        raise MissingInputError(f"no codes at {path}; give an encode-images output directory or an LLM-CXR pickle")
     data = load_llmcxr_pickle(path)
     return _collect(data.items(), codes_per_image or LLMCXR_CODES_PER_IMAGE,
                     codebook_size or LLMCXR_CODEBOOK_SIZE)
@@ -373,12 +376,12 @@ def load_llmcxr_pickle(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as e:  # anything the restricted unpickler refused or could not parse
-        raise ValueError(f"{path} is not a safe LLM-CXR codes pickle: {type(e).__name__}: {e}") from None
+        raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {type(e).__name__}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a {type(data).__name__}, not LLM-CXR's dict of dicom_id -> codes")
+        raise UsageError(f"{path} holds a {type(data).__name__}, not LLM-CXR's dict of dicom_id -> codes")
     for value in data.values():  # object arrays could only hold what the unpickler built, but never pass them on
         if isinstance(value, np.ndarray) and value.dtype.kind not in "iu":
-            raise ValueError(f"{path} holds a {value.dtype} array; codes must be integers")
+            raise UsageError(f"{path} holds a {value.dtype} array; codes must be integers")
     return data
 
 
@@ -390,14 +393,14 @@ def import_pickle(pkl_path: str, out_dir: str, *, codes_per_image: int = LLMCXR_
     table = read_codes(pkl_path, codes_per_image, codebook_size)
     if not len(table):
         reasons = collections.Counter(r for _, r in table.skipped_items)
-        raise ValueError(f"{pkl_path} has no entry of {codes_per_image} codes in [0, {codebook_size}) (skipped: "
+        raise UsageError(f"{pkl_path} has no entry of {codes_per_image} codes in [0, {codebook_size}) (skipped: "
                          f"{dict(reasons)}); give the codes per image and codebook size it was made with "
                          "(--codes-per-image, --codebook-size)")
     os.makedirs(out_dir, exist_ok=True)
     if shard_counts(out_dir) or os.path.exists(os.path.join(out_dir, INDEX)):
-        raise ValueError(f"{out_dir} already holds codes; import into an empty directory")
+        raise UsageError(f"{out_dir} already holds codes; import into an empty directory")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise UsageError(f"shard_size must be positive, got {shard_size}")
     num_shards = max(1, -(-len(table) // shard_size))
     skipped = [{"dicom_id": i, "path": os.path.abspath(pkl_path), "reason": r} for i, r in table.skipped_items]
     for s in range(num_shards):

@@ -15,7 +15,8 @@ import hashlib
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -28,9 +29,17 @@ from tqdm import tqdm
 
 from llmcxr_jax import sharding
 from llmcxr_jax.data import codes as code_files
-from llmcxr_jax.data.codes import (CodeTable, decode_code_record, encode_code_record, export_pickle,  # noqa: F401
-                                   import_pickle, read_codes, write_index)
+from llmcxr_jax.data.codes import (  # noqa: F401
+    CodeTable,
+    decode_code_record,
+    encode_code_record,
+    export_pickle,
+    import_pickle,
+    read_codes,
+    write_index,
+)
 from llmcxr_jax.data.images import ImageError, load_image
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.vqgan import VQModel
 
 BATCH_AXES = sharding.BATCH_AXES
@@ -77,9 +86,6 @@ def image_batches(items: Sequence[tuple[int, int, str, str]], size: int, channel
                                              prefetch_buffer_size=max(2 * batch, num_threads)))
           .batch(batch, batch_fn=stack_items))
     if num_workers > 0:
-        from absl import flags  # grain serialises absl flags to its workers; they must be parsed
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
     return ds
 
@@ -104,7 +110,9 @@ def _prepare_model(vqgan_dir_or_model, mesh: Mesh) -> tuple[VQModel, Any, Any, C
     if isinstance(vqgan_dir_or_model, VQModel):
         model, source = vqgan_dir_or_model, None
     else:
-        from llmcxr_jax.train.checkpoint import load_vqgan  # orbax only when reading a checkpoint
+        from llmcxr_jax.checkpoint import (
+            load_vqgan,  # orbax only when reading a checkpoint
+        )
         source = os.path.abspath(os.fspath(vqgan_dir_or_model))
         model, _ = load_vqgan(source, mesh)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -137,16 +145,16 @@ def _check_list(image_list) -> list[tuple[str, str]]:
     seen = set()
     for n, entry in enumerate(image_list):
         if len(entry) != 2:
-            raise ValueError(f"image_list entry {n} is {entry!r}; give (dicom_id, image_path) pairs")
+            raise UsageError(f"image_list entry {n} is {entry!r}; give (dicom_id, image_path) pairs")
         dicom_id, path = str(entry[0]), os.fspath(entry[1])
         if not dicom_id:
-            raise ValueError(f"image_list entry {n} has an empty dicom_id")
+            raise UsageError(f"image_list entry {n} has an empty dicom_id")
         if dicom_id in seen:
-            raise ValueError(f"dicom_id {dicom_id} appears twice in the image list; ids must be unique")
+            raise UsageError(f"dicom_id {dicom_id} appears twice in the image list; ids must be unique")
         seen.add(dicom_id)
         items.append((dicom_id, path))
     if not items:
-        raise ValueError("the image list is empty; nothing to encode")
+        raise UsageError("the image list is empty; nothing to encode")
     return items
 
 
@@ -154,7 +162,7 @@ def _check_batch(batch_size: int, mesh: Mesh) -> int:
     devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     procs = jax.process_count()
     if batch_size < 1 or batch_size % devices or batch_size % procs:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {devices} devices on the "
+        raise UsageError(f"batch_size {batch_size} must be a positive multiple of the {devices} devices on the "
                          f"mesh's data x fsdp axes and of the {procs} processes")
     return batch_size // procs
 
@@ -170,7 +178,7 @@ def _plan(out_dir: str, items, owned: list[int], shard_size: int, num_shards: in
             code_files.remove_temp_files(out_dir, s, num_shards)
             pending.append(s)
         elif meta.get("ids_sha256") != code_files.ids_digest(ids) or meta.get("vqgan_fingerprint") != fingerprint:
-            raise ValueError(f"{out_dir}: shard {s} was made from another image list or VQ-GAN; "
+            raise UsageError(f"{out_dir}: shard {s} was made from another image list or VQ-GAN; "
                              "use a new --out directory")
         else:
             reused.append(s)
@@ -193,20 +201,20 @@ def encode_images(vqgan_dir_or_model, image_list, out_dir: str, *, batch_size: i
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     if not 0 <= pi < pc:
-        raise ValueError(f"process_index {pi} must lie in [0, process_count {pc})")
+        raise UsageError(f"process_index {pi} must lie in [0, process_count {pc})")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise UsageError(f"shard_size must be positive, got {shard_size}")
     local_batch = _check_batch(batch_size, mesh)
     code_files.check_codes_dir(out_dir)
     num_shards = -(-len(items) // shard_size)
     others = set(code_files.shard_counts(out_dir)) - {num_shards}
     if others:
-        raise ValueError(f"{out_dir} holds shards of another run ({sorted(others)[0]} shards, not {num_shards}); "
+        raise UsageError(f"{out_dir} holds shards of another run ({sorted(others)[0]} shards, not {num_shards}); "
                          "use a new --out or the same image list and shard_size")
     model, graphdef, params, encode, source = _prepare_model(vqgan_dir_or_model, mesh)
     cfg = model.cfg
     if cfg.n_embed > 1 << 16:
-        raise ValueError(f"codebook of {cfg.n_embed} codes does not fit the uint16 code records")
+        raise UsageError(f"codebook of {cfg.n_embed} codes does not fit the uint16 code records")
     fingerprint = vqgan_fingerprint(model)
     os.makedirs(out_dir, exist_ok=True)
     owned = [s for s in range(num_shards) if s % pc == pi]

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from llmcxr_jax.errors import UsageError
+
 
 def owned_shards(num_shards: int, process_index: int, process_count: int) -> range:
     if num_shards < 1 or num_shards % process_count:
-        raise ValueError(f"data.num_shards {num_shards} must be a positive multiple of the {process_count} "
+        raise UsageError(f"data.num_shards {num_shards} must be a positive multiple of the {process_count} "
                          "processes; use 0 for one shard per process")
     per = num_shards // process_count
     return range(process_index * per, (process_index + 1) * per)
@@ -26,7 +28,7 @@ class HostIterator:
 
     def __init__(self, iterators: list[Any]):
         if not iterators:
-            raise ValueError("a host needs at least one data shard")
+            raise UsageError("a host needs at least one data shard")
         self.iterators = iterators
 
     def __iter__(self):
@@ -49,7 +51,7 @@ class HostIterator:
     def set_state(self, state: bytes) -> None:
         states = json.loads(state)
         if len(states) != len(self.iterators):
-            raise ValueError(f"data iterator state holds {len(states)} shards but this host reads "
+            raise UsageError(f"data iterator state holds {len(states)} shards but this host reads "
                              f"{len(self.iterators)}; resume with the same data.num_shards and process count")
         for it, s in zip(self.iterators, states):
             it.set_state(s)

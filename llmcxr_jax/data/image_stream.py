@@ -12,6 +12,7 @@ import numpy as np
 
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data.shapes import shape_image
+from llmcxr_jax.errors import UsageError
 
 # Held-out images come from a different stream than any training index can reach.
 EVAL_SEED_OFFSET = 1_000_003
@@ -38,7 +39,7 @@ class FileStream:
     def __init__(self, paths: Sequence[str], eval_paths: Sequence[str], seed: int, size: int, channels: int,
                  threads: int = 4):
         if not paths:
-            raise ValueError("no training images found; check train.data (a MIMIC-CXR-JPG layout root)")
+            raise UsageError("no training images found; check train.data (a MIMIC-CXR-JPG layout root)")
         self.paths, self.eval_paths = list(paths), list(eval_paths)
         self.seed, self.size, self.channels = seed, size, channels
         self.bad: dict[str, str] = {}
@@ -65,7 +66,7 @@ class FileStream:
             except image_io.ImageError as e:
                 self.bad[path] = str(e)
                 print(f"skipping unreadable training image: {e}", file=sys.stderr)
-        raise ValueError("every training image is unreadable; check train.data")
+        raise UsageError("every training image is unreadable; check train.data")
 
     def images(self, indices: Sequence[int]) -> np.ndarray:
         return np.stack(list(self._pool.map(self._load, [int(i) for i in indices])))
@@ -80,7 +81,7 @@ class FileStream:
             except image_io.ImageError as e:
                 self.bad[path] = str(e)
         if len(out) < count:
-            raise ValueError(f"need {count} readable held-out images (validate/test split) for evaluation, "
+            raise UsageError(f"need {count} readable held-out images (validate/test split) for evaluation, "
                              f"found {len(out)}; lower train.grid_images or add images")
         return np.stack(out)
 

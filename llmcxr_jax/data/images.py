@@ -8,8 +8,10 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llmcxr_jax.errors import UsageError
 
-class ImageError(ValueError):
+
+class ImageError(UsageError):
     """An image file that cannot be used (unreadable, truncated, too small)."""
 
 

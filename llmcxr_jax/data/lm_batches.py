@@ -1,8 +1,6 @@
-"""LM training batches as a grain pipeline: epoch plan -> prompt -> token ids -> packed rows.
-
-Owns the per-epoch example plan (task mixture, paraphrase choice, shuffle, per-process shard),
-LLM-CXR's filters (bad image codes, too-long examples) and the pipeline whose checkpointable
-iterator the trainer saves as the "data_iter" checkpoint item (packing itself: packing.py).
+"""LM training batches as a grain pipeline: epoch plan -> prompt -> token ids -> packed rows (packing.py).
+Owns the per-epoch example plan (task mixture, paraphrase choice, shuffle, per-process shard), LLM-CXR's filters
+(bad image codes, too-long examples) and the pipeline whose iterator the trainer checkpoints as item "data_iter".
 """
 from __future__ import annotations
 
@@ -10,12 +8,14 @@ import collections
 import dataclasses
 import math
 import threading
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import grain
 import numpy as np
 
 from llmcxr_jax.data import packing, prompts
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 TASKS = ("cxr_to_report", "report_to_cxr", "vqa", "text")
@@ -85,26 +85,26 @@ class BatchConfig:
     worker_buffer_size: int = 2
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "BatchConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> BatchConfig:
         d = dict(d.to_dict() if hasattr(d, "to_dict") else (d or {}))
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown LM data config keys {sorted(unknown)}")
+            raise UsageError(f"unknown LM data config keys {sorted(unknown)}")
         return cls(**d)
 
     def __post_init__(self):
         if not 0 < self.max_length <= self.seq_len:
-            raise ValueError(f"need 0 < max_length <= seq_len, got max_length {self.max_length}, "
+            raise UsageError(f"need 0 < max_length <= seq_len, got max_length {self.max_length}, "
                              f"seq_len {self.seq_len}")
         if self.loss not in ("response", "joint"):
-            raise ValueError(f"loss must be 'response' or 'joint', got {self.loss!r}")
+            raise UsageError(f"loss must be 'response' or 'joint', got {self.loss!r}")
         if self.image_delimiters not in ("text", "special"):
-            raise ValueError(f"image_delimiters must be 'text' or 'special', got {self.image_delimiters!r}")
+            raise UsageError(f"image_delimiters must be 'text' or 'special', got {self.image_delimiters!r}")
         if self.max_examples_per_row < 1 or self.batch_size < 1 or self.codes_per_image < 1:
-            raise ValueError("batch_size, max_examples_per_row and codes_per_image must be >= 1")
+            raise UsageError("batch_size, max_examples_per_row and codes_per_image must be >= 1")
         bad = set(self.mixture) - set(TASKS)
         if bad or any(float(w) < 0 for w in self.mixture.values()) or sum(map(float, self.mixture.values())) <= 0:
-            raise ValueError(f"mixture must map tasks {TASKS} to weights >= 0 with a positive sum, "
+            raise UsageError(f"mixture must map tasks {TASKS} to weights >= 0 with a positive sum, "
                              f"got {dict(self.mixture)}")
 
     @property
@@ -213,8 +213,8 @@ class _ExampleMaker:
         if dropped:
             ids = ids[:0]
         ex = self.encoder.example(ids, self.cfg.loss) if len(ids) else None
-        for k in ("input_ids", "targets", "loss_mask", "modality"):
-            out[k] = getattr(ex, k) if ex is not None else np.zeros(0, np.int32)
+        for k in packing.EXAMPLE_KEYS:
+            out[k] = getattr(ex, k) if ex is not None else np.zeros(0, packing.BATCH_SPEC[k])
         return out
 
     def render(self, task: int, src: int, para: int) -> tuple[str, np.ndarray | None]:
@@ -248,7 +248,7 @@ class LmBatches:
         cfg = config if isinstance(config, BatchConfig) else BatchConfig.from_dict(config)
         shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
         if cfg.batch_size % shard.shard_count:
-            raise ValueError(f"batch_size {cfg.batch_size} does not split over {shard.shard_count} processes")
+            raise UsageError(f"batch_size {cfg.batch_size} does not split over {shard.shard_count} processes")
         self.config, self.layout, self.special = cfg, layout, special
         self.shard_index, self.shard_count = int(shard.shard_index), int(shard.shard_count)
         self.encoder = prompts.PromptTokenizer(tokenizer, layout, special, cfg.image_delimiters)
@@ -261,7 +261,7 @@ class LmBatches:
         sizes = [len(self.pools["image_text"])] * 2 + [len(self.pools["vqa"]), len(self.pools["text"])]
         for t, w, n in zip(TASKS, cfg.weights, sizes):
             if w > 0 and n == 0:
-                raise ValueError(f"task {t} has mixture weight {w:.2f} but no usable examples "
+                raise UsageError(f"task {t} has mixture weight {w:.2f} but no usable examples "
                                  f"(skipped: {dict(self.skipped)}); give its data or set mixture.{t}=0")
         self.planner = _Planner(sizes, cfg.weights, [len(instructions[0]), len(instructions[1]), 1, 1],
                                 cfg.epoch_size, self.shard_count, cfg.seed)
@@ -360,11 +360,10 @@ class LmBatches:
         cfg, per_shard = self.config, self.epoch_size // self.shard_count
         max_epochs = (_MAX_EXAMPLE_ID + 1) // self.epoch_size
         if num_epochs is not None and not 0 < num_epochs <= max_epochs:
-            raise ValueError(f"num_epochs must be in 1..{max_epochs} for an epoch of {self.epoch_size} examples")
+            raise UsageError(f"num_epochs must be in 1..{max_epochs} for an epoch of {self.epoch_size} examples")
         ds = grain.MapDataset.range(per_shard * (num_epochs or max_epochs)).map(self._maker)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads))
         if cfg.num_workers > 0:
-            _mark_absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
         return packing.PackedRows(ds, rows=self.rows_per_batch, seq_len=cfg.seq_len, per_row=self.examples_per_row,
@@ -385,10 +384,3 @@ def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
     cls = grain.checkpoint.CheckpointRestore if restore else grain.checkpoint.CheckpointSave
     return cls(iterator)
 
-
-def _mark_absl_flags_parsed() -> None:
-    """grain reads absl flags while starting workers; a library caller may never have parsed them."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()

@@ -20,7 +20,15 @@ from tqdm import tqdm
 
 from llmcxr_jax.data import images
 from llmcxr_jax.data.text_corpora import (
-    VQA_DIR, ReadResult, VqaExample, VqaItem, read_dolly, read_vqa, vqa_for_records)
+    VQA_DIR,
+    ReadResult,
+    VqaExample,
+    VqaItem,
+    read_dolly,
+    read_vqa,
+    vqa_for_records,
+)
+from llmcxr_jax.errors import MissingInputError, UsageError
 
 __all__ = [
     "CHEXPERT_LABELS", "FRONTAL_VIEWS", "CxrRecord", "MimicCxrCorpus", "Skipped", "evaluation_records",
@@ -111,7 +119,7 @@ def stage_text(record: CxrRecord, stage: int) -> str | None:
         return " ".join(p for p in (record.findings, record.impression) if p) or None
     if stage == 2:
         return record.impression
-    raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    raise UsageError(f"stage must be 1 or 2, got {stage!r}")
 
 
 def report_path(reports_files: Path, subject_id: str, study_id: str) -> Path:
@@ -129,7 +137,7 @@ def find_csv(root: Path, name: str) -> Path:
     for path in (Path(root) / name, Path(root) / f"{name}.gz"):
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{name} (or {name}.gz) not found in {root}; {PHYSIONET_HINT}")
+    raise MissingInputError(f"{name} (or {name}.gz) not found in {root}; {PHYSIONET_HINT}")
 
 
 def csv_rows(path: Path, columns: tuple[str, ...]):
@@ -140,7 +148,7 @@ def csv_rows(path: Path, columns: tuple[str, ...]):
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in columns if c not in header]
         if missing:
-            raise ValueError(f"{path} lacks columns {missing}; expected the MIMIC-CXR-JPG 2.0.0 header")
+            raise UsageError(f"{path} lacks columns {missing}; expected the MIMIC-CXR-JPG 2.0.0 header")
         index = [header.index(c) for c in columns]
         for row in reader:
             if row:
@@ -155,7 +163,7 @@ def read_chexpert_labels(root) -> dict[tuple[str, str], dict[str, float | None]]
     for row, (subject, study, *values) in enumerate(csv_rows(path, ("subject_id", "study_id") + CHEXPERT_LABELS), 1):
         bad = [v for v in values if v not in _LABEL_VALUES]
         if bad:
-            raise ValueError(f"{path} data row {row}: label value {bad[0]!r} is not 1.0, 0.0, -1.0 or empty")
+            raise UsageError(f"{path} data row {row}: label value {bad[0]!r} is not 1.0, 0.0, -1.0 or empty")
         out[(subject, study)] = {name: _LABEL_VALUES[v] for name, v in zip(CHEXPERT_LABELS, values)}
     return out
 
@@ -251,7 +259,7 @@ def stage_records(corpus: MimicCxrCorpus, stage: int) -> list[CxrRecord]:
         return corpus.stage1
     if stage == 2:
         return corpus.stage2
-    raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    raise UsageError(f"stage must be 1 or 2, got {stage!r}")
 
 
 def evaluation_records(corpus: MimicCxrCorpus) -> list[CxrRecord]:
@@ -304,11 +312,11 @@ def load_corpus(root, *, reports_root=None, check_images: bool = False, progress
     unzipped mimic-cxr-reports root (files/pXX/... under it); default ROOT/reports."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"MIMIC-CXR-JPG root {root} is not a directory; {PHYSIONET_HINT}")
+        raise MissingInputError(f"MIMIC-CXR-JPG root {root} is not a directory; {PHYSIONET_HINT}")
     split_csv, meta_csv = find_csv(root, SPLIT_CSV), find_csv(root, METADATA_CSV)
     reports_files = (Path(reports_root).expanduser().resolve() if reports_root else root / "reports") / "files"
     if not reports_files.is_dir():
-        raise FileNotFoundError(f"report folder {reports_files} not found; unzip mimic-cxr-reports.zip "
+        raise MissingInputError(f"report folder {reports_files} not found; unzip mimic-cxr-reports.zip "
                                 "(physionet.org/content/mimic-cxr/2.0.0) so files/pXX/... lies under "
                                 "ROOT/reports, or pass reports_root")
     skipped: list[Skipped] = []

@@ -1,23 +1,38 @@
-"""Tokenized examples -> fixed-shape LM batches [rows, seq_len], as a checkpointable grain stage.
-
-Owns the packing policy (greedy first-fit within a batch, examples never split), the row
-layout (segment ids, restarting positions, example-id slots) and the iterator state.
+"""Tokenized examples -> fixed-shape LM batches [rows, seq_len], as a checkpointable grain stage. Owns the batch's
+fields and dtypes (BATCH_SPEC), the packing policy (greedy first-fit within a batch, examples never split), the
+row layout (segment ids, restarting positions, example-id slots) and the iterator state.
 """
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
-ARRAY_KEYS = ("input_ids", "targets", "loss_mask", "modality")  # per-token arrays of one example
+from llmcxr_jax.errors import UsageError
+
+# A batch's [rows, seq_len] arrays, field -> dtype: what the train step reads (and compile-check lowers).
+BATCH_SPEC = {
+    "input_ids": np.dtype(np.int32),  # token ids; pad_id after the last example of a row
+    "targets": np.dtype(np.int32),  # the next token of each position; pad_id where there is none
+    "loss_mask": np.dtype(np.float32),  # 1.0 where the target is trained (the response, or every token)
+    "segment_ids": np.dtype(np.int32),  # 1, 2, ... per example in its row; 0 = padding
+    "positions": np.dtype(np.int32),  # position ids, restarting at 0 with each example
+    "modality": np.dtype(np.int8),  # 1 where the target is an image code, 0 for text
+}
+ROW_LAYOUT_KEYS = ("segment_ids", "positions")  # written by packing; the other fields come from each example
+EXAMPLE_KEYS = tuple(k for k in BATCH_SPEC if k not in ROW_LAYOUT_KEYS)  # per-token arrays of one example
+PAD_KEYS = ("input_ids", "targets")  # filled with pad_id where no example is (the rest with 0)
+# Besides BATCH_SPEC each batch carries "example_ids" [rows, per_row]: each row's example ids, -1 = empty slot.
+EXAMPLE_IDS_DTYPE = np.dtype(np.int32)
 
 
 class PackedRows(grain.IterDataset):
     """Examples -> batches; per_row=1 gives one padded example per row.
 
-    Each parent element is a dict with ARRAY_KEYS arrays of its length n, "example_id", "task"
+    Each parent element is a dict with EXAMPLE_KEYS arrays of its length n, "example_id", "task"
     (an index into task_names) and "dropped" (1 for a too-long example that is only counted).
     """
 
@@ -25,7 +40,7 @@ class PackedRows(grain.IterDataset):
         super().__init__(parent)
         self._args = (rows, seq_len, per_row, pad_id, tuple(task_names))
 
-    def __iter__(self) -> "PackedRowsIterator":
+    def __iter__(self) -> PackedRowsIterator:
         return PackedRowsIterator(self._parent.__iter__(), *self._args)
 
     def __str__(self) -> str:
@@ -62,7 +77,7 @@ class PackedRowsIterator(grain.DatasetIterator):
                 self._pending, self._pending_state = elem, state
             n = len(self._pending["input_ids"])
             if n > self._seq_len:
-                raise ValueError(f"example {self._pending['example_id']} has {n} tokens, more than seq_len "
+                raise UsageError(f"example {self._pending['example_id']} has {n} tokens, more than seq_len "
                                  f"{self._seq_len}; drop it before packing (max_length)")
             fit = [r for r in range(self._rows) if used[r] + n <= self._seq_len and len(rows[r]) < self._per_row]
             if not fit:
@@ -76,16 +91,14 @@ class PackedRowsIterator(grain.DatasetIterator):
 
     def _assemble(self, rows) -> dict[str, np.ndarray]:
         shape = (self._rows, self._seq_len)
-        b = {"input_ids": np.full(shape, self._pad, np.int32), "targets": np.full(shape, self._pad, np.int32),
-             "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
-             "positions": np.zeros(shape, np.int32), "modality": np.zeros(shape, np.int8),
-             "example_ids": np.full((self._rows, self._per_row), -1, np.int32)}
+        b = {k: np.full(shape, self._pad if k in PAD_KEYS else 0, dt) for k, dt in BATCH_SPEC.items()}
+        b["example_ids"] = np.full((self._rows, self._per_row), -1, EXAMPLE_IDS_DTYPE)
         for r, row in enumerate(rows):
             off = 0
             for k, ex in enumerate(row):
                 n = len(ex["input_ids"])
                 sl = (r, slice(off, off + n))
-                for key in ARRAY_KEYS:
+                for key in EXAMPLE_KEYS:
                     b[key][sl] = ex[key]
                 b["segment_ids"][sl] = k + 1
                 b["positions"][sl] = np.arange(n)

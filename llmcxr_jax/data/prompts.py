@@ -9,11 +9,18 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from llmcxr_jax.vocab import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY, SpecialTokens, VocabLayout
+from llmcxr_jax.errors import MissingInputError, UsageError
+from llmcxr_jax.vocab import (
+    END_KEY,
+    INSTRUCTION_KEY,
+    RESPONSE_KEY,
+    SpecialTokens,
+    VocabLayout,
+)
 
 INTRO_BLURB = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
@@ -68,18 +75,18 @@ def generation_prompt(instruction: str, input_text: str | None = None) -> str:
 def load_instructions(path: str) -> tuple[str, ...]:
     """User paraphrases replacing ours: a .json list of strings, or a text file with one per line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"instruction file {path} does not exist")
+        raise MissingInputError(f"instruction file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
         items = json.loads(text)
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"{path} must hold a JSON list of instruction strings")
+            raise UsageError(f"{path} must hold a JSON list of instruction strings")
     else:
         items = text.splitlines()
     items = tuple(s.strip() for s in items if s.strip())
     if not items:
-        raise ValueError(f"{path} holds no instructions; give at least one non-empty line")
+        raise UsageError(f"{path} holds no instructions; give at least one non-empty line")
     return items
 
 
@@ -119,22 +126,22 @@ class PromptTokenizer:
         self.tok, self.layout, self.special = tok, layout, special
         size = tok.get_vocab_size(with_added_tokens=True)
         if size != layout.text_size:
-            raise ValueError(f"tokenizer has {size} tokens but the VocabLayout says T = {layout.text_size}; "
+            raise UsageError(f"tokenizer has {size} tokens but the VocabLayout says T = {layout.text_size}; "
                              "build the layout from this tokenizer")
         if image_delimiters == "text":
             ids = tok.encode(IMAGE_PLACEHOLDER).ids
             if len(ids) != 3:
-                raise ValueError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r} into {len(ids)} tokens; LLM-CXR's "
+                raise UsageError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r} into {len(ids)} tokens; LLM-CXR's "
                                  "injection needs 3 ('<', 'image', '>'); use image_delimiters='special'")
             self._marker, self._keep = ids, 1  # keep "<", replace "image", keep ">"
         elif image_delimiters == "special":
             ids = [tok.token_to_id(t) for t in (IMAGE_BEGIN, IMAGE_END)]
             if None in ids:
-                raise ValueError(f"tokenizer has no {IMAGE_BEGIN!r}/{IMAGE_END!r} tokens; add them with "
+                raise UsageError(f"tokenizer has no {IMAGE_BEGIN!r}/{IMAGE_END!r} tokens; add them with "
                                  "prompts.add_image_delimiters(tok) or use image_delimiters='text'")
             self._marker, self._keep = ids, 1  # keep begin, insert, keep end
         else:
-            raise ValueError(f"image_delimiters must be 'text' or 'special', got {image_delimiters!r}")
+            raise UsageError(f"image_delimiters must be 'text' or 'special', got {image_delimiters!r}")
         self.image_delimiters = image_delimiters
 
     def encode(self, text: str, image_codes: np.ndarray | None = None) -> np.ndarray:
@@ -147,7 +154,7 @@ class PromptTokenizer:
         where = _find_all(ids, self._marker)
         if len(where) != 1:
             found = "is not" if not where else f"occurs {len(where)} times"
-            raise ValueError(f"image placeholder {IMAGE_PLACEHOLDER!r} {found} in the tokenized prompt; an image "
+            raise UsageError(f"image placeholder {IMAGE_PLACEHOLDER!r} {found} in the tokenized prompt; an image "
                              f"prompt needs it exactly once: {text[:80]!r}...")
         cut = where[0] + self._keep
         drop = len(self._marker) - 2  # text mode drops "image"; special mode drops nothing
@@ -168,12 +175,12 @@ class PromptTokenizer:
         if loss == "response":
             hits = np.flatnonzero(ids == self.special.response_key_id)
             if not len(hits):
-                raise ValueError(f"prompt has no {RESPONSE_KEY!r} token; response-only loss needs it")
+                raise UsageError(f"prompt has no {RESPONSE_KEY!r} token; response-only loss needs it")
             mask[hits[0]:n - 1] = 1.0
         elif loss == "joint":
             mask[:n - 1] = 1.0
         else:
-            raise ValueError(f"loss must be 'response' or 'joint', got {loss!r}")
+            raise UsageError(f"loss must be 'response' or 'joint', got {loss!r}")
         modality = self.layout.is_image_token(targets).astype(np.int8)
         return TokenizedExample(ids.astype(np.int32), targets, mask, modality)
 

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from llmcxr_jax.errors import MissingInputError
+
 VQA_DIR = "mimic-cxr-jpg_medvqa_v1"
 _SUBJECT_DIR = re.compile(r"p(\d+)")
 _STUDY_FILE = re.compile(r"s(\d+)\.txt")
@@ -78,7 +80,7 @@ def read_vqa(root) -> ReadResult:
     root = Path(root)
     folder = root if root.name == VQA_DIR else root / VQA_DIR
     if not folder.is_dir():
-        raise FileNotFoundError(f"VQA folder {folder} not found; put mimic-cxr-jpg_medvqa_v1 "
+        raise MissingInputError(f"VQA folder {folder} not found; put mimic-cxr-jpg_medvqa_v1 "
                                 "(LLM-CXR's generated question files) under the MIMIC-CXR-JPG root")
     result = ReadResult([])
     for path in sorted(folder.rglob("*.txt")):
@@ -107,7 +109,7 @@ def read_dolly(path) -> ReadResult:
     are not JSON objects or lack a non-empty instruction or response are skipped and counted."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; download databricks-dolly-15k.jsonl "
+        raise MissingInputError(f"{path} not found; download databricks-dolly-15k.jsonl "
                                 "(huggingface.co/datasets/databricks/databricks-dolly-15k) and give its path")
     result = ReadResult([])
     with open(path, encoding="utf-8", errors="replace") as f:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from llmcxr_jax import vocab
 from llmcxr_jax.data import prompts
+from llmcxr_jax.errors import UsageError
 
 EOS = "<|endoftext|>"
 
@@ -21,7 +22,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 300:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE; use at least 300")
+        raise UsageError(f"vocab_size {vocab_size} is too small for a byte-level BPE; use at least 300")
     template = [prompts.format_prompt(i, "x", prompts.IMAGE_PLACEHOLDER) for i in prompts.REPORT_INSTRUCTIONS]
     template += [prompts.format_prompt(i, prompts.IMAGE_PLACEHOLDER, "x") for i in prompts.IMAGE_INSTRUCTIONS]
     tok = Tokenizer(models.BPE())
@@ -32,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
     tok.train_from_iterator(_chain(template * 20, texts), trainer)
     pieces = tok.encode(prompts.IMAGE_PLACEHOLDER).tokens
     if len(pieces) != 3:
-        raise ValueError(f'the trained tokenizer splits "<image>" into {pieces}, not "<", "image", ">"; '
+        raise UsageError(f'the trained tokenizer splits "<image>" into {pieces}, not "<", "image", ">"; '
                          "train on more text or a larger vocab_size")
     vocab.save_tokenizer(tok, {"eos_token": EOS, "bos_token": EOS, "unk_token": EOS, "pad_token": EOS,
                                "model_max_length": 2048}, out_dir)

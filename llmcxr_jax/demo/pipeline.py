@@ -18,6 +18,9 @@ import ml_collections
 import numpy as np
 
 from llmcxr_jax.data import mimic_cxr
+from llmcxr_jax.demo import summary
+from llmcxr_jax.demo.phases import NAMES, PHASES
+from llmcxr_jax.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,7 @@ def _lm_config(section: ml_collections.ConfigDict, p: Paths) -> ml_collections.C
 
 
 def corpus(config, p: Paths) -> dict:
-    from llmcxr_jax.data import synthetic
+    from llmcxr_jax import synthetic
 
     s = synthetic.synthesize(p.corpus, num_images=config.corpus.num_images, image_size=config.corpus.image_size,
                              seed=config.seed)
@@ -109,11 +112,10 @@ def classifier(config, p: Paths) -> dict:
     classifier of sharp images would score the VQ-GAN's blur, not the LM's drawing."""
     import jax
 
-    from llmcxr_jax import sharding
+    from llmcxr_jax import checkpoint, sharding
     from llmcxr_jax.data import codes as code_files
     from llmcxr_jax.eval import cxr_classifier as C
     from llmcxr_jax.eval.evaluate import gray
-    from llmcxr_jax.train import checkpoint
 
     c = config.classifier
     cfg = C.ClassifierConfig(image_size=config.corpus.image_size, widths=tuple(c.widths), hidden=c.hidden)
@@ -165,9 +167,8 @@ def evaluate(config, p: Paths) -> dict:
 
 
 def export(config, p: Paths) -> dict:
-    from llmcxr_jax import sharding
+    from llmcxr_jax import checkpoint, sharding
     from llmcxr_jax.convert import diffusers_vqgan, hf_gpt_neox, taming_vqgan
-    from llmcxr_jax.train import checkpoint
 
     lm = checkpoint.load_lm(p.lm, sharding.make_mesh("1,-1,1"), dtype="float32")
     files = hf_gpt_neox.export_hf(lm.model, p.hf, hf_config=lm.metadata.get("hf_config"),
@@ -201,18 +202,11 @@ def pytorch(config, p: Paths) -> dict:
             "diffusers_decode_max_abs_diff": float(np.abs(decoded - g.decode_codes(codes_)).max())}
 
 
-PHASES: tuple[tuple[str, str, Callable], ...] = (
-    ("corpus", "synthetic CXR corpus (llmcxr synth)", corpus),
-    ("vqgan", "train the VQ-GAN (llmcxr train-vqgan)", vqgan),
-    ("codes", "encode every image (llmcxr encode-images)", codes),
-    ("tokenizer", "BPE tokenizer on the corpus text, saved as a HF tokenizer", tokenizer),
-    ("classifier", "CXR classifier that scores report->CXR images", classifier),
-    ("stage1", "LM stage 1 (llmcxr train, llmcxr_stage1)", stage1),
-    ("stage2", "LM stage 2 from stage 1 (llmcxr train, llmcxr_stage2)", stage2),
-    ("evaluate", "score the model (llmcxr evaluate)", evaluate),
-    ("export", "export LM to HF, VQ-GAN to diffusers and taming (export-hf, export-vqgan)", export),
-    ("pytorch", "reload the exports in transformers / diffusers and compare with JAX", pytorch),
-)
+RUNNERS: dict[str, Callable] = {"corpus": corpus, "vqgan": vqgan, "codes": codes, "tokenizer": tokenizer,
+                               "classifier": classifier, "stage1": stage1, "stage2": stage2, "evaluate": evaluate,
+                               "export": export, "pytorch": pytorch}
+if tuple(RUNNERS) != NAMES:
+    raise RuntimeError(f"demo/phases.py names {NAMES} but pipeline.RUNNERS runs {tuple(RUNNERS)}")
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -226,7 +220,7 @@ def _claim(config, workdir: str) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             if json.load(f) != now:
-                raise ValueError(f"{workdir} holds a demo run with a different config; give a new --workdir "
+                raise UsageError(f"{workdir} holds a demo run with a different config; give a new --workdir "
                                  "(or delete it)")
         return
     os.makedirs(workdir, exist_ok=True)
@@ -245,25 +239,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Run (or finish) every phase in `workdir`; returns phases.json's content. `only` stops
     after the named phases have run (the earlier ones still run first)."""
-    from llmcxr_jax.demo import summary
-
     _claim(config, workdir)
     p = Paths(workdir)
     state_path = os.path.join(workdir, "phases.json")
     state = json.load(open(state_path)) if os.path.isfile(state_path) else {}
-    last = max((i for i, (name, _, _) in enumerate(PHASES) if name in only), default=len(PHASES) - 1)
-    for i, (name, what, fn) in enumerate(PHASES[: last + 1]):
+    last = max((i for i, name in enumerate(NAMES) if name in only), default=len(PHASES) - 1)
+    for i, (name, what, *_) in enumerate(PHASES[: last + 1]):
         tag = f"[demo {i + 1}/{len(PHASES)}] {name}"
         if name in state:
             log(f"{tag}: done before ({state[name]['seconds']:.0f} s), skipped")
             continue
         log(f"{tag}: {what}")
         start = time.perf_counter()
-        result = fn(config, p)
+        result = RUNNERS[name](config, p)
         state[name] = {"seconds": time.perf_counter() - start, "result": result}
         _write_json(state_path, state)
         log(f"{tag}: finished in {state[name]['seconds']:.0f} s")
-    if all(name in state for name, _, _ in PHASES):
+    if all(name in state for name in NAMES):
         summary.write(config, workdir, state)
         log(f"[demo] summary: {os.path.join(workdir, 'summary.md')}")
     return state

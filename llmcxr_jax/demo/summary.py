@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
+from llmcxr_jax.demo.phases import PHASES
+
 
 def _phase_rows(state: dict) -> list[str]:
-    from llmcxr_jax.demo.pipeline import PHASES
-
     rows = ["| phase | what | seconds | result |", "| --- | --- | --- | --- |"]
-    for name, what, _ in PHASES:
+    for name, what, *_ in PHASES:
         entry = state.get(name, {})
         result = entry.get("result", {})
         short = ", ".join(f"{k}={_short(v)}" for k, v in result.items()

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import mimic_cxr
+from llmcxr_jax.errors import MissingInputError, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class CxrClassifier(nnx.Module):
         self.convs = nnx.List([nnx.Conv(chans[i], chans[i + 1], (3, 3), rngs=rngs) for i in range(len(cfg.widths))])
         side = cfg.image_size >> len(cfg.widths)
         if side < 1 or side << len(cfg.widths) != cfg.image_size:
-            raise ValueError(f"image_size {cfg.image_size} does not halve {len(cfg.widths)} times; give a multiple "
+            raise UsageError(f"image_size {cfg.image_size} does not halve {len(cfg.widths)} times; give a multiple "
                              f"of {2 ** len(cfg.widths)} or fewer widths")
         self.hidden = nnx.Linear(chans[-1] * side * side, cfg.hidden, rngs=rngs)
         self.head = nnx.Linear(cfg.hidden, cfg.num_labels, rngs=rngs)
@@ -117,7 +118,7 @@ def save_classifier(model: CxrClassifier, cfg: ClassifierConfig, directory: str)
 def load_classifier(directory: str) -> tuple[CxrClassifier, ClassifierConfig]:
     path = os.path.join(directory, "classifier.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} holds no classifier.safetensors; train one with train_classifier")
+        raise MissingInputError(f"{directory} holds no classifier.safetensors; train one with train_classifier")
     with open(os.path.join(directory, "classifier.json")) as f:
         raw = json.load(f)
     cfg = ClassifierConfig(**{**raw, "widths": tuple(raw["widths"])})
@@ -127,7 +128,7 @@ def load_classifier(directory: str) -> tuple[CxrClassifier, ClassifierConfig]:
     for key, var in nnx.to_flat_state(state):
         name = "/".join(map(str, key))
         if name not in arrays:
-            raise ValueError(f"{path} lacks {name}")
+            raise UsageError(f"{path} lacks {name}")
         var.set_value(jnp.asarray(arrays[name]))
     nnx.update(model, state)
     return model, cfg

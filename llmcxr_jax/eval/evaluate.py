@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import mimic_cxr, text_corpora
-from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
+from llmcxr_jax.errors import UsageError
+from llmcxr_jax.eval import (
+    cxr_classifier,
+    image_metrics,
+    labeler,
+    report_card,
+    vqa_metrics,
+)
 from llmcxr_jax.eval.report_metrics import label_metrics, text_metrics
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
@@ -69,19 +76,19 @@ class EvalOptions:
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise ValueError(f"unknown evaluation task(s) {unknown or '(none given)'}; choose from {TASKS}")
+            raise UsageError(f"unknown evaluation task(s) {unknown or '(none given)'}; choose from {TASKS}")
         if self.report_part not in ("impression", "findings+impression"):
-            raise ValueError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
+            raise UsageError(f"report_part must be 'impression' or 'findings+impression', got {self.report_part!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         for name, zero in (("max_images", "every image"), ("max_vqa", "every question"),
                            ("max_new_tokens", "LLM-CXR's 128"), ("grid_images", "no grids"),
                            ("ci_samples", "no intervals")):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
         if self.image_temperature is not None and not self.image_temperature > 0.0:
-            raise ValueError(f"image_temperature must be > 0 (or unset: the report temperature), "
+            raise UsageError(f"image_temperature must be > 0 (or unset: the report temperature), "
                              f"got {self.image_temperature}")
 
 
@@ -112,7 +119,7 @@ def _labels(texts: Sequence[str], csv_path: str, what: str) -> np.ndarray:
     by_text = {" ".join(r.split()): row for r, row in zip(reports, rows)}
     missing = [t for t in texts if " ".join(t.split()) not in by_text]
     if missing:
-        raise ValueError(f"{csv_path} has no row for {len(missing)} {what} report(s), e.g. {missing[0][:60]!r}; "
+        raise UsageError(f"{csv_path} has no row for {len(missing)} {what} report(s), e.g. {missing[0][:60]!r}; "
                          f"label {what}_reports.csv from this evaluation's output")
     return np.stack([by_text[" ".join(t.split())] for t in texts])
 
@@ -136,7 +143,12 @@ def classifier_scores(probs: np.ndarray, reference: np.ndarray, ci_samples: int 
     """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1); with
     ci_samples > 0 each class also gets "auroc_ci", a bootstrap interval over images
     (report_metrics.bootstrap_interval)."""
-    from llmcxr_jax.eval.report_metrics import auroc, auroc_columns, binarize, bootstrap_interval
+    from llmcxr_jax.eval.report_metrics import (
+        auroc,
+        auroc_columns,
+        binarize,
+        bootstrap_interval,
+    )
 
     y = binarize(reference)
     per = {name: {"auroc": auroc(y[:, k], probs[:, k]), "support": int(y[:, k].sum())}
@@ -321,7 +333,7 @@ def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = Eva
     if opts.max_images:
         records = records[: opts.max_images]
     if not records:
-        raise ValueError(f"{data} has no evaluation images (validate/test PA or AP images of each subject's "
+        raise UsageError(f"{data} has no evaluation images (validate/test PA or AP images of each subject's "
                          "earliest study with an impression); check the split CSV")
     g = tasks.Generator.load(ckpt, vqgan)
     os.makedirs(out, exist_ok=True)

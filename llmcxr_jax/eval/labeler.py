@@ -54,11 +54,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS, parse_report
+from llmcxr_jax.errors import UsageError
 
 __all__ = ["CHEXPERT_LABELS", "MENTIONS", "OTHER_FINDINGS", "Mention", "label_report", "label_reports",
            "labeling_text", "mentions", "read_label_csv"]
@@ -316,7 +317,7 @@ def labeling_text(report: str, part: str = "impression") -> str:
     findings, else the last paragraph (how MIMIC-CXR's CheXpert labels were made); "findings+impression":
     both joined (either alone when the other is missing), else the last paragraph."""
     if part not in ("impression", "findings+impression"):
-        raise ValueError(f"part must be 'impression' or 'findings+impression', got {part!r}")
+        raise UsageError(f"part must be 'impression' or 'findings+impression', got {part!r}")
     findings, impression = parse_report(report)
     text = impression or findings if part == "impression" else " ".join(p for p in (findings, impression) if p)
     if text:
@@ -340,7 +341,7 @@ def read_label_csv(path) -> tuple[list[str], np.ndarray]:
         text_col = next((header.index(c) for c in _REPORT_COLUMNS if c in header), None)
         missing = [c for c in CHEXPERT_LABELS if c not in header]
         if text_col is None or missing:
-            raise ValueError(f"{path} lacks columns {([] if text_col is not None else ['Reports']) + missing}; "
+            raise UsageError(f"{path} lacks columns {([] if text_col is not None else ['Reports']) + missing}; "
                              "expected the CheXpert labeler / CheXbert output header")
         index = [header.index(c) for c in CHEXPERT_LABELS]
         reports, rows = [], []
@@ -350,7 +351,7 @@ def read_label_csv(path) -> tuple[list[str], np.ndarray]:
             cells = [row[i].strip() if i < len(row) else "" for i in index]
             bad = [c for c in cells if c not in _CSV_VALUES]
             if bad:
-                raise ValueError(f"{path} line {n}: label value {bad[0]!r} is not 1, 0, -1 or blank")
+                raise UsageError(f"{path} line {n}: label value {bad[0]!r} is not 1, 0, -1 or blank")
             reports.append(row[text_col] if text_col < len(row) else "")
             rows.append([_CSV_VALUES[c] for c in cells])
     return reports, np.asarray(rows, dtype=np.float64).reshape(len(rows), len(CHEXPERT_LABELS))

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from llmcxr_jax.data import images as image_io
+from llmcxr_jax.errors import UsageError
 
 # (task, metric, metrics.json path, LLM-CXR in the paper, the paper's best baseline); REFERENCE.md
 PAPER_ROWS = (
@@ -30,6 +31,7 @@ PAPER_ROWS = (
     ("VQ-GAN", "reconstruction PSNR (dB)", "vqgan.psnr", "", ""),
     ("VQ-GAN", "reconstruction SSIM", "vqgan.ssim", "", ""),
 )
+
 FOCUS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Support Devices")
 
 
@@ -123,7 +125,7 @@ def write_grid(path: str, real: np.ndarray, fake: np.ndarray, captions: Sequence
     """Column i: real image i over the image generated from its report, then the caption (the
     report the image was drawn from). Images are [n, H, W, C] in [-1, 1]."""
     if len(real) != len(fake) or len(real) != len(captions) or not len(real):
-        raise ValueError(f"a grid needs as many real images, generated images and captions, got "
+        raise UsageError(f"a grid needs as many real images, generated images and captions, got "
                          f"{len(real)}, {len(fake)}, {len(captions)}")
     font = ImageFont.load_default()
     chars = max(8, tile // 6)

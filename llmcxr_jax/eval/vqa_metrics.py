@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.eval.report_metrics import tokenize
 
 ARTICLES = frozenset({"a", "an", "the"})
@@ -27,7 +28,7 @@ def vqa_scores(predictions: Sequence[str], references: Sequence[str],
                question_types: Sequence[str | None]) -> dict[str, dict[str, float]]:
     """-> {"all": {"score", "count"}, TYPE: {"score", "count"}, ...}; a type of None counts as "other"."""
     if not len(predictions) == len(references) == len(question_types):
-        raise ValueError(f"{len(predictions)} predictions, {len(references)} references and "
+        raise UsageError(f"{len(predictions)} predictions, {len(references)} references and "
                          f"{len(question_types)} question types must be equally many")
     hits: dict[str, list[bool]] = {"all": []}
     for p, r, q in zip(predictions, references, question_types):

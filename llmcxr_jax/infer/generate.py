@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from llmcxr_jax.infer.sampling import (DecodePlan, SamplingConfig, advance, next_tokens, row_keys)
+from llmcxr_jax.errors import UsageError
+from llmcxr_jax.infer.sampling import (
+    DecodePlan,
+    SamplingConfig,
+    advance,
+    next_tokens,
+    row_keys,
+)
 from llmcxr_jax.models.gpt_neox import GPTNeoXForCausalLM, KVCache
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
@@ -62,9 +69,9 @@ def _check_prompts(input_ids, attention_mask) -> tuple[jax.Array, jax.Array]:
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.asarray(attention_mask, bool)
     if ids.ndim != 2 or ids.shape != mask.shape:
-        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, prompt]")
+        raise UsageError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, prompt]")
     if not isinstance(mask, jax.core.Tracer) and not bool(np.asarray(mask)[:, -1].all()):
-        raise ValueError("prompts must be left padded: every row's last attention_mask entry must be 1")
+        raise UsageError("prompts must be left padded: every row's last attention_mask entry must be 1")
     return ids, mask
 
 
@@ -73,9 +80,9 @@ def generate_with_plan(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, 
     """The decoder for any DecodePlan; `generate` builds the plan from the vocabulary."""
     ids, mask = _check_prompts(input_ids, attention_mask)
     if plan.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"plan has {plan.vocab_size} real vocabulary rows, the model {model.cfg.vocab_size}")
+        raise UsageError(f"plan has {plan.vocab_size} real vocabulary rows, the model {model.cfg.vocab_size}")
     if plan.mode == "image" and sampling.max_new_tokens < plan.image_response_length:
-        raise ValueError(f"max_new_tokens {sampling.max_new_tokens} cannot hold an image response of "
+        raise UsageError(f"max_new_tokens {sampling.max_new_tokens} cannot hold an image response of "
                          f"{plan.image_response_length} tokens (\"<\", {plan.image_tokens} codes, \">\", end key)")
     graphdef, state = nnx.split(model)
     knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
@@ -106,7 +113,7 @@ def generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, layout: Vo
     rng: one key, or one key per row; position t of row r uses fold_in(key_r, t).
     """
     if layout.padded_size != model.cfg.padded_vocab_size:
-        raise ValueError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
+        raise UsageError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
     plan = make_plan(layout, special, mode, image_tokens=image_tokens, open_id=open_id, close_id=close_id)
     return generate_with_plan(model, input_ids, attention_mask, plan=plan, rng=rng, sampling=sampling)
 
@@ -151,7 +158,7 @@ def generate_image_unconstrained(model: GPTNeoXForCausalLM, input_ids, attention
     """LLM-CXR's image generation: sample over the whole vocabulary and, row by row, retry with a
     fresh key (fold_in(rng, try)) until the response holds exactly image_tokens image ids."""
     if max_tries < 1:
-        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        raise UsageError(f"max_tries must be >= 1, got {max_tries}")
     batch = np.shape(input_ids)[0]
     keys = row_keys(jnp.asarray(rng), batch)
     codes = np.full((batch, image_tokens), -1, np.int64)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmcxr_jax.errors import UsageError
+
 MODES = ("text", "image", "unconstrained")
 # LLM-CXR's generation settings: nucleus sampling at temperature 1, top_p 0.92, top_k 0 (off)
 LLMCXR_TEMPERATURE, LLMCXR_TOP_P, LLMCXR_TOP_K = 1.0, 0.92, 0
@@ -31,20 +33,20 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not self.greedy and not self.temperature > 0.0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy=True")
+            raise UsageError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy=True")
 
     @classmethod
-    def greedy_decoding(cls, max_new_tokens: int) -> "SamplingConfig":
+    def greedy_decoding(cls, max_new_tokens: int) -> SamplingConfig:
         return cls(max_new_tokens=max_new_tokens, greedy=True, temperature=1.0, top_k=0, top_p=1.0)
 
     @classmethod
-    def llmcxr(cls, max_new_tokens: int) -> "SamplingConfig":
+    def llmcxr(cls, max_new_tokens: int) -> SamplingConfig:
         """LLM-CXR's generation settings: nucleus sampling, top_p 0.92, top_k 0, temperature 1."""
         return cls(max_new_tokens=max_new_tokens, greedy=False, temperature=LLMCXR_TEMPERATURE, top_k=LLMCXR_TOP_K,
                    top_p=LLMCXR_TOP_P)
@@ -72,15 +74,15 @@ class DecodePlan:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+            raise UsageError(f"mode {self.mode!r} is not one of {MODES}")
         if self.mode == "image":
             if self.image_tokens < 1 or self.image_codes < 1:
-                raise ValueError(f"image mode needs image_tokens >= 1 and a codebook, got {self.image_tokens}, "
+                raise UsageError(f"image mode needs image_tokens >= 1 and a codebook, got {self.image_tokens}, "
                                  f"{self.image_codes} codes")
             for name in ("open_id", "close_id", "end_id"):
                 tid = getattr(self, name)
                 if not 0 <= tid < self.text_size:
-                    raise ValueError(f"image mode needs {name} to be a text id in [0, {self.text_size}), got {tid}")
+                    raise UsageError(f"image mode needs {name} to be a text id in [0, {self.text_size}), got {tid}")
 
     @property
     def image_response_length(self) -> int:
@@ -158,7 +160,7 @@ def row_keys(rng: jax.Array, batch: int) -> jax.Array:
     if rng.ndim == 0:
         return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
     if rng.shape != (batch,):
-        raise ValueError(f"rng must be one key or one key per row ({batch}), got key shape {rng.shape}")
+        raise UsageError(f"rng must be one key or one key per row ({batch}), got key shape {rng.shape}")
     return rng
 
 

@@ -5,18 +5,25 @@ constrained sampler. Batches are left padded.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmcxr_jax import sharding
+from llmcxr_jax import checkpoint, sharding
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import prompts
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.infer import generate as gen
-from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P, SamplingConfig
-from llmcxr_jax.train import checkpoint
+from llmcxr_jax.infer.sampling import (
+    LLMCXR_TEMPERATURE,
+    LLMCXR_TOP_K,
+    LLMCXR_TOP_P,
+    SamplingConfig,
+)
 
 TASKS = ("report", "image", "vqa", "text")
 REPORT_TOKENS, IMAGE_EXTRA_TOKENS, TEXT_TOKENS = 128, 3, 256  # LLM-CXR: 128 for reports
@@ -39,17 +46,17 @@ class Generator:
         self._decode = jax.jit(self.vqgan.decode)
 
     @classmethod
-    def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1") -> "Generator":
+    def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1") -> Generator:
         mesh = sharding.make_mesh(mesh_spec)
         lm = checkpoint.load_lm(ckpt, mesh, dtype="float32")
         if lm.layout.image_codes == 0:
-            raise ValueError(f"{ckpt} has no image-token rows (K = 0); import it with --image-codes K or train it")
+            raise UsageError(f"{ckpt} has no image-token rows (K = 0); import it with --image-codes K or train it")
         if lm.tokenizer is None or lm.special is None:
-            raise ValueError(f"{ckpt} holds no tokenizer/ and special-token ids; use a checkpoint written by "
+            raise UsageError(f"{ckpt} holds no tokenizer/ and special-token ids; use a checkpoint written by "
                              "import-hf or train")
         vqgan, _ = checkpoint.load_vqgan(vqgan_dir, sharding.make_mesh("-1,1,1"))
         if vqgan.cfg.n_embed != lm.layout.image_codes:
-            raise ValueError(f"the VQ-GAN has {vqgan.cfg.n_embed} codes but the LM has {lm.layout.image_codes} "
+            raise UsageError(f"the VQ-GAN has {vqgan.cfg.n_embed} codes but the LM has {lm.layout.image_codes} "
                              "image rows; use the VQ-GAN its training codes came from")
         encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
         open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_PLACEHOLDER).ids)
@@ -118,7 +125,7 @@ class Generator:
     def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
                seed: int = 0) -> list[str]:
         if len(image_paths) != len(questions) or any(not q.strip() for q in questions):
-            raise ValueError("vqa needs one non-empty question per image")
+            raise UsageError("vqa needs one non-empty question per image")
         codes = self.encode_images(image_paths)
         ids = [self.encoder.encode(prompts.generation_prompt(q, prompts.IMAGE_PLACEHOLDER), c)
                for q, c in zip(questions, codes)]
@@ -126,7 +133,7 @@ class Generator:
 
     def text(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> list[str]:
         if any(not i.strip() for i in instructions):
-            raise ValueError("an instruction is empty; give the text to respond to")
+            raise UsageError("an instruction is empty; give the text to respond to")
         ids = [self.encoder.encode(prompts.generation_prompt(i)) for i in instructions]
         return self._texts(self._run(ids, "text", sampling, seed))
 
@@ -134,7 +141,7 @@ class Generator:
               instruction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Reports -> (images [n, H, W, C] in [-1, 1], codes [n, h*w]); always exactly h*w codes."""
         if any(not r.strip() for r in reports):
-            raise ValueError("a report is empty; give the findings / impression text to draw")
+            raise UsageError("a report is empty; give the findings / impression text to draw")
         ins = instruction or prompts.IMAGE_INSTRUCTIONS[0]
         ids = [self.encoder.encode(prompts.generation_prompt(ins, r)) for r in reports]
         out = self._run(ids, "image", sampling, seed)
@@ -162,3 +169,27 @@ def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_
         return SamplingConfig.greedy_decoding(max_new_tokens)
     return SamplingConfig(max_new_tokens=max_new_tokens, greedy=False, temperature=temperature, top_k=top_k,
                           top_p=top_p)
+
+
+def run_task(g: Generator, task: str, inputs: Sequence[str], out_dir: str, sampling: SamplingConfig, seed: int = 0,
+             instruction: str | None = None, question: str | None = None) -> list[dict]:
+    """`llmcxr generate`'s outputs: one task over a batch of inputs, written to OUT/results.jsonl (one
+    {"task", "input", "output"} row per input) and, for report -> CXR, OUT/image_NNNN.png per image."""
+    os.makedirs(out_dir, exist_ok=True)
+    if task == "report":
+        outputs = g.report(inputs, sampling, seed, instruction)
+    elif task == "vqa":
+        outputs = g.answer(inputs, [question or ""] * len(inputs), sampling, seed)
+    elif task == "text":
+        outputs = g.text(inputs, sampling, seed)
+    elif task == "image":
+        images, _ = g.image(inputs, sampling, seed, instruction)
+        outputs = [os.path.join(out_dir, f"image_{i:04d}.png") for i in range(len(images))]
+        for img, path in zip(images, outputs):
+            image_io.save_image(img, path)
+    else:
+        raise UsageError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    rows = [{"task": task, "input": given, "output": made} for given, made in zip(inputs, outputs)]
+    with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows

@@ -6,13 +6,15 @@ Owns the module and its taming state-dict conversion: attribute paths mirror tam
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
@@ -44,7 +46,7 @@ class DiscriminatorConfig:
     def __post_init__(self):
         for name in ("input_channels", "ndf", "n_layers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_dtypes(self)
 
     @property
@@ -147,7 +149,7 @@ class BatchNorm(nnx.Module):
         if train:
             count = x.shape[0] * x.shape[1] * x.shape[2]
             if count < 2:
-                raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input {x.shape}")
+                raise UsageError(f"BatchNorm in training needs more than 1 value per channel, got input {x.shape}")
             mean = x32.mean(axis=(0, 1, 2))
             var = jnp.square(x32 - mean).mean(axis=(0, 1, 2))  # biased: used to normalise
             unbiased = var * (count / (count - 1))
@@ -248,13 +250,13 @@ def config_from_taming_state_dict(state_dict: Mapping[str, Any], prefix: str = D
     """input_channels, ndf and n_layers from the conv weight shapes under `prefix`."""
     first = prefix + "main.0.weight"
     if first not in state_dict:
-        raise ValueError(f"taming state dict has no {first!r}; is the prefix {prefix!r} right?")
+        raise UsageError(f"taming state dict has no {first!r}; is the prefix {prefix!r} right?")
     ndf, input_channels = np.shape(state_dict[first])[:2]
     convs = [k for k in state_dict if k.startswith(prefix + "main.") and k.endswith(".weight")
              and np.ndim(state_dict[k]) == 4]
     n_layers = len(convs) - 2
     if n_layers < 1:
-        raise ValueError(f"taming state dict under {prefix!r} has {len(convs)} conv weights; need at least 3")
+        raise UsageError(f"taming state dict under {prefix!r} has {len(convs)} conv weights; need at least 3")
     return DiscriminatorConfig(input_channels=int(input_channels), ndf=int(ndf), n_layers=n_layers,
                                dtype=dtype, param_dtype=param_dtype)
 
@@ -273,16 +275,16 @@ def from_taming_state_dict(state_dict: Mapping[str, Any], cfg: DiscriminatorConf
     present = {k for k in state_dict if k.startswith(prefix)}
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing:
-        raise ValueError(f"taming state dict lacks {missing[0]!r} ({len(missing)} missing) for {cfg.to_dict()}")
+        raise UsageError(f"taming state dict lacks {missing[0]!r} ({len(missing)} missing) for {cfg.to_dict()}")
     if unexpected:
-        raise ValueError(f"taming state dict has unexpected key {unexpected[0]!r} "
+        raise UsageError(f"taming state dict has unexpected key {unexpected[0]!r} "
                          f"({len(unexpected)} unexpected) for {cfg.to_dict()}")
     for key, path, var in variables:
         value = np.asarray(state_dict[prefix + key])
         shape = var.get_value().shape
         want = tuple(shape[i] for i in _HWIO_TO_OIHW) if path[-1] == "kernel" else shape
         if value.shape != want:
-            raise ValueError(f"taming {prefix + key!r} has shape {value.shape}, expected {want} for {cfg.to_dict()}")
+            raise UsageError(f"taming {prefix + key!r} has shape {value.shape}, expected {want} for {cfg.to_dict()}")
         if path[-1] == "kernel":
             value = np.transpose(value, _OIHW_TO_HWIO)
         # copy: on CPU jnp.asarray may alias the caller's buffer (e.g. a torch tensor's .numpy())

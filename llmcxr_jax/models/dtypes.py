@@ -1,10 +1,12 @@
 """The dtype names configs may use, and the one check that a config names valid ones."""
 import jax.numpy as jnp
 
+from llmcxr_jax.errors import UsageError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def check_dtypes(cfg, names=("dtype", "param_dtype")) -> None:
     for name in names:
         if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"{name} {getattr(cfg, name)!r} is not one of {sorted(DTYPES)}")
+            raise UsageError(f"{name} {getattr(cfg, name)!r} is not one of {sorted(DTYPES)}")

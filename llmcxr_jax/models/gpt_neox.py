@@ -1,4 +1,5 @@
-"""GPT-NeoX causal LM in Flax NNX, computing exactly what HF GPTNeoXForCausalLM computes.
+"""GPT-NeoX causal LM in Flax NNX, computing exactly what HF GPTNeoXForCausalLM computes; `decode`
+carries a KVCache through the layers, each layer reading and writing its own LayerKV.
 
 Module attribute names follow HF (embed_in, layers, attention.query_key_value, mlp.dense_h_to_4h,
 final_layer_norm, embed_out) so convert/hf_gpt_neox.py is one declarative table. Every Param
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmcxr_jax.configs import dataclass_from_dict
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
@@ -61,15 +63,15 @@ class GPTNeoXConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise UsageError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)} "
+            raise UsageError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)} "
                              "(GPT-NeoX/Pythia/Dolly use 'gelu')")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise UsageError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         check_dtypes(self)
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
+            raise UsageError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
@@ -87,21 +89,30 @@ class GPTNeoXConfig:
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
 
-    def replace(self, **kw) -> "GPTNeoXConfig":
+    def replace(self, **kw) -> GPTNeoXConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_config(cls, c, layout) -> "GPTNeoXConfig":
+    def from_config(cls, c, layout) -> GPTNeoXConfig:
         """From a configs/gpt_neox.py ConfigDict and the VocabLayout that sizes the table."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "padded_vocab_size"}
         return cls(vocab_size=layout.size, padded_vocab_size=layout.padded_size, **{k: c[k] for k in fields})
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTNeoXConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTNeoXConfig:
         return dataclass_from_dict(cls, d, "model config")
+
+
+@struct.dataclass
+class LayerKV:
+    """One layer's cached keys and values, each [batch, max_len, heads, head_dim]; KVCache.layers
+    gives all layers' as one LayerKV with a leading [layers] axis, which lax.scan slices per layer."""
+
+    key: jax.Array
+    value: jax.Array
 
 
 @struct.dataclass
@@ -114,10 +125,23 @@ class KVCache:
     index: jax.Array  # int32 scalar: next write position
 
     @classmethod
-    def create(cls, config: GPTNeoXConfig, batch: int, max_len: int) -> "KVCache":
+    def create(cls, config: GPTNeoXConfig, batch: int, max_len: int) -> KVCache:
         shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
         zeros = jnp.zeros(shape, config.compute_dtype)
         return cls(key=zeros, value=zeros, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def layers(self) -> LayerKV:
+        """Every layer's keys and values, stacked: [layers, batch, max_len, heads, head_dim] each."""
+        return LayerKV(key=self.key, value=self.value)
+
+    def layer(self, i: int) -> LayerKV:
+        """Layer i's keys and values: [batch, max_len, heads, head_dim] each."""
+        return LayerKV(key=self.key[i], value=self.value[i])
+
+    def with_layers(self, kv: LayerKV) -> KVCache:
+        """This cache holding kv (stacked on [layers]) as its keys and values."""
+        return self.replace(key=kv.key, value=kv.value)
 
 
 def _dense(x: jax.Array, kernel: jax.Array, **kw) -> jax.Array:
@@ -208,14 +232,14 @@ class Attention(nnx.Module):
             self.query_key_value["bias"] = _param(rngs, _zeros, (h, 3, d), w, ("heads", "qkv", "head_dim"))
             self.dense["bias"] = _param(rngs, _zeros, (e,), w, ("norm",))
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, blocks=1):
+    def __call__(self, x, cos, sin, mask, cache: LayerKV | None = None, cache_index=None, blocks=1):
         """x [batch, q_len, embed]; mask [batch, q_len, kv_len] bool.
 
-        Without a cache, keys are x's own; with one, this step's keys are written at cache_index
-        and attention runs over the whole cache. blocks > 1 (self-attention whose mask is
-        causal): the queries in that many equal blocks, each against the keys up to its end, which
-        skips the all-masked part of the score matrix (same result; see causal_blocks()).
-        Returns (out, (k, v) for the cache or None).
+        Without a cache, keys are x's own; with this layer's LayerKV, this step's keys and values
+        are written into it at cache_index (int32 scalar) and attention runs over the whole cache.
+        blocks > 1 (self-attention whose mask is causal): the queries in that many equal blocks,
+        each against the keys up to its end, which skips the all-masked part of the score matrix
+        (same result; see causal_blocks()). Returns (out, the updated LayerKV or None).
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         qkv = _dense(x, self.query_key_value["kernel"].get_value().astype(dt))  # [b, s, heads, 3, head_dim]
@@ -223,16 +247,15 @@ class Attention(nnx.Module):
             qkv = qkv + self.query_key_value["bias"].get_value().astype(dt)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [batch, length, heads, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        new_kv = None
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            new_kv = (k, v)
+        new_cache = None
+        if cache is not None:  # k, v become the whole cache: [batch, max_len, heads, head_dim]
+            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=1)
+            new_cache = LayerKV(key=k, value=v)
         k, v = k.astype(dt), v.astype(dt)
         if blocks > 1:  # query block i sees keys up to its own end only; the rest are masked
-            if cache_kv is not None or q.shape[1] % blocks:
-                raise ValueError(f"blocks={blocks} needs causal self-attention over a length it divides")
+            if cache is not None or q.shape[1] % blocks:
+                raise UsageError(f"blocks={blocks} needs causal self-attention over a length it divides")
             size = q.shape[1] // blocks
             out = jnp.concatenate([_attend(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
                                            v[:, :(i + 1) * size], mask[:, i * size:(i + 1) * size, :(i + 1) * size], dt)
@@ -244,7 +267,7 @@ class Attention(nnx.Module):
         out = _dense(out.reshape(*out.shape[:2], -1), kernel.reshape(-1, kernel.shape[-1]))
         if cfg.attention_bias:
             out = out + self.dense["bias"].get_value().astype(dt)
-        return out, new_kv
+        return out, new_cache
 
 
 class MLP(nnx.Module):
@@ -273,16 +296,17 @@ class Layer(nnx.Module):
         self.attention = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, blocks=1):
+    def __call__(self, x, cos, sin, mask, cache: LayerKV | None = None, cache_index=None, blocks=1):
+        """x [batch, q_len, embed] -> (x, this layer's updated LayerKV or None); see Attention."""
         dt = self.cfg.compute_dtype
-        attn, new_kv = self.attention(self.input_layernorm(x, dt), cos, sin, mask, cache_kv, cache_index, blocks)
+        attn, new_cache = self.attention(self.input_layernorm(x, dt), cos, sin, mask, cache, cache_index, blocks)
         if self.cfg.use_parallel_residual:
             x = x + attn + self.mlp(self.post_attention_layernorm(x, dt))
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x, dt))
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, new_kv
+        return x, new_cache
 
 
 def _stacked_layers(cfg: GPTNeoXConfig, rngs: nnx.Rngs) -> Layer:
@@ -320,7 +344,8 @@ class GPTNeoXForCausalLM(nnx.Module):
         self.cfg = cfg
         w, std, e = cfg.weight_dtype, cfg.initializer_range, cfg.hidden_size
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.embed_in = nnx.Dict(embedding=_param(rngs, _normal(std), (cfg.padded_vocab_size, e), w, ("vocab", "embed")))
+        self.embed_in = nnx.Dict(
+            embedding=_param(rngs, _normal(std), (cfg.padded_vocab_size, e), w, ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = _stacked_layers(cfg, rngs)
         else:
@@ -367,47 +392,50 @@ class GPTNeoXForCausalLM(nnx.Module):
         q_idx = cache.index + jnp.arange(s)
         causal = jnp.arange(max_len)[None, :] <= q_idx[:, None]  # [q_len, max_len]
         mask = causal[None] & valid[:, None, :]
-        x, (k, v) = self._run_layers(input_ids, position_ids, mask, (cache.key, cache.value, cache.index))
-        new_cache = KVCache(key=k, value=v, valid=valid, index=cache.index + s)
-        return self._logits(x), new_cache
+        x, new_cache = self._run_layers(input_ids, position_ids, mask, cache)
+        return self._logits(x), new_cache.replace(valid=valid, index=cache.index + s)
 
-    def _run_layers(self, input_ids, position_ids, mask, cache, blocks=1):
+    def _run_layers(self, input_ids, position_ids, mask, cache: KVCache | None, blocks=1):
+        """Embed, every layer, final norm -> (x [batch, q_len, embed], cache or None).
+
+        With a cache, each layer writes this step's keys and values at cache.index and attends over
+        its LayerKV; the cache comes back holding them, its valid and index as they were.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         x = jnp.take(self.embed_in["embedding"].get_value(), input_ids, axis=0, mode="clip").astype(dt)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         cos, sin = rotary_tables(position_ids, cfg.rotary_ndims, cfg.rotary_base)
         policy = REMAT_POLICIES[cfg.remat_policy]
 
-        def layer_fn(layer_state, graphdef, x, kv, index):
+        def layer_fn(layer_state, graphdef, x, kv: LayerKV | None, index):
             layer = nnx.merge(graphdef, layer_state)
             return layer(x, cos, sin, mask, kv, index, blocks)
 
         if cfg.remat_policy != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=policy, static_argnums=(1,))
 
-        index = cache[2] if cache is not None else None
+        index = cache.index if cache is not None else None
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def body(x, xs):
-                layer_state, kv = xs
-                x, new_kv = layer_fn(layer_state, graphdef, x, kv, index)
-                return x, new_kv
+                layer_state, kv = xs  # kv: this layer's LayerKV (scan slices the [layers] axis) or None
+                return layer_fn(layer_state, graphdef, x, kv, index)
 
-            kv_in = (cache[0], cache[1]) if cache is not None else None
-            x, new_kv = jax.lax.scan(body, x, (state, kv_in))
+            # the per-layer LayerKVs come back stacked on [layers]
+            x, new_kv = jax.lax.scan(body, x, (state, cache.layers if cache is not None else None))
         else:
-            new_k, new_v = [], []
+            layer_kvs = []
             for i, layer in enumerate(self.layers):
                 graphdef, state = nnx.split(layer)
-                kv = (cache[0][i], cache[1][i]) if cache is not None else None
-                x, out_kv = layer_fn(state, graphdef, x, kv, index)
-                if out_kv is not None:
-                    new_k.append(out_kv[0])
-                    new_v.append(out_kv[1])
-            new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+                x, kv = layer_fn(state, graphdef, x, cache.layer(i) if cache is not None else None, index)
+                layer_kvs.append(kv)
+            new_kv = None
+            if cache is not None:  # the per-layer LayerKVs, stacked on [layers]
+                new_kv = LayerKV(key=jnp.stack([kv.key for kv in layer_kvs]),
+                                 value=jnp.stack([kv.value for kv in layer_kvs]))
         x = self.final_layer_norm(x, dt)
-        return x, new_kv
+        return x, cache.with_layers(new_kv) if cache is not None else None
 
     def _logits(self, x):
         logits = _dense(x, self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype),
@@ -431,3 +459,12 @@ def abstract_model(cfg: GPTNeoXConfig) -> GPTNeoXForCausalLM:
 def count_params(cfg: GPTNeoXConfig) -> int:
     state = nnx.state(abstract_model(cfg), nnx.Param)
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
+
+
+def model_flops_per_token(cfg: GPTNeoXConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 x matmul parameters (embedding lookup
+    excluded, LM head included) + 12 x layers x hidden x seq_len for attention scores and values."""
+    params = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    n -= cfg.padded_vocab_size * cfg.hidden_size  # embed_in is a gather
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len

@@ -5,13 +5,15 @@ densenet121-res224-all DenseNet-121, pooled 1024-d features). Weight files: conv
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
@@ -69,9 +71,9 @@ class DenseNetConfig:
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         for name in ("growth_rate", "num_init_features", "bn_size", "in_channels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.block_config or min(self.block_config) < 1:
-            raise ValueError(f"block_config {self.block_config} needs at least one block of >= 1 layers")
+            raise UsageError(f"block_config {self.block_config} needs at least one block of >= 1 layers")
         check_dtypes(self)
 
     @property
@@ -223,10 +225,10 @@ class LPIPS(nnx.Module):
 
     def __call__(self, images: jax.Array, targets: jax.Array) -> jax.Array:
         if images.shape != targets.shape or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"LPIPS takes two equal NHWC batches with 1 or 3 channels, got {images.shape} "
+            raise UsageError(f"LPIPS takes two equal NHWC batches with 1 or 3 channels, got {images.shape} "
                              f"and {targets.shape}")
         if min(images.shape[1:3]) < 16:
-            raise ValueError(f"LPIPS-VGG16 needs images of at least 16x16 pixels, got {images.shape[1:3]}")
+            raise UsageError(f"LPIPS-VGG16 needs images of at least 16x16 pixels, got {images.shape[1:3]}")
         b = images.shape[0]
         x = jnp.concatenate([images, targets]).astype(jnp.float32)  # one trunk pass: [2b, H, W, C]
         x = jnp.broadcast_to(x, x.shape[:3] + (3,))
@@ -302,7 +304,7 @@ class DenseNet(nnx.Module):
         """torchxrayvision DenseNet.features2: [b, H, W, in_channels] in [-1024, 1024] (use
         cip_preprocess) -> relu(norm5 map) averaged over H, W: float32 [b, num_features]."""
         if x.ndim != 4 or x.shape[-1] != self.cfg.in_channels:
-            raise ValueError(f"DenseNet takes NHWC images with {self.cfg.in_channels} channel(s), got {x.shape}")
+            raise UsageError(f"DenseNet takes NHWC images with {self.cfg.in_channels} channel(s), got {x.shape}")
         h = self.pool0(jax.nn.relu(self.norm0(self.conv0(constrain(x, _ACTIVATION_AXES)))))
         for i in range(len(self.cfg.block_config)):
             h = getattr(self, f"denseblock{i + 1}")(h)
@@ -319,7 +321,7 @@ def cip_preprocess(images: jax.Array) -> jax.Array:
     float rounding), then x 1024 (xrv.datasets.normalize's range). Non-square images are
     refused, as fix_resolution refuses them."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
-        raise ValueError(f"cip_preprocess takes square NHWC images with 1 or 3 channels, got {images.shape}")
+        raise UsageError(f"cip_preprocess takes square NHWC images with 1 or 3 channels, got {images.shape}")
     gray = images.astype(jnp.float32).mean(axis=-1, keepdims=True)
     b = images.shape[0]
     gray = jax.image.resize(gray, (b, CIP_RESOLUTION, CIP_RESOLUTION, 1), "bilinear", antialias=True)

@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax.configs import dataclass_from_dict
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +47,10 @@ class VQGANConfig:
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.resolution % factor:
-            raise ValueError(f"resolution {self.resolution} is not divisible by the downsampling factor {factor}")
+            raise UsageError(f"resolution {self.resolution} is not divisible by the downsampling factor {factor}")
         for c in [self.ch * m for m in self.ch_mult] + [self.z_channels]:
             if c % 32:
-                raise ValueError(f"channel count {c} is not a multiple of GroupNorm's 32 groups")
+                raise UsageError(f"channel count {c} is not a multiple of GroupNorm's 32 groups")
         check_dtypes(self)
 
     @property
@@ -74,10 +74,10 @@ class VQGANConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VQGANConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VQGANConfig:
         return dataclass_from_dict(cls, d, "VQ-GAN config")
 
-    def replace(self, **kw) -> "VQGANConfig":
+    def replace(self, **kw) -> VQGANConfig:
         return dataclasses.replace(self, **kw)
 
 
@@ -336,7 +336,7 @@ class VQModel(nnx.Module):
     def check_images(self, images) -> None:
         r, c = self.cfg.resolution, self.cfg.in_channels
         if images.ndim != 4 or tuple(images.shape[1:]) != (r, r, c):
-            raise ValueError(f"images of shape {tuple(images.shape)} do not fit this VQ-GAN; "
+            raise UsageError(f"images of shape {tuple(images.shape)} do not fit this VQ-GAN; "
                              f"give [batch, {r}, {r}, {c}] (NHWC) in [-1, 1]")
 
     def encode_latents(self, images):
@@ -356,7 +356,7 @@ class VQModel(nnx.Module):
         """codes [b, h*w] (must lie in [0, n_embed); see check_codes) -> images [b, H, W, C_out]."""
         n = self.cfg.latent_size
         if codes.ndim != 2 or codes.shape[1] != n * n:
-            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit; give [batch, {n * n}]")
+            raise UsageError(f"codes of shape {tuple(codes.shape)} do not fit; give [batch, {n * n}]")
         zq = self.quantize.lookup(codes.reshape(codes.shape[0], n, n))
         return self.decode_latents(zq.astype(_dt(self.cfg)))
 
@@ -375,7 +375,7 @@ def check_codes(codes, n_embed: int) -> np.ndarray:
     arr = np.asarray(codes)
     if arr.size and (arr.min() < 0 or arr.max() >= n_embed):
         bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
-        raise ValueError(f"code {bad} is outside the codebook [0, {n_embed})")
+        raise UsageError(f"code {bad} is outside the codebook [0, {n_embed})")
     return arr
 
 

@@ -10,7 +10,8 @@ import dataclasses
 import importlib.metadata
 import re
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from llmcxr_jax import sharding
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.train import topologies
 from llmcxr_jax.train.topologies import GiB, Topology
 
@@ -194,7 +196,7 @@ def topology_mesh(devices: Sequence[jax.Device], mesh_shape: str | Sequence[int]
     if num_slices == 1 or len(slice_ids) == 1:
         return sharding.make_mesh(shape, devices=devices)
     if shape[0] % num_slices:
-        raise ValueError(f"mesh {','.join(map(str, shape))} over {num_slices} slices: the data axis ({shape[0]}) "
+        raise UsageError(f"mesh {','.join(map(str, shape))} over {num_slices} slices: the data axis ({shape[0]}) "
                          "must be a multiple of the slice count; only data parallelism crosses slices")
     ici = (shape[0] // num_slices, shape[1], shape[2])
     arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), list(devices), process_is_granule=False)
@@ -239,9 +241,9 @@ def compile_check(lower: Callable[[Mesh], jax.stages.Lowered], topology: str, *,
     compile errors propagate.
     """
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise UsageError(f"mfu must be in (0, 1], got {mfu}")
     if tokens_per_step <= 0:
-        raise ValueError(f"tokens_per_step must be positive, got {tokens_per_step}")
+        raise UsageError(f"tokens_per_step must be positive, got {tokens_per_step}")
     topo = topologies.parse_topology(topology, num_slices, gpu_type)
     devices, target, topo = topology_devices(topo)
     if topo.platform == "gpu" and gpu_type is None and devices[0].platform == "gpu":

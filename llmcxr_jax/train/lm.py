@@ -1,13 +1,14 @@
-"""LLM-CXR instruction tuning (stages 1 and 2): one pure, jitted, sharded train step with gradient
-accumulation, then the loop: resume order, metrics, held-out loss, checkpoints, SIGTERM, NaN stop.
-
-Resume order: an existing run in the workdir > train.resume_from > train.init_from > scratch.
+"""LLM-CXR instruction tuning (stages 1 and 2): the pure train step with gradient accumulation, jit_train_step
+(the one sharded jax.jit that training runs and compile-check lowers) and the loop: metrics, held-out loss,
+checkpoints, SIGTERM, NaN stop. Where a run starts (the resume order): state.start_source.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +18,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llmcxr_jax import sharding, vocab
-from llmcxr_jax.data import lm_batches
-from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model
-from llmcxr_jax.train import checkpoint, lm_data, optim, preemption
+from llmcxr_jax import checkpoint, sharding, vocab
+from llmcxr_jax.data import lm_batches, packing
+from llmcxr_jax.errors import UsageError
+from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, model_flops_per_token
+from llmcxr_jax.train import lm_data, optim, preemption, topologies
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
 BATCH_AXES = sharding.BATCH_AXES
-BATCH_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "modality")
 
 
-class NonFiniteLoss(ValueError):
+class NonFiniteLoss(UsageError):
     """The loss became NaN/Inf; the message names the step, the batch and the last good checkpoint."""
 
 
@@ -108,54 +109,49 @@ def make_eval_step(graphdef) -> Callable:
     return eval_step
 
 
-# ---------------------------------------------------------------- accounting
+# ---------------------------------------------------------------- the jitted step
 
-def model_flops_per_token(cfg: GPTNeoXConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x matmul parameters (embedding lookup
-    excluded, LM head included) + 12 x layers x hidden x seq_len for attention scores and values."""
-    params = nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
-    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    n -= cfg.padded_vocab_size * cfg.hidden_size  # embed_in is a gather
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted train step and what its arguments look like; built only by jit_train_step."""
+
+    fn: Callable  # jax.jit of make_train_step: (state, batch) -> (state, metrics), the state donated
+    tx: optax.GradientTransformation  # the optimizer whose state is state["opt"]
+    abstract_state: Any  # ShapeDtypeStruct leaves of {"params", "opt", "step"}, each with its sharding
+    state_shardings: Any  # the NamedSharding tree of the state (in and out)
+    batch_sharding: NamedSharding  # every batch array: rows over the data x fsdp axes
+    graphdef: Any  # the model's nnx graphdef (the eval step merges params into it too)
 
 
-def peak_flops(t: ml_collections.ConfigDict) -> float:
-    """Dense bf16 peak FLOP/s of one device (train.peak_flops, else the chip table); 0 = unknown."""
-    from llmcxr_jax.train import topologies
+def jit_train_step(config: ml_collections.ConfigDict, model_config: GPTNeoXConfig, layout: vocab.VocabLayout,
+                   mesh: Mesh) -> TrainStep:
+    """The one jax.jit of the train step, its shardings and donation: what train() runs and
+    lower_train_step (compile-check) lowers, so a compile check proves what training runs."""
+    t = config.train
+    tx = optim.make_optimizer(t, state_lib.abstract_params(model_config), layout)
+    abstract, state_sh = state_lib.state_shardings(model_config, tx, mesh)
+    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    graphdef = nnx.graphdef(abstract_model(model_config))
+    fn = jax.jit(make_train_step(graphdef, tx, int(t.grad_accum), optim.learning_rate(t)),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    return TrainStep(fn, tx, abstract, state_sh, batch_sh, graphdef)
 
-    if t.peak_flops:
-        return float(t.peak_flops)
-    device = jax.devices()[0]
-    if device.platform == "gpu":
-        kind = topologies.gpu_type_of(device)
-        return topologies.GPU_CHIPS[kind].peak_flops if kind else 0.0
-    if device.platform == "tpu":
-        for name, chip in topologies.TPU_CHIPS.items():
-            label = {"v5e": "v5 lite", "v6e": "v6 lite"}.get(name, name)
-            if label in device.device_kind.lower():
-                return chip.peak_flops
-    return 0.0
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict[str, Any]:
+    """The global batch of train.batch_size rows of data.seq_len as packing.BATCH_SPEC lays it out."""
+    shape = (int(config.train.batch_size), int(config.data.seq_len))
+    return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding) for k, dt in packing.BATCH_SPEC.items()}
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Lowered:
-    """The real train step lowered with abstract state and batch (no data, no allocation): what
+    """jit_train_step lowered with abstract state and batch (no data, no allocation): what
     `llmcxr compile-check` compiles for a TPU/GPU topology. The vocabulary comes from
     model.text_size + model.image_codes."""
-    t, d, m = config.train, config.data, config.model
+    m = config.model
     _check_batch(config, mesh)
     layout = vocab.VocabLayout.create(int(m.text_size), int(m.image_codes), mesh.shape["tensor"])
-    cfg = GPTNeoXConfig.from_config(m, layout)
-    tx = optim.make_optimizer(t, state_lib.abstract_params(cfg), layout)
-    abstract, state_sh = state_lib.state_shardings(cfg, tx, mesh)
-    batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    shape = (int(t.batch_size), int(d.seq_len))
-    dtypes = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
-              "positions": jnp.int32, "modality": jnp.int8}
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, dt in dtypes.items()}
-    graphdef = nnx.graphdef(abstract_model(cfg))
-    step = jax.jit(make_train_step(graphdef, tx, int(t.grad_accum), optim.learning_rate(t)),
-                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
-    return step.lower(abstract, batch)
+    step = jit_train_step(config, GPTNeoXConfig.from_config(m, layout), layout, mesh)
+    return step.fn.lower(step.abstract_state, abstract_batch(config, step.batch_sharding))
 
 
 def step_flops(config: ml_collections.ConfigDict) -> tuple[int, float]:
@@ -172,16 +168,17 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     t = config.train
     data = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size {t.batch_size} does not split into train.grad_accum {t.grad_accum} "
+        raise UsageError(f"train.batch_size {t.batch_size} does not split into train.grad_accum {t.grad_accum} "
                          "micro-batches; make it a multiple")
     micro = t.batch_size // t.grad_accum
     if micro % data or t.batch_size % jax.process_count():
-        raise ValueError(f"micro-batch of {micro} rows (train.batch_size / grad_accum) does not divide over {data} "
+        raise UsageError(f"micro-batch of {micro} rows (train.batch_size / grad_accum) does not divide over {data} "
                          f"data x fsdp devices and {jax.process_count()} processes; make it a multiple of {data}")
 
 
 def global_batch(host: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    return sharding.global_batch({k: host[k] for k in BATCH_FIELDS}, mesh, PartitionSpec(BATCH_AXES))
+    """This host's rows of the batch's packing.BATCH_SPEC arrays -> global arrays over `mesh`."""
+    return sharding.global_batch({k: host[k] for k in packing.BATCH_SPEC}, mesh, PartitionSpec(BATCH_AXES))
 
 
 def _describe(pipe, example_ids: np.ndarray) -> list[str]:
@@ -193,6 +190,25 @@ def _describe(pipe, example_ids: np.ndarray) -> list[str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """What the training loop reads besides the train state (which every step replaces)."""
+
+    config: ml_collections.ConfigDict  # the run's config: train.* cadences and steps, data.seq_len
+    workdir: str  # metrics.jsonl and tensorboard/ are written here
+    start: state_lib.Start  # the model config (for MFU) and the source named in the summary
+    data_iter: Any  # this process's checkpointable iterator of host batches (lm_data.train_iterator)
+    pipe: lm_batches.LmBatches  # maps example ids back to examples for the non-finite-loss message
+    eval_pipe: lm_batches.LmBatches | None  # held-out batches; None when train.eval_every is 0
+    step_fn: Callable  # jit_train_step's fn: (state, batch) -> (state, metrics), the state donated
+    eval_fn: Callable  # (params, batch) -> the loss sums of token_losses
+    ckpt: checkpoint.TrainCheckpointer  # WORKDIR/checkpoints; the loop closes it
+    metadata: dict[str, Any]  # the "metadata" item saved with every checkpoint
+    mesh: Mesh  # batches are laid out over its data x fsdp axes
+    stop_after: int | None  # stop after this many steps of this call (a simulated interruption); None: run on
+    echo: bool  # print a progress line at each logged step
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           echo: bool = True) -> dict[str, Any]:
     """Train (or resume) in `workdir` until train.steps. stop_after simulates an interruption
@@ -202,72 +218,50 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     _check_batch(config, mesh)
     sources = lm_data.read_sources(d)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    resume_dir = None
-    if checkpoint.has_checkpoint(ckpt_dir):
-        resume_dir = ckpt_dir
-    elif t.resume_from:
-        resume_dir = os.path.join(t.resume_from, "checkpoints")
-        if not checkpoint.has_checkpoint(resume_dir):
-            raise FileNotFoundError(f"train.resume_from {t.resume_from} holds no checkpoints/ of a run")
+    source = state_lib.start_source(config, ckpt_dir)
     claim_workdir(workdir, config, {"model": "model config", "data.stage": "data stage"})
     with jax.set_mesh(mesh):
-        if resume_dir is not None:
-            start = _start_from_run(config, mesh, resume_dir, sources.codebook_size)
-        else:
-            start = state_lib.resolve_start(config, mesh, sources.codebook_size)
+        start = state_lib.resolve_start(config, mesh, sources.codebook_size, source)
         if start.layout.image_codes != sources.codebook_size:
-            raise ValueError(f"the model has {start.layout.image_codes} image rows but data.codes uses a codebook "
+            raise UsageError(f"the model has {start.layout.image_codes} image rows but data.codes uses a codebook "
                              f"of {sources.codebook_size}")
-        schedule = optim.learning_rate(t)
-        tx = optim.make_optimizer(t, state_lib.abstract_params(start.config), start.layout)
-        abstract, state_sh = state_lib.state_shardings(start.config, tx, mesh)
-        shapes = abstract_model(start.config)
-        placement = sharding.check_param_sharding(shapes, mesh)
-        graphdef = nnx.graphdef(shapes)
+        step = jit_train_step(config, start.config, start.layout, mesh)
+        placement = sharding.check_param_sharding(abstract_model(start.config), mesh)
         data_iter, pipes = lm_data.train_iterator(sources, start.tokenizer, start.special, start.layout, d,
                                                   t.batch_size)
-        train_pipe = pipes[0]  # any shard's pipeline maps example ids back to examples
         # validated once; each evaluation reads its first eval_batches from a fresh iterator
         eval_pipe = lm_data.make_batches(sources, "held_out", start.tokenizer, start.special, start.layout, d,
                                          t.batch_size) if t.eval_every else None
         ckpt = checkpoint.TrainCheckpointer(ckpt_dir, keep=t.keep_checkpoints)
-        if resume_dir is not None:
-            src = checkpoint.TrainCheckpointer(resume_dir, keep=t.keep_checkpoints) if resume_dir != ckpt_dir else ckpt
-            step0 = src.latest_step()
-            state, _ = src.restore(step0, abstract, lm_batches.checkpoint_args(data_iter, restore=True))
+        if start.resume_dir is not None:
+            src = (checkpoint.TrainCheckpointer(start.resume_dir, keep=t.keep_checkpoints)
+                   if start.resume_dir != ckpt_dir else ckpt)
+            state, _ = src.restore(src.latest_step(), step.abstract_state,
+                                   lm_batches.checkpoint_args(data_iter, restore=True))
             if src is not ckpt:
                 src.close()
         else:
-            state = state_lib.create_state(start, tx, mesh, t.seed)
+            state = state_lib.create_state(start, step.tx, mesh, t.seed)
         metadata = checkpoint.lm_metadata(start.config, start.layout, start.special, mesh, start.hf_config)
         metadata.update(stage=int(d.stage), source=start.source, param_bytes_per_device=placement["bytes_per_device"])
         if jax.process_index() == 0:
             vocab.save_tokenizer(start.tokenizer, start.tokenizer_config or {},
                                  os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
-        batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-        step_fn = jax.jit(make_train_step(graphdef, tx, t.grad_accum, schedule),
-                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
-        eval_fn = jax.jit(make_eval_step(graphdef), in_shardings=(state_sh["params"], batch_sh))
-        return _loop(config, workdir, state, data_iter, train_pipe, eval_pipe, step_fn, eval_fn, ckpt, metadata,
-                     batch_sh, start, stop_after, echo)
+        eval_fn = jax.jit(make_eval_step(step.graphdef), in_shardings=(step.state_shardings["params"],
+                                                                       step.batch_sharding))
+        run = TrainRun(config=config, workdir=workdir, start=start, data_iter=data_iter,
+                       pipe=pipes[0],  # any shard's pipeline maps example ids back to examples
+                       eval_pipe=eval_pipe, step_fn=step.fn, eval_fn=eval_fn, ckpt=ckpt, metadata=metadata,
+                       mesh=mesh, stop_after=stop_after, echo=echo)
+        return _loop(run, state)
 
 
-def _start_from_run(config, mesh, ckpt_dir: str, image_codes: int) -> state_lib.Start:
-    """Shape, vocabulary and tokenizer of a run being resumed (its params come with the state)."""
-    meta = checkpoint.read_metadata(ckpt_dir)
-    m = config.model
-    cfg = GPTNeoXConfig.from_dict(meta["model_config"]).replace(dtype=m.dtype, remat_policy=m.remat_policy)
-    layout = vocab.VocabLayout.from_dict(meta["vocab"])
-    tok, special, tok_cfg = vocab.load_tokenizer(os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
-    return state_lib.Start(cfg, layout, tok, special, tok_cfg, None, meta.get("source", "run"), meta.get("hf_config"))
-
-
-def _evaluate(pipe, eval_batches: int, eval_fn, params, batch_sh) -> dict[str, float]:
+def _evaluate(pipe, eval_batches: int, eval_fn, params, mesh: Mesh) -> dict[str, float]:
     totals: dict[str, float] = {}
     for n, host in enumerate(pipe.iterator(num_epochs=1)):
         if n >= eval_batches:
             break
-        sums = jax.device_get(eval_fn(params, global_batch(host, batch_sh.mesh)))
+        sums = jax.device_get(eval_fn(params, global_batch(host, mesh)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
@@ -281,13 +275,13 @@ def _evaluate(pipe, eval_batches: int, eval_fn, params, batch_sh) -> dict[str, f
     return out
 
 
-def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, ckpt, metadata, batch_sh, start,
-          stop_after, echo) -> dict[str, Any]:
-    t, d = config.train, config.data
-    log = MetricsLog(workdir, t.steps)
-    board = _board(workdir)
-    flops_token = model_flops_per_token(start.config, d.seq_len)
-    peak = peak_flops(t) * jax.device_count()
+def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
+    t, d = run.config.train, run.config.data
+    data_iter, ckpt = run.data_iter, run.ckpt
+    log = MetricsLog(run.workdir, t.steps)
+    board = _board(run.workdir)
+    flops_token = model_flops_per_token(run.start.config, d.seq_len)
+    peak = (float(t.peak_flops) or topologies.peak_flops(jax.devices()[0])) * jax.device_count()
     step = int(jax.device_get(state["step"]))
     last_saved = ckpt.latest_step()
     done_here, t_last, tokens_since = 0, time.perf_counter(), 0.0
@@ -295,17 +289,18 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
     try:
         while step < t.steps:
             host = next(data_iter)
-            state, metrics = step_fn(state, global_batch(host, batch_sh.mesh))
+            state, metrics = run.step_fn(state, global_batch(host, run.mesh))
             step += 1
             done_here += 1
             loss = float(metrics["loss"])  # one sync per step: a bad step never reaches a checkpoint
             if not np.isfinite(loss):
+                good = os.path.join(ckpt.manager.directory, str(last_saved)) if last_saved is not None else "none"
                 raise NonFiniteLoss(
-                    f"loss is {loss} at step {step}; batch examples {_describe(pipe, host['example_ids'])[:8]}; "
-                    f"last good checkpoint: {os.path.join(ckpt.manager.directory, str(last_saved)) if last_saved is not None else 'none'}")
+                    f"loss is {loss} at step {step}; batch examples {_describe(run.pipe, host['example_ids'])[:8]}; "
+                    f"last good checkpoint: {good}")
             tokens_since += float(metrics["tokens"])
             preempted = stop.reached(step)  # the same step in every process: the save below is collective
-            last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted
+            last = step == t.steps or (run.stop_after is not None and done_here >= run.stop_after) or preempted
             if step % t.log_every == 0 or step == 1 or last:
                 now = time.perf_counter()
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -314,16 +309,16 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
                 if peak:
                     values["mfu"] = values["tokens_per_s"] * flops_token / peak
                 values["dropped_too_long"] = float(sum(data_iter.dropped.values()))
-                log.write(step, values, echo=echo)
+                log.write(step, values, echo=run.echo)
                 _board_write(board, step, values)
                 t_last, tokens_since = time.perf_counter(), 0.0
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                values = _evaluate(eval_pipe, t.eval_batches, eval_fn, state["params"], batch_sh)
+                values = _evaluate(run.eval_pipe, t.eval_batches, run.eval_fn, state["params"], run.mesh)
                 if values:
-                    log.write(step, values, echo=echo)
+                    log.write(step, values, echo=run.echo)
                     _board_write(board, step, values)
             if step % t.checkpoint_every == 0 or last:
-                ckpt.save(step, state, lm_batches.checkpoint_args(data_iter), metadata)
+                ckpt.save(step, state, lm_batches.checkpoint_args(data_iter), run.metadata)
                 last_saved = step
             if last:
                 break
@@ -333,7 +328,7 @@ def _loop(config, workdir, state, data_iter, pipe, eval_pipe, step_fn, eval_fn, 
         if board is not None:
             board.close()
     return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": stop.stopped,
-            "metrics": log.path, "source": start.source}
+            "metrics": log.path, "source": run.start.source}
 
 
 def _board(workdir: str):

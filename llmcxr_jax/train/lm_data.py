@@ -7,11 +7,12 @@ import dataclasses
 import os
 from typing import Any
 
-import numpy as np
 import ml_collections
+import numpy as np
 
 from llmcxr_jax.data import codes as code_files
 from llmcxr_jax.data import lm_batches, mimic_cxr
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 VIEWS = ("all", "frontal")
@@ -33,19 +34,19 @@ class Sources:
 def read_sources(d: ml_collections.ConfigDict) -> Sources:
     """Reads the corpus once; the stage picks records and report text (REFERENCE.md)."""
     if not d.root:
-        raise ValueError("data.root is empty; give a MIMIC-CXR-JPG layout root (or make one with `llmcxr synth`)")
+        raise UsageError("data.root is empty; give a MIMIC-CXR-JPG layout root (or make one with `llmcxr synth`)")
     if not d.codes:
-        raise ValueError("data.codes is empty; give the output of `llmcxr encode-images` or `llmcxr import-codes`")
+        raise UsageError("data.codes is empty; give the output of `llmcxr encode-images` or `llmcxr import-codes`")
     if not os.path.exists(d.codes):
-        raise FileNotFoundError(f"data.codes {d.codes} does not exist; run `llmcxr encode-images` first")
+        raise MissingInputError(f"data.codes {d.codes} does not exist; run `llmcxr encode-images` first")
     corpus = mimic_cxr.load_corpus(d.root, reports_root=d.reports_root or None, progress=False)
     table = code_files.read_codes(d.codes)
     stage = int(d.stage)
     if stage not in (1, 2):
-        raise ValueError(f"data.stage must be 1 or 2, got {stage}")
+        raise UsageError(f"data.stage must be 1 or 2, got {stage}")
     views = d.get("views", "all")
     if views not in VIEWS:
-        raise ValueError(f"data.views must be one of {VIEWS} (stage-1 images: every view as LLM-CXR, or PA/AP "
+        raise UsageError(f"data.views must be one of {VIEWS} (stage-1 images: every view as LLM-CXR, or PA/AP "
                          f"only), got {views!r}")
     train_records = mimic_cxr.stage_records(corpus, stage)
     if views == "frontal":  # stage 2 and evaluation are PA/AP already
@@ -86,7 +87,7 @@ def train_iterator(sources: Sources, tokenizer, special: SpecialTokens, layout: 
 
     num_shards = int(d.num_shards) or jax.process_count()
     if batch_size % num_shards:
-        raise ValueError(f"train.batch_size {batch_size} does not split over data.num_shards {num_shards}")
+        raise UsageError(f"train.batch_size {batch_size} does not split over data.num_shards {num_shards}")
 
     def make(index, count):
         return make_batches(sources, "train", tokenizer, special, layout, d, batch_size,

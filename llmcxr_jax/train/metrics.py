@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from llmcxr_jax import storage
+from llmcxr_jax.errors import UsageError
 
 
 def claim_workdir(workdir: str, config, must_match: dict[str, str]) -> None:
@@ -27,7 +28,7 @@ def claim_workdir(workdir: str, config, must_match: dict[str, str]) -> None:
             for part in key.split("."):
                 old, new = (old or {}).get(part), (new or {}).get(part)
             if old != new:
-                raise ValueError(f"{workdir} holds a run with a different {what}; give a new --workdir")
+                raise UsageError(f"{workdir} holds a run with a different {what}; give a new --workdir")
     elif jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=2))

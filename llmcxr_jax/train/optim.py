@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from llmcxr_jax.errors import UsageError
+
 SCHEDULES = ("constant", "cosine", "linear")
 EMBEDDING_PATHS = ("embed_in/embedding", "embed_out/kernel")  # tables that carry image-token rows
 
@@ -19,7 +21,7 @@ def learning_rate(t: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 over warmup_steps (LLM-CXR: 50, DeepSpeed WarmupLR), then constant, or
     cosine / linear decay to learning_rate * final_lr_ratio at `steps`."""
     if t.schedule not in SCHEDULES:
-        raise ValueError(f"train.schedule {t.schedule!r} is not one of {SCHEDULES}")
+        raise UsageError(f"train.schedule {t.schedule!r} is not one of {SCHEDULES}")
     peak, warm = float(t.learning_rate), int(t.warmup_steps)
     decay_steps = max(int(t.steps) - warm, 1)
     end = peak * float(t.final_lr_ratio)
@@ -51,7 +53,7 @@ def update_mask(params: Any, freeze: str = "", image_rows_only: bool = False, la
         return None
     pattern = re.compile(freeze) if freeze else None
     if image_rows_only and layout is None:
-        raise ValueError("train.image_rows_only needs the vocabulary layout")
+        raise UsageError("train.image_rows_only needs the vocabulary layout")
 
     def mask(path, leaf):
         name = path_name(path)
@@ -66,7 +68,7 @@ def update_mask(params: Any, freeze: str = "", image_rows_only: bool = False, la
 
     out = jax.tree_util.tree_map_with_path(mask, params)
     if pattern is not None and all(float(jnp.max(m)) == 1.0 for m in jax.tree.leaves(out)):
-        raise ValueError(f"train.freeze {freeze!r} matches no parameter path (e.g. {_first_path(params)})")
+        raise UsageError(f"train.freeze {freeze!r} matches no parameter path (e.g. {_first_path(params)})")
     return out
 
 

@@ -1,6 +1,6 @@
-"""The LM train state {"params", "opt", "step"}: created already sharded (eval_shape, then a jit
-whose out_shardings place every leaf), or started from init_from (a HF GPT-NeoX directory or an
-orbax LM checkpoint). No dropout in GPT-NeoX/Dolly, so the step needs no RNG.
+"""Where an LM run starts and its train state {"params", "opt", "step"}: the resume order (start_source),
+and the state created already sharded (eval_shape, then a jit whose out_shardings place every leaf).
+No dropout in GPT-NeoX/Dolly, so the step needs no RNG.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llmcxr_jax import sharding, storage, vocab
+from llmcxr_jax import checkpoint, sharding, storage, vocab
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, init_model
-from llmcxr_jax.train import checkpoint, optim
+from llmcxr_jax.train import optim
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 
@@ -30,49 +31,95 @@ class Start:
     tokenizer: Any
     special: SpecialTokens
     tokenizer_config: dict
-    params: Any | None  # sharded pure dict when loaded from init_from; None = initialise
-    source: str  # "scratch" | "hf:DIR" | "checkpoint:DIR"
+    params: Any | None  # sharded pure dict when loaded from init_from; None = initialise or resume
+    source: str  # "scratch" | "hf:DIR" | "checkpoint:DIR" | a resumed run's own source
     hf_config: dict | None = None
+    resume_dir: str | None = None  # checkpoints/ of a run whose latest train state (and data position) to restore
+
+
+def start_source(config: ml_collections.ConfigDict, ckpt_dir: str) -> tuple[str, str | None]:
+    """Where this run starts, as (kind, checkpoint directory): decided, and a train.resume_from without
+    checkpoints refused, before the workdir is claimed. ckpt_dir is the run's own WORKDIR/checkpoints."""
+    t = config.train
+    # 1. always resume an existing checkpoint of this workdir (a restarted or preempted run): state and data position
+    # 2. else train.resume_from: continue another workdir's run from its latest checkpoint, state and data position
+    # 3. else train.init_from: new optimizer state on the weights of a HF GPT-NeoX directory or an orbax LM
+    #    checkpoint (import-hf output, or a train workdir, as stage 2 starts from stage 1)
+    # 4. train from scratch with the configured shape and data.tokenizer
+    if checkpoint.has_checkpoint(ckpt_dir):
+        return "run", ckpt_dir
+    elif t.resume_from:
+        resume_dir = os.path.join(t.resume_from, "checkpoints")
+        if not checkpoint.has_checkpoint(resume_dir):
+            raise MissingInputError(f"train.resume_from {t.resume_from} holds no checkpoints/ of a run")
+        return "run", resume_dir
+    elif t.init_from:
+        return "init", None
+    else:
+        return "scratch", None
+
+
+def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: int,
+                  source: tuple[str, str | None]) -> Start:
+    """The model shape, vocabulary and tokenizer (and, for init_from, the weights) of `start_source`'s choice."""
+    kind, directory = source
+    if kind == "run":
+        return _from_run(config, directory)
+    return _from_init(config, mesh, image_codes) if kind == "init" else _from_scratch(config, mesh, image_codes)
+
+
+def _from_run(config: ml_collections.ConfigDict, ckpt_dir: str) -> Start:
+    """Shape, vocabulary and tokenizer of a run being resumed (its params come with the state)."""
+    m = config.model
+    meta = checkpoint.read_lm_metadata(ckpt_dir, dtype=m.dtype, remat_policy=m.remat_policy)
+    if meta.tokenizer is None:
+        raise MissingInputError(f"{os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR)} has no tokenizer.json; a "
+                                "training run saves its tokenizer there")
+    return Start(meta.config, meta.layout, meta.tokenizer, meta.tokenizer_special, meta.tokenizer_config, None,
+                 meta.metadata.get("source", "run"), meta.metadata.get("hf_config"), resume_dir=ckpt_dir)
 
 
 def _tokenizer(directory: str):
     if not directory:
-        raise ValueError("no tokenizer: set data.tokenizer to a HF tokenizer directory, or train.init_from to a "
+        raise UsageError("no tokenizer: set data.tokenizer to a HF tokenizer directory, or train.init_from to a "
                          "HF directory / checkpoint that holds one")
     if not vocab.has_tokenizer(directory):
-        raise FileNotFoundError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
+        raise MissingInputError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
     return vocab.load_tokenizer(directory)
 
 
-def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: int) -> Start:
-    """init_from (HF directory or orbax checkpoint) or scratch with the configured shape."""
+def _from_init(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: int) -> Start:
+    """train.init_from: a HF GPT-NeoX directory or an orbax LM checkpoint (or a train workdir)."""
     t, d, m = config.train, config.data, config.model
     source = t.init_from
     runtime = dict(dtype=m.dtype, remat_policy=m.remat_policy, scan_layers=m.scan_layers)
-    if source:
-        where = storage.path(source)  # an orbax checkpoint may be in a bucket (gs://); a HF directory is local
-        if not where.exists():
-            raise FileNotFoundError(f"train.init_from {source} does not exist; give a HF GPT-NeoX directory or an "
-                                    "orbax LM checkpoint (import-hf output or a train workdir)")
-        ckpt_dir = checkpoint.model_dir(source, "lm")  # a train workdir stands for its checkpoints/
-        if (where / "config.json").is_file() and not (where / "checkpoints").is_dir() \
-                and not checkpoint.has_checkpoint(ckpt_dir):
-            return _from_hf(config, mesh, image_codes, runtime)
-        lm = checkpoint.load_lm(ckpt_dir, mesh, dtype=m.dtype, remat_policy=m.remat_policy)
-        if lm.config.scan_layers != m.scan_layers:
-            raise ValueError(f"{source} stores layers with scan_layers={lm.config.scan_layers}; set "
-                             f"model.scan_layers={lm.config.scan_layers}")
-        if lm.layout.image_codes != image_codes:
-            raise ValueError(f"{source} has {lm.layout.image_codes} image rows but the codes use a codebook of "
-                             f"{image_codes}; encode with the matching VQ-GAN")
-        tok, special, tok_cfg = _tokenizer(d.tokenizer or os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
-        _check_text_size(tok, lm.layout, source)
-        params = nnx.state(lm.model, nnx.Param).to_pure_dict()
-        return Start(lm.config, lm.layout, tok, special, tok_cfg, params, f"checkpoint:{source}",
-                     lm.metadata.get("hf_config"))
-    tok, special, tok_cfg = _tokenizer(d.tokenizer)
+    where = storage.path(source)  # an orbax checkpoint may be in a bucket (gs://); a HF directory is local
+    if not where.exists():
+        raise MissingInputError(f"train.init_from {source} does not exist; give a HF GPT-NeoX directory or an "
+                                "orbax LM checkpoint (import-hf output or a train workdir)")
+    ckpt_dir = checkpoint.model_dir(source, "lm")  # a train workdir stands for its checkpoints/
+    if (where / "config.json").is_file() and not (where / "checkpoints").is_dir() \
+            and not checkpoint.has_checkpoint(ckpt_dir):
+        return _from_hf(config, mesh, image_codes, runtime)
+    lm = checkpoint.load_lm(ckpt_dir, mesh, dtype=m.dtype, remat_policy=m.remat_policy)
+    if lm.config.scan_layers != m.scan_layers:
+        raise UsageError(f"{source} stores layers with scan_layers={lm.config.scan_layers}; set "
+                         f"model.scan_layers={lm.config.scan_layers}")
+    if lm.layout.image_codes != image_codes:
+        raise UsageError(f"{source} has {lm.layout.image_codes} image rows but the codes use a codebook of "
+                         f"{image_codes}; encode with the matching VQ-GAN")
+    tok, special, tok_cfg = _tokenizer(d.tokenizer or os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
+    _check_text_size(tok, lm.layout, source)
+    params = nnx.state(lm.model, nnx.Param).to_pure_dict()
+    return Start(lm.config, lm.layout, tok, special, tok_cfg, params, f"checkpoint:{source}",
+                 lm.metadata.get("hf_config"))
+
+
+def _from_scratch(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: int) -> Start:
+    """The configured model shape over data.tokenizer's vocabulary plus the image codes."""
+    tok, special, tok_cfg = _tokenizer(config.data.tokenizer)
     layout = VocabLayout.create(vocab.text_size(tok), image_codes, mesh.shape["tensor"])
-    return Start(GPTNeoXConfig.from_config(m, layout), layout, tok, special, tok_cfg, None, "scratch")
+    return Start(GPTNeoXConfig.from_config(config.model, layout), layout, tok, special, tok_cfg, None, "scratch")
 
 
 def _from_hf(config, mesh, image_codes, runtime) -> Start:
@@ -85,7 +132,7 @@ def _from_hf(config, mesh, image_codes, runtime) -> Start:
     tok, special, tok_cfg = (_tokenizer(d.tokenizer) if d.tokenizer else
                              (imp.tokenizer, imp.special, imp.tokenizer_config))
     if tok is None:
-        raise ValueError(f"{t.init_from} has no tokenizer.json; set data.tokenizer")
+        raise UsageError(f"{t.init_from} has no tokenizer.json; set data.tokenizer")
     _check_text_size(tok, imp.layout, t.init_from)
     params = nnx.state(imp.model, nnx.Param).to_pure_dict()
     return Start(imp.config, imp.layout, tok, special, tok_cfg, params, f"hf:{t.init_from}", imp.hf_config)
@@ -93,7 +140,7 @@ def _from_hf(config, mesh, image_codes, runtime) -> Start:
 
 def _check_text_size(tok, layout: VocabLayout, where: str) -> None:
     if vocab.text_size(tok) != layout.text_size:
-        raise ValueError(f"the tokenizer has {vocab.text_size(tok)} tokens but {where} has T = {layout.text_size} "
+        raise UsageError(f"the tokenizer has {vocab.text_size(tok)} tokens but {where} has T = {layout.text_size} "
                          "text rows; use the tokenizer saved with that model")
 
 

@@ -10,6 +10,7 @@ import struct
 import time
 
 from llmcxr_jax import storage
+from llmcxr_jax.errors import UsageError
 
 _CRC_TABLE = []
 for _n in range(256):
@@ -113,7 +114,7 @@ def _fields(buf: bytes):
             n, i = _read_varint(buf, i)
             value, i = buf[i:i + n], i + n
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise UsageError(f"unsupported protobuf wire type {wire}")
         yield number, value
 
 
@@ -125,10 +126,10 @@ def read_scalars(path: str) -> list[tuple[int, str, float]]:
     while i < len(data):
         (length,) = struct.unpack("<Q", data[i:i + 8])
         if struct.unpack("<I", data[i + 8:i + 12])[0] != _masked(data[i:i + 8]):
-            raise ValueError(f"{path}: corrupt record length at byte {i}")
+            raise UsageError(f"{path}: corrupt record length at byte {i}")
         record = data[i + 12:i + 12 + length]
         if struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] != _masked(record):
-            raise ValueError(f"{path}: corrupt record at byte {i}")
+            raise UsageError(f"{path}: corrupt record at byte {i}")
         i += 16 + length
         step = 0
         for number, value in _fields(record):

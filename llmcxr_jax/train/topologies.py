@@ -1,17 +1,17 @@
-"""Accelerator names -> chips, slice shapes and devices for ahead-of-time compile checks.
-
-Owns the chip table (HBM, peak bf16 FLOP/s) and the mapping of user names such as v4-32,
-v5p-128, v5e-16, v6e-8 or gpu:2x8 to `jax.experimental.topologies` arguments. TPU devices are
-compile-only devices made by libtpu on any machine; GPU shapes use real GPUs or CPU stand-ins.
+"""Accelerator chips and names: owns the chip table (HBM, peak bf16 FLOP/s, and a real device's peak from it),
+the mapping of names such as v4-32, v5p-128, v5e-16, v6e-8 or gpu:2x8 to `jax.experimental.topologies`
+arguments, and the devices for ahead-of-time compile checks (libtpu compile-only TPUs; GPUs or CPU stand-ins).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
+
+from llmcxr_jax.errors import UsageError
 
 GiB = 2**30
 
@@ -49,6 +49,21 @@ GPU_CHIPS = {
     "h200": Chip("h200", "gpu", 141 * 10**9, "141 GB", 989e12),
 }
 DEFAULT_GPU = "h100"
+# How a chip names itself in jax.Device.device_kind ("TPU v4", "TPU v5 lite"), where not by its table key.
+# jax.Device.device_kind (lowercased) -> TPU_CHIPS key: a v5p calls itself "TPU v5", a v5e "TPU v5 lite".
+TPU_DEVICE_KINDS = {"tpu v4": "v4", "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5e", "tpu v5e": "v5e",
+                    "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def peak_flops(device: jax.Device) -> float:
+    """Dense bf16 peak FLOP/s of a real device, from the chip tables; 0.0 when the chip is not in them."""
+    if device.platform == "gpu":
+        kind = gpu_type_of(device)
+        return GPU_CHIPS[kind].peak_flops if kind else 0.0
+    if device.platform == "tpu":
+        name = TPU_DEVICE_KINDS.get(device.device_kind.strip().lower())
+        return TPU_CHIPS[name].peak_flops if name else 0.0
+    return 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +106,7 @@ def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
     2-D (v5e/v6e): 1 -> 1x1, 4 -> 2x2, 8 -> 2x4, 16 -> 4x4, 32 -> 4x8, ...
     """
     if not _power_of_two(chips) or (dims == 3 and chips < 4) or (dims == 2 and chips == 2):
-        raise ValueError(f"{chips} chips has no default {dims}-D slice shape (it needs a power of two, "
+        raise UsageError(f"{chips} chips has no default {dims}-D slice shape (it needs a power of two, "
                          f"{'at least 4' if dims == 3 else 'not 2'})")
     if dims == 3 and chips == 4:
         return (2, 2, 1)
@@ -111,11 +126,11 @@ def _prod(xs: Sequence[int]) -> int:
 
 def _tpu_topology(name: str, chip: Chip, shape: tuple[int, ...], num_slices: int) -> Topology:
     if len(shape) != chip.torus_dims:
-        raise ValueError(f"TPU {chip.name} slices are {chip.torus_dims}-D, got shape {'x'.join(map(str, shape))} "
+        raise UsageError(f"TPU {chip.name} slices are {chip.torus_dims}-D, got shape {'x'.join(map(str, shape))} "
                          f"in {name!r}")
     chips = _prod(shape)
     if chips > chip.pod_chips:
-        raise ValueError(f"{name!r} needs {chips} chips; a TPU {chip.name} pod has {chip.pod_chips}")
+        raise UsageError(f"{name!r} needs {chips} chips; a TPU {chip.name} pod has {chip.pod_chips}")
     padded = tuple(shape) + (1,) * (3 - len(shape))
     bounds = tuple(min(s, b) for s, b in zip(padded, (2, 2, 1)))
     if chip.torus_dims == 3:
@@ -133,24 +148,24 @@ def parse_topology(name: str, num_slices: int = 1, gpu_type: str | None = None) 
     names count chips. gpu:NxM means N hosts of M GPUs of `gpu_type` (default h100).
     """
     if num_slices < 1:
-        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        raise UsageError(f"num_slices must be >= 1, got {num_slices}")
     text = name.strip().lower()
     if text.startswith("gpu:"):
         m = re.fullmatch(r"gpu:(\d+)x(\d+)", text)
         if not m or int(m[1]) < 1 or int(m[2]) < 1:
-            raise ValueError(f"GPU topology {name!r} must look like gpu:NxM (N hosts x M GPUs), e.g. gpu:1x8")
+            raise UsageError(f"GPU topology {name!r} must look like gpu:NxM (N hosts x M GPUs), e.g. gpu:1x8")
         kind = (gpu_type or DEFAULT_GPU).lower()
         if kind not in GPU_CHIPS:
-            raise ValueError(f"unknown GPU type {gpu_type!r}; choose one of {', '.join(GPU_CHIPS)}")
+            raise UsageError(f"unknown GPU type {gpu_type!r}; choose one of {', '.join(GPU_CHIPS)}")
         if num_slices != 1:
-            raise ValueError("for GPUs give the host count in the topology (gpu:NxM), not as slices")
+            raise UsageError("for GPUs give the host count in the topology (gpu:NxM), not as slices")
         return Topology(name, GPU_CHIPS[kind], int(m[2]), int(m[1]))
     if gpu_type is not None:
-        raise ValueError(f"gpu_type {gpu_type!r} only applies to gpu:NxM topologies, not {name!r}")
+        raise UsageError(f"gpu_type {gpu_type!r} only applies to gpu:NxM topologies, not {name!r}")
     m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", text)
     kind = TPU_ALIASES.get(m[1], m[1]) if m else None
     if kind not in TPU_CHIPS:
-        raise ValueError(f"unknown topology {name!r}; use a Cloud TPU name such as v4-32, v5p-128, v5e-16, v6e-8, "
+        raise UsageError(f"unknown topology {name!r}; use a Cloud TPU name such as v4-32, v5p-128, v5e-16, v6e-8, "
                          f"an explicit shape such as v4:2x2x4, or gpu:NxM")
     chip = TPU_CHIPS[kind]
     if m[3]:
@@ -158,17 +173,17 @@ def parse_topology(name: str, num_slices: int = 1, gpu_type: str | None = None) 
     else:
         count = int(m[2])
         if count % chip.cores_per_chip:
-            raise ValueError(f"{name!r}: TPU {kind} names count TensorCores, {chip.cores_per_chip} per chip; "
+            raise UsageError(f"{name!r}: TPU {kind} names count TensorCores, {chip.cores_per_chip} per chip; "
                              f"{count} is not a multiple of {chip.cores_per_chip}")
         try:
             shape = slice_shape(count // chip.cores_per_chip, chip.torus_dims)
         except ValueError as e:
             example = "x".join(["A", "B", "C"][:chip.torus_dims])
-            raise ValueError(f"{name!r}: {e}; give the slice shape explicitly as {kind}:{example}") from None
+            raise UsageError(f"{name!r}: {e}; give the slice shape explicitly as {kind}:{example}") from None
     return _tpu_topology(name, chip, shape, num_slices)
 
 
-class TopologyUnavailable(ValueError):
+class TopologyUnavailable(UsageError):
     """The devices for a topology cannot be made here (no libtpu, too few devices)."""
 
 

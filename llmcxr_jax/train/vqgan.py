@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +18,15 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llmcxr_jax import sharding, storage
+from llmcxr_jax import checkpoint, sharding, storage
 from llmcxr_jax.convert import perceptual_weights
 from llmcxr_jax.data import image_stream as image_stream_lib
-from llmcxr_jax.models import perceptual as perceptual_nets
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models import discriminator as discriminator_lib
+from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-from llmcxr_jax.train import checkpoint, preemption, vqgan_loss
+from llmcxr_jax.train import preemption, vqgan_loss
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, save_image_grid
 
 BATCH_AXES = sharding.BATCH_AXES
@@ -114,13 +116,13 @@ def initial_weights(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
                 _, params, stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
                 out.update(disc=params.to_pure_dict(), disc_stats=stats.to_pure_dict())
         except ValueError as e:
-            raise ValueError(f"train.init_from {path} does not fit the config's model / discriminator: {e}") from None
+            raise UsageError(f"train.init_from {path} does not fit the config's model / discriminator: {e}") from None
         return out
     model, _ = checkpoint.load_vqgan(path, mesh)
     have, need = model.cfg.to_dict(), want.to_dict()
     diff = [k for k in need if k not in ("dtype", "param_dtype") and have.get(k) != need[k]]
     if diff:
-        raise ValueError(f"train.init_from {path} is a VQ-GAN with {diff[0]}={have.get(diff[0])!r}, the config says "
+        raise UsageError(f"train.init_from {path} is a VQ-GAN with {diff[0]}={have.get(diff[0])!r}, the config says "
                          f"{need[diff[0]]!r}; make config.model match it")
     return {"gen": nnx.state(model, nnx.Param).to_pure_dict()}
 
@@ -226,14 +228,14 @@ def _check(config: ml_collections.ConfigDict, mesh, given: tuple[bool, bool] = (
     t = config.train
     data_size = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % data_size or t.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size {t.batch_size} does not divide over {data_size} data-parallel devices "
+        raise UsageError(f"train.batch_size {t.batch_size} does not divide over {data_size} data-parallel devices "
                          f"and {jax.process_count()} processes; make it a multiple of {data_size}")
     if (t.perceptual_weight > 0 and not (t.lpips_weights or given[0])) or \
             (t.cip_weight > 0 and not (t.cip_weights or given[1])):
-        raise ValueError("perceptual_weight / cip_weight > 0 need train.lpips_weights / train.cip_weights: local "
+        raise UsageError("perceptual_weight / cip_weight > 0 need train.lpips_weights / train.cip_weights: local "
                          "files made by `llmcxr convert-weights`; or set the weight to 0")
     if t.get("init_from") and not storage.path(t.init_from).exists():
-        raise FileNotFoundError(f"train.init_from {t.init_from} does not exist; give a taming / LLM-CXR .ckpt or an "
+        raise MissingInputError(f"train.init_from {t.init_from} does not exist; give a taming / LLM-CXR .ckpt or an "
                                 "orbax VQ-GAN directory (llmcxr import-vqgan, or a train-vqgan WORKDIR/vqgan)")
 
 
@@ -308,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return state
 
 
-def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: "MetricsLog") -> None:
+def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: MetricsLog) -> None:
     """Reconstruction L1 / PSNR of the held-out batch (EMA weights when kept), and its PNG grid."""
     rec = np.asarray(reconstruct(state["ema"] if state["ema"] else state["gen"], jnp.asarray(images)))
     mse = float(np.mean(np.square(rec - images)))

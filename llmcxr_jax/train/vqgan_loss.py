@@ -10,7 +10,8 @@ batches, its Adam step count advances); disc_factor 0 instead leaves it out of e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
+from llmcxr_jax.errors import UsageError
+
 # Patient coordinates: x in [-1, 1] left to right *on the image*, so the patient's right side
 # is x < 0 (radiological convention); y in [-1, 1] top to bottom. `u = |x|` folds both lungs
 # onto one lateral axis so most anatomy is computed once for both sides.
@@ -177,7 +179,7 @@ def _drawn(findings: Mapping, label: str):
 
 def render_frontal(findings: Mapping, view: str, size: int, rng: np.random.Generator, anat: Mapping) -> np.ndarray:
     """One PA or AP film -> float32 [size, size] in [0, 1]. `findings` maps CheXpert label ->
-    Finding (see synthetic_text); only positive (full) and uncertain (faint) ones are drawn."""
+    Finding (see synthetic/text.py); only positive (full) and uncertain (faint) ones are drawn."""
     ap = view == "AP"
     out_size, size = size, _internal_size(size)
     get = lambda label: _drawn(findings, label)  # noqa: E731
@@ -404,7 +406,7 @@ def render_image(findings: Mapping, view: str, size: int, rng: np.random.Generat
     """Findings (CheXpert label -> Finding) + ViewPosition -> uint8 [size, size] grey film.
     PA/AP (and empty) views give a frontal phantom, LATERAL/LL a lateral one."""
     if size < 16:
-        raise ValueError(f"image size must be at least 16 pixels, got {size}")
+        raise UsageError(f"image size must be at least 16 pixels, got {size}")
     anat = dict(anatomy) if anatomy is not None else sample_anatomy(rng)
     lateral = view in ("LATERAL", "LL", "RL")
     img = render_lateral(findings, size, rng, anat) if lateral else render_frontal(findings, view, size, rng, anat)

@@ -1,7 +1,6 @@
-"""orbax checkpoints of the LM and the VQ-GAN: item "state" ({"params": ...} or a full train state), item
-"metadata" (VocabLayout, model config, special tokens, mesh, the source HF config), and the
-tokenizer files under DIR/tokenizer/. DIR may be gs://...: orbax writes arrays through tensorstore's GCS
-driver and its other files, like ours, through etils.epath (llmcxr_jax.storage).
+"""orbax checkpoints of the LM and the VQ-GAN: item "state" (params or a full train state), item "metadata"
+(VocabLayout, model config, special tokens, mesh, HF config; for an LM read and checked by read_lm_metadata alone)
+and the tokenizer under DIR/tokenizer/. DIR may be gs://... (arrays via tensorstore, other files via storage.py).
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llmcxr_jax import sharding, storage, vocab
+from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -96,7 +96,7 @@ def lm_metadata(config: GPTNeoXConfig, layout: VocabLayout, special: SpecialToke
 def save_state(directory: str, state: dict[str, Any], metadata: dict[str, Any], *, step: int) -> None:
     """Item "state" (a pytree whose "params" entry holds the LM parameters) and item "metadata"."""
     if "params" not in state:
-        raise ValueError("a checkpoint state needs a 'params' entry")
+        raise UsageError("a checkpoint state needs a 'params' entry")
     with _manager(directory) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)}))
@@ -120,11 +120,11 @@ def has_checkpoint(directory: str) -> bool:
 
 def latest_step(directory: str) -> int:
     if not storage.path(directory).is_dir():
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        raise MissingInputError(f"checkpoint directory {directory} does not exist")
     with _manager(directory) as mngr:
         step = mngr.latest_step()
     if step is None:
-        raise FileNotFoundError(f"{directory} holds no orbax checkpoint; {_instead(directory)}")
+        raise MissingInputError(f"{directory} holds no orbax checkpoint; {_instead(directory)}")
     return step
 
 
@@ -135,7 +135,8 @@ def _instead(directory: str) -> str:
     except (OSError, ValueError):
         config = {}
     if isinstance(config, dict) and config.get("_class_name") == "VQModel":
-        return f"it is a diffusers VQModel directory: convert it with `llmcxr import-vqgan --diffusers {directory} --out DIR`"
+        return ("it is a diffusers VQModel directory: convert it with "
+                f"`llmcxr import-vqgan --diffusers {directory} --out DIR`")
     if isinstance(config, dict) and "model_type" in config:
         return f"it is a Hugging Face model directory: convert it with `llmcxr import-hf --hf {directory} --out DIR`"
     return ("give a directory written by `llmcxr import-hf`, `import-vqgan`, `train` or `train-vqgan` (or their "
@@ -164,6 +165,44 @@ def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
         return dict(mngr.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
 
 
+@dataclasses.dataclass(frozen=True)
+class LMMetadata:
+    """What an LM checkpoint step says about itself, read and checked by read_lm_metadata."""
+
+    step: int
+    config: GPTNeoXConfig  # the saved model config, dtype / remat_policy as the reader asked
+    layout: VocabLayout  # text rows, image rows and padding of the embedding tables
+    special: SpecialTokens | None  # the special-token ids recorded in the metadata (None in old imports)
+    tokenizer: Any  # the tokenizer saved in DIR/tokenizer/, or None when the checkpoint holds none
+    tokenizer_special: SpecialTokens | None  # that tokenizer's special tokens, as vocab.load_tokenizer reads them
+    tokenizer_config: dict[str, Any] | None  # that tokenizer's tokenizer_config.json
+    metadata: dict[str, Any]  # the whole "metadata" item
+
+
+def read_lm_metadata(directory: str, step: int | None = None, *, dtype: str | None = None,
+                     remat_policy: str | None = None) -> LMMetadata:
+    """The one reader of an LM checkpoint's metadata (load_lm and a resumed training run both use it):
+    model config, VocabLayout, special tokens and the saved tokenizer, whose size must equal the
+    layout's text rows. dtype / remat_policy replace the saved ones when given. No array is read."""
+    step = latest_step(directory) if step is None else step
+    meta = read_metadata(directory, step)
+    if "model_config" not in meta:
+        raise UsageError(f"{directory} is not a language-model checkpoint (its metadata has no model_config)")
+    config = GPTNeoXConfig.from_dict(meta["model_config"])
+    config = config.replace(dtype=dtype or config.dtype, remat_policy=remat_policy or config.remat_policy)
+    layout = VocabLayout.from_dict(meta["vocab"])
+    tok = tok_special = tok_cfg = None
+    tok_dir = os.path.join(directory, TOKENIZER_DIR)
+    if vocab.has_tokenizer(tok_dir):
+        tok, tok_special, tok_cfg = vocab.load_tokenizer(tok_dir)
+        if vocab.text_size(tok) != layout.text_size:
+            raise UsageError(f"tokenizer in {tok_dir} has {vocab.text_size(tok)} tokens but the checkpoint's "
+                             f"vocabulary has T = {layout.text_size}; use the tokenizer saved with this checkpoint")
+    special = SpecialTokens.from_dict(meta["special_tokens"]) if meta.get("special_tokens") else None
+    return LMMetadata(step=step, config=config, layout=layout, special=special, tokenizer=tok,
+                      tokenizer_special=tok_special, tokenizer_config=tok_cfg, metadata=meta)
+
+
 def _state_tree(directory: str, step: int) -> dict[str, Any]:
     """The saved state's tree of array metadata (shapes and dtypes; no array is read)."""
     meta = ocp.PyTreeCheckpointHandler().metadata(storage.path(directory) / str(step) / STATE)
@@ -180,8 +219,8 @@ def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, 
     """
     saved = _state_tree(directory, step) if saved is None else saved
     if key not in saved:
-        raise ValueError(f"{directory} step {step} holds no '{key}' weights (its state has {', '.join(sorted(saved))}); "
-                         "give a model checkpoint")
+        raise UsageError(f"{directory} step {step} holds no '{key}' weights (its state has "
+                         f"{', '.join(sorted(saved))}); give a model checkpoint")
     graphdef, params = nnx.split(abstract, nnx.Param)
     shardings = sharding.param_shardings(params, mesh)
     target = {key: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -193,7 +232,7 @@ def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, 
     missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored[key])
                if not isinstance(leaf, jax.Array)]
     if missing:
-        raise ValueError(f"{directory} step {step} lacks {len(missing)} of this model's parameters under '{key}' "
+        raise UsageError(f"{directory} step {step} lacks {len(missing)} of this model's parameters under '{key}' "
                          f"(first {missing[0]}); it was written for another architecture")
     params.replace_by_pure_dict(restored[key])
     return nnx.merge(graphdef, params)
@@ -210,7 +249,7 @@ def load_vqgan(directory: str, mesh: Mesh, *, step: int | None = None) -> tuple[
     step = latest_step(directory) if step is None else step
     meta = read_metadata(directory, step)
     if "vqgan_config" not in meta:
-        raise ValueError(f"{directory} is not a VQ-GAN checkpoint (its metadata has no vqgan_config)")
+        raise UsageError(f"{directory} is not a VQ-GAN checkpoint (its metadata has no vqgan_config)")
     cfg = VQGANConfig.from_dict(meta["vqgan_config"])
     saved = _state_tree(directory, step)
     return restore_module(directory, step, abstract_vqgan(cfg), mesh, vqgan_weights(saved), saved), meta
@@ -228,24 +267,11 @@ def vqgan_weights(saved: dict[str, Any]) -> str:
 def load_lm(directory: str, mesh: Mesh, *, step: int | None = None, dtype: str | None = None,
             remat_policy: str | None = None) -> LoadedLM:
     """Restore params (from a params-only or full train-state checkpoint, or a train workdir's latest)
-    sharded onto `mesh`."""
+    sharded onto `mesh`; the metadata as read_lm_metadata reads and checks it."""
     directory = model_dir(directory, "lm")
-    step = latest_step(directory) if step is None else step
-    meta = read_metadata(directory, step)
-    if "model_config" not in meta:
-        raise ValueError(f"{directory} is not a language-model checkpoint (its metadata has no model_config)")
-    config = GPTNeoXConfig.from_dict(meta["model_config"])
-    config = config.replace(dtype=dtype or config.dtype, remat_policy=remat_policy or config.remat_policy)
-    layout = VocabLayout.from_dict(meta["vocab"])
-    layout.check_tensor_parallelism(mesh.shape["tensor"])
-    model = restore_module(directory, step, abstract_model(config), mesh)
-    tok = tok_cfg = None
-    tok_dir = os.path.join(directory, TOKENIZER_DIR)
-    if vocab.has_tokenizer(tok_dir):
-        tok, _, tok_cfg = vocab.load_tokenizer(tok_dir)
-        if vocab.text_size(tok) != layout.text_size:
-            raise ValueError(f"tokenizer in {tok_dir} has {vocab.text_size(tok)} tokens but the checkpoint's "
-                             f"vocabulary has T = {layout.text_size}; use the tokenizer saved with this checkpoint")
-    special = SpecialTokens.from_dict(meta["special_tokens"]) if meta.get("special_tokens") else None
-    return LoadedLM(model=model, config=config, layout=layout, special=special, tokenizer=tok,
-                    tokenizer_config=tok_cfg, metadata=meta, step=step)
+    meta = read_lm_metadata(directory, step, dtype=dtype, remat_policy=remat_policy)
+    meta.layout.check_tensor_parallelism(mesh.shape["tensor"])
+    model = restore_module(directory, meta.step, abstract_model(meta.config), mesh)
+    return LoadedLM(model=model, config=meta.config, layout=meta.layout, special=meta.special,
+                    tokenizer=meta.tokenizer, tokenizer_config=meta.tokenizer_config, metadata=meta.metadata,
+                    step=meta.step)

@@ -1,6 +1,6 @@
 """The synthetic CXR corpus: `synthesize` writes a deterministic root in the exact MIMIC-CXR-JPG
 layout (images, reports, split/metadata/CheXpert CSVs, VQA pairs, a Dolly-format jsonl) so the
-system runs and is tested with nothing to download. Pixels: synthetic_phantom; words: synthetic_text.
+system runs and is tested with nothing to download. Pixels: phantom.py; words: text.py; Dolly-like rows: dolly.py.
 """
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ import os
 import numpy as np
 from PIL import Image
 
-from llmcxr_jax.data.synthetic_dolly import dolly_rows
-from llmcxr_jax.data.synthetic_phantom import render_image, sample_anatomy
-from llmcxr_jax.data.synthetic_text import (
-    LABEL_NOTES, LABELS, Finding, chexpert_row, report_text, sample_findings, vqa_pairs)
+from llmcxr_jax.errors import UsageError
+from llmcxr_jax.synthetic.dolly import dolly_rows
+from llmcxr_jax.synthetic.phantom import render_image, sample_anatomy
+from llmcxr_jax.synthetic.text import (
+    LABEL_NOTES,
+    LABELS,
+    Finding,
+    chexpert_row,
+    report_text,
+    sample_findings,
+    vqa_pairs,
+)
 
 __all__ = ["LABELS", "LABEL_NOTES", "Finding", "plan_corpus", "render_image", "sample_anatomy", "sample_findings",
            "synthesize"]
@@ -120,14 +128,14 @@ def plan_corpus(num_images: int, seed: int) -> list[CorpusSubject]:
 def _arguments(num_images, image_size, seed) -> dict:
     for name, value, low in (("num_images", num_images, 1), ("image_size", image_size, 16), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     return {"num_images": int(num_images), "image_size": int(image_size), "seed": int(seed)}
 
 
 def _existing(out: str, args: dict):
     """The finished corpus's manifest, None to (re)generate, or ValueError for a foreign directory."""
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; give a directory for the synthetic corpus")
+        raise UsageError(f"--out {out} is a file; give a directory for the synthetic corpus")
     if not os.path.isdir(out) or not os.listdir(out):
         return None
     path = os.path.join(out, MANIFEST)
@@ -137,9 +145,9 @@ def _existing(out: str, args: dict):
     except (OSError, ValueError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"--out {out} already holds files and no {MANIFEST}; give an empty or new directory")
+        raise UsageError(f"--out {out} already holds files and no {MANIFEST}; give an empty or new directory")
     if manifest.get("arguments") != args:
-        raise ValueError(f"--out {out} holds a synthetic corpus made with {manifest.get('arguments')}, not {args}; "
+        raise UsageError(f"--out {out} holds a synthetic corpus made with {manifest.get('arguments')}, not {args}; "
                          "give another directory or the same arguments")
     done = manifest.get("complete") and all(os.path.exists(os.path.join(out, PATHS[k]))
                                             for k in ("split_csv", "metadata_csv", "chexpert_csv", "dolly"))

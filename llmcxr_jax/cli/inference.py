@@ -1,0 +1,126 @@
+"""Inference commands: run a trained LLM-CXR on its four tasks (generate) and score it on a data
+root's evaluation images (evaluate). The work and the files it writes live in infer/ and eval/."""
+from __future__ import annotations
+
+import os
+import sys
+
+from llmcxr_jax.cli.common import (
+    Commands,
+    add_data_root,
+    add_lm_ckpt,
+    add_sampling,
+    add_vqgan_ckpt,
+    emit,
+    sampling_settings,
+)
+from llmcxr_jax.errors import MissingInputError, UsageError
+
+commands = Commands()
+add_parser, run = commands.add_parser, commands.run
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what --inputs FOLDER picks up
+INPUT_FLAG = {"report": "--image", "vqa": "--image", "image": "--report", "text": "--text"}
+
+
+def _generate_flags(p) -> None:
+    add_lm_ckpt(p)
+    add_vqgan_ckpt(p)
+    p.add_argument("--task", required=True, choices=("report", "image", "vqa", "text"))
+    p.add_argument("--image", default=None, help="CXR image file (report, vqa)")
+    p.add_argument("--report", default=None, help="report text to draw (image)")
+    p.add_argument("--question", default=None, help="question about the image (vqa)")
+    p.add_argument("--text", default=None, help="plain instruction (text)")
+    p.add_argument("--instruction", default=None, help="override the task instruction (report, image)")
+    p.add_argument("--inputs", default=None, help="batch: a file with one input per line, or an image folder")
+    p.add_argument("--out", required=True, help="directory for results.jsonl (and PNGs for --task image)")
+    add_sampling(p)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+@commands.add("generate", "run a trained LLM-CXR: image -> report, report -> image, image + question -> answer, text",
+              flags=_generate_flags)
+def generate(args) -> None:
+    from llmcxr_jax.infer import tasks
+
+    inputs = _generate_inputs(args)
+    tasks.check_sampling(args.greedy, **sampling_settings(args))
+    g = tasks.Generator.load(args.ckpt, args.vqgan)
+    sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
+                                      **sampling_settings(args))
+    rows = tasks.run_task(g, args.task, inputs, args.out, sampling, args.seed, args.instruction, args.question)
+    emit({"out": args.out, "task": args.task, "results": rows})
+
+
+def _generate_inputs(args) -> list[str]:
+    """--image/--report/--text values, or one per line of --inputs FILE, or every image in a folder."""
+    if args.inputs:
+        if os.path.isdir(args.inputs):
+            if args.task not in ("report", "vqa"):
+                raise UsageError(f"--inputs {args.inputs} is a folder; --task {args.task} takes a list file "
+                                 "(one input per line)")
+            names = sorted(n for n in os.listdir(args.inputs) if n.lower().endswith(IMAGE_SUFFIXES))
+            inputs = [os.path.join(args.inputs, n) for n in names]
+        elif os.path.isfile(args.inputs):
+            with open(args.inputs) as f:
+                inputs = [line.rstrip("\n") for line in f if line.strip()]
+        else:
+            raise MissingInputError(f"--inputs {args.inputs} does not exist; give a list file (one input per line) "
+                                    "or an image folder")
+        if not inputs:
+            what = f"no {'/'.join(IMAGE_SUFFIXES)} image" if os.path.isdir(args.inputs) else "no non-empty line"
+            raise UsageError(f"--inputs {args.inputs} has {what}; nothing to generate")
+    else:
+        given = getattr(args, INPUT_FLAG[args.task][2:])
+        if not given:
+            raise UsageError(f"--task {args.task} needs {INPUT_FLAG[args.task]} (or --inputs FILE/FOLDER)")
+        inputs = [given]
+    if args.task == "vqa" and not (args.question or "").strip():
+        raise UsageError("--task vqa needs --question")
+    return inputs
+
+
+def _evaluate_flags(p) -> None:
+    add_lm_ckpt(p)
+    add_vqgan_ckpt(p)
+    add_data_root(p)
+    p.add_argument("--out", required=True, help="directory for metrics.json, metrics.md, reports.csv, grids")
+    p.add_argument("--tasks", default="report,image,vqa", help="comma-separated subset of report,image,vqa")
+    p.add_argument("--max-images", type=int, default=0, help="first N evaluation images (0: all)")
+    p.add_argument("--max-vqa", type=int, default=0, help="first N VQA questions of those images (0: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    add_sampling(p)
+    p.add_argument("--image-temperature", type=float, default=None,
+                   help="when sampling report->CXR images (default: --temperature)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="for reports and answers (0: 128)")
+    p.add_argument("--report-part", default="impression", choices=("impression", "findings+impression"),
+                   help="reference text: the impression (stage 2) or findings + impression (stage 1)")
+    p.add_argument("--classifier", default="", help="CXR classifier directory (AUROC and FID on its features)")
+    p.add_argument("--txv-weights", default="", help="`llmcxr convert-weights txv` output, for FID (txv)")
+    p.add_argument("--reference-labels", default="",
+                   help="CheXpert labeler / CheXbert CSV over OUT/reference_reports.csv (default: ours)")
+    p.add_argument("--generated-labels", default="",
+                   help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
+    p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid (0: no grids)")
+    p.add_argument("--ci-samples", type=int, default=1000,
+                   help="bootstrap resamples for per-finding 95%% intervals (0: none)")
+
+
+@commands.add("evaluate", "score a trained LLM-CXR on a data root's evaluation images (metrics.json, metrics.md, "
+              "grids)", flags=_evaluate_flags)
+def evaluate(args) -> None:
+    from llmcxr_jax.eval import evaluate
+
+    opts = evaluate.EvalOptions(tasks=tuple(t for t in args.tasks.split(",") if t), max_images=args.max_images,
+                                max_vqa=args.max_vqa, batch_size=args.batch_size, greedy=args.greedy, seed=args.seed,
+                                **sampling_settings(args),
+                                max_new_tokens=args.max_new_tokens, report_part=args.report_part,
+                                classifier=args.classifier, txv_weights=args.txv_weights,
+                                reference_labels=args.reference_labels, generated_labels=args.generated_labels,
+                                grid_images=args.grid_images, reports_root=args.reports_root,
+                                ci_samples=args.ci_samples, image_temperature=args.image_temperature)
+    metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
+    with open(os.path.join(args.out, "metrics.md")) as f:
+        print(f.read(), file=sys.stderr)
+    keep = {"out": args.out, "n_images": metrics["n_images"], "n_vqa": metrics.get("n_vqa", 0)}
+    emit(keep | {k: metrics[k] for k in ("vqgan",) if k in metrics})

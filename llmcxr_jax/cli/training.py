@@ -1,0 +1,77 @@
+"""Training commands: the VQ-GAN, the LM's instruction tuning (both resume by rerunning in the same
+WORKDIR), and compile-check, which lowers the same train step ahead of time for a TPU or GPU topology."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from llmcxr_jax.cli.common import Commands, add_config, emit
+from llmcxr_jax.errors import UsageError
+
+commands = Commands()
+add_parser, run = commands.add_parser, commands.run
+
+
+def _train_vqgan_flags(p) -> None:
+    add_config(p, "configs/vqgan_f16_1024.py:tiny")
+    p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
+
+
+@commands.add("train-vqgan", "train the VQ-GAN (taming losses + CIP) in WORKDIR; rerun to resume",
+              flags=_train_vqgan_flags)
+def train_vqgan(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import vqgan
+
+    state = vqgan.train(configs.load_config(args.config, args.overrides), args.workdir)
+    emit({"workdir": args.workdir, "step": int(state["step"]), "vqgan": os.path.join(args.workdir, "vqgan"),
+          "metrics": os.path.join(args.workdir, "metrics.jsonl")})
+
+
+def _train_flags(p) -> None:
+    add_config(p, "configs/llmcxr_stage1.py:tiny")
+    p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
+
+
+@commands.add("train", "instruction-tune the LM (LLM-CXR stage 1 or 2) in WORKDIR; rerun to resume",
+              flags=_train_flags)
+def train(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import lm
+
+    emit({"workdir": args.workdir} | lm.train(configs.load_config(args.config, args.overrides), args.workdir))
+
+
+def _compile_check_flags(p) -> None:
+    add_config(p, "configs/llmcxr_stage1.py:3b")
+    p.add_argument("--topology", required=True, help="v4-32, v5p-128, v5e-16, v6e-8, or gpu:NxM (hosts x GPUs)")
+    p.add_argument("--num-slices", type=int, default=1, help="TPU slices (multi-slice over the data axis)")
+    p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes; default: the config's train.mesh")
+    p.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation for the step-time estimate")
+    p.add_argument("--gpu-type", default=None, help="a100-40g, a100-80g, h100, h200 (gpu:NxM on CPU)")
+    p.add_argument("--json", default=None, help="also write the report here")
+
+
+@commands.add("compile-check", "compile the real train step ahead of time for a TPU topology or GPU mesh; fails "
+              "if it does not fit", flags=_compile_check_flags)
+def compile_check(args) -> None:
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import compile_check, lm, topologies
+
+    config = configs.load_config(args.config, args.overrides)
+    topo = topologies.parse_topology(args.topology, args.num_slices, args.gpu_type)
+    if topo.platform == "gpu":
+        topologies.ensure_cpu_devices(topo.num_chips)
+    tokens, flops = lm.step_flops(config)
+    report = compile_check.compile_check(lambda mesh: lm.lower_train_step(config, mesh), args.topology,
+                                         num_slices=args.num_slices, mesh_shape=args.mesh or config.train.mesh,
+                                         tokens_per_step=tokens, model_flops_per_step=flops, mfu=args.mfu,
+                                         gpu_type=args.gpu_type)
+    print(report.format(), file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if not report.fits:
+        raise UsageError(report.error_line())
+    emit(report.to_dict())
