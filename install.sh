@@ -4,6 +4,15 @@
 # modules (parity tests only) install without their torchvision/lightning requirements.
 set -euo pipefail
 cd "$(dirname "$0")"
+# Java runs pycocoevalcap's PTB tokenizer (BLEU / ROUGE-L / CIDEr-D tokens in `llmcxr evaluate`).
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
+  else
+    echo "install.sh: no java on PATH; install a Java runtime (e.g. apt-get install default-jre-headless)" \
+         "or run evaluate with --text-tokenizer simple" >&2
+  fi
+fi
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -c requirements-lock.txt -e ".[test]"

@@ -183,3 +183,19 @@ def test_markdown_shows_per_finding_intervals_when_computed():
                                "baselines": {}})
     assert "| Cardiomegaly | 60 | 0.440 (0.35-0.52) | not run | 0.600 (0.52-0.68) |" in md
     assert "| Pneumothorax | 50 | 0.500 | not run | not run |" in md
+
+
+def test_ptb_tokenizer_without_java_fails_before_generating(capsys, env, tmp_path, monkeypatch):
+    """BLEU / ROUGE-L / CIDEr-D take pycocoevalcap's PTB tokens, which need Java: without it the
+    run stops in one line naming the way out, before any model loads; --text-tokenizer simple runs."""
+    import shutil
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else real_which(name, *a, **k))
+    code, _, err = _evaluate(capsys, env, tmp_path / "o", "--tasks", "report", "--max-images", "2")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "needs Java" in err, err
+    assert not (tmp_path / "o").exists()
+    code, _, err = _evaluate(capsys, env, tmp_path / "simple", "--tasks", "report", "--max-images", "2",
+                             "--max-new-tokens", "4", "--greedy", "--ci-samples", "0", "--text-tokenizer", "simple")
+    assert code == 0, err
+    assert json.loads((tmp_path / "simple" / "metrics.json").read_text())["options"]["text_tokenizer"] == "simple"

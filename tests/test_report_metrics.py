@@ -89,6 +89,35 @@ def test_class_without_positives_scores_zero_f1_and_nan_auroc_left_out_of_averag
     assert math.isnan(none["auroc_macro"]) and none["f1_weighted"] == 0.0
 
 
+def test_weighted_mean_without_support_is_sklearns_unweighted_mean():
+    # no reference positives: sklearn falls back to the unweighted mean over classes. With
+    # zero_division=1: precision a = 0/1 = 0, b = 0/0 -> 1; recall a = b = 0/0 -> 1
+    m = rm.label_metrics(np.zeros((3, 2)), [[1, 0], [0, 0], [0, 0]], names="ab", zero_division=1.0)
+    assert m["precision_weighted"] == 0.5 and m["recall_weighted"] == 1.0
+    assert m["precision_macro"] == 0.5 and m["f1_weighted"] == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_one_class_scores_like_that_column_of_many():
+    # sklearn reads one column as a binary target with classes {0, 1}; label_metrics scores class 1 only
+    one = rm.label_metrics(np.asarray(REF)[:, :1], np.asarray(GEN)[:, :1], names="a")
+    per = rm.label_metrics(REF, GEN, names="abc")["per_class"]["a"]
+    assert one["per_class"]["a"] == per
+    for metric in ("precision", "recall", "f1", "jaccard", "auroc"):
+        assert one[f"{metric}_micro"] == one[f"{metric}_macro"] == one[f"{metric}_weighted"] == per[metric]
+    ci = rm.label_metrics(np.asarray(REF)[:, :1], np.asarray(GEN)[:, :1], names="a", ci_samples=20)
+    assert ci["per_class"]["a"]["f1_ci"][0] <= per["f1"] <= ci["per_class"]["a"]["f1_ci"][1]
+
+
+def test_auroc_columns_equal_auroc_per_column():
+    rng = np.random.default_rng(3)
+    y = (rng.random((40, 5)) < 0.4).astype(int)
+    s = np.round(rng.random((40, 5)) + 0.3 * y, 1)
+    for constant in ([], [0, 2, 3, 4], [0, 1, 2, 3, 4], [1, 3]):  # 5, 1, 0 and 3 columns with both classes
+        yc = y.copy()
+        yc[:, constant] = 0
+        np.testing.assert_array_equal(rm.auroc_columns(yc, s), [rm.auroc(yc[:, k], s[:, k]) for k in range(5)])
+
+
 def test_label_metrics_rejects_bad_values_and_shapes():
     with pytest.raises(ValueError, match="1, 0, -1 or nan"):
         rm.label_metrics([[2.0, 0.0]], [[1.0, 0.0]], names="ab")
@@ -139,100 +168,122 @@ def test_label_metrics_intervals_bracket_the_scores_and_skip_one_valued_classes(
     assert "f1_ci" not in rm.label_metrics(ref, gen, names="abc")["per_class"]["a"]
 
 
-# ----------------------------------------------------------------------------- BLEU
+# ----------------------------------------------------------------------------- BLEU (pycocoevalcap)
 
-H1 = "It is a guide to action which ensures that the military always obeys the commands of the party".split()
-R1 = "It is a guide to action that ensures that the military will forever heed Party commands".split()
+H1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
+R1 = "It is a guide to action that ensures that the military will forever heed Party commands"
 R2 = ("It is the guiding principle which guarantees the military forces always being under the command of the "
-      "Party").split()
-R3 = "It is the practical guide for the army always to heed the directions of the party".split()
-H2 = "he read the book because he was interested in world history".split()
-R2A = "he was interested in world history because he read the book".split()
+      "Party")
+R3 = "It is the practical guide for the army always to heed the directions of the party"
+H2 = "he read the book because he was interested in world history"
+R2A = "he was interested in world history because he read the book"
+# pycocoevalcap adds 1e-9 to each n-gram count (and to the reference length in the brevity ratio): with
+# 11-18 tokens that moves a BLEU by ~1e-10 relative, so Papineni's values hold to rel 1e-9
+OFFSET_REL = 1e-9
 
 
 def test_bleu_matches_nltk_documented_examples():
-    # nltk.translate.bleu_score docs: sentence_bleu 0.5045666840058485 (three references),
-    # 0.4118... (reference1 only), corpus_bleu 0.5920778868801042
-    assert rm.sentence_bleu(H1, [R1, R2, R3], smoothing=None)[3] == pytest.approx(0.5045666840058485, abs=1e-12)
-    assert rm.sentence_bleu(H1, [R1], smoothing=None)[3] == pytest.approx(0.4118, abs=1e-4)
-    assert rm.sentence_bleu(H1, [R1], smoothing=1)[3] == rm.sentence_bleu(H1, [R1], smoothing=None)[3]
-    assert rm.corpus_bleu([H1, H2], [[R1, R2, R3], [R2A]])[3] == pytest.approx(0.5920778868801042, abs=1e-12)
+    # nltk.translate.bleu_score docs (case-sensitive tokens, so tokenizer="none"): sentence_bleu
+    # 0.5045666840058485 (three references), 0.4118... (reference1 only), corpus_bleu 0.5920778868801042
+    assert rm.bleu([H1], [[R1, R2, R3]], tokenizer="none")["bleu_4"] == pytest.approx(0.5045666840058485,
+                                                                                       rel=OFFSET_REL)
+    assert rm.bleu([H1], [R1], tokenizer="none")["bleu_4"] == pytest.approx(0.4118, abs=1e-4)
+    assert rm.bleu([H1, H2], [[R1, R2, R3], R2A], tokenizer="none")["bleu_4"] == pytest.approx(0.5920778868801042,
+                                                                                               rel=OFFSET_REL)
     # modified_precision docs: 17/18 unigrams and 10/17 bigrams; BP = 1 (closest reference: 18 tokens)
-    b = rm.corpus_bleu([H1], [[R1, R2, R3]], max_n=2)
-    assert b[0] == pytest.approx(17 / 18) and b[1] == pytest.approx(math.sqrt(17 / 18 * 10 / 17))
+    b = rm.bleu([H1], [[R1, R2, R3]], max_n=2, tokenizer="none")
+    assert b == {"bleu_1": pytest.approx(17 / 18, rel=OFFSET_REL),
+                 "bleu_2": pytest.approx(math.sqrt(17 / 18 * 10 / 17), rel=OFFSET_REL)}
+
+
+def _coco_bleu(matches, totals, c, r):
+    """BLEU-1..N as pycocoevalcap's BleuScorer computes it (its tiny = 1e-15 and small = 1e-9)."""
+    out, product = [], 1.0
+    for k, (m, t) in enumerate(zip(matches, totals), 1):
+        product *= (m + 1e-15) / (t + 1e-9)
+        out.append(product ** (1 / k))
+    ratio = (c + 1e-15) / (r + 1e-9)
+    return [b * math.exp(1 - 1 / ratio) for b in out] if ratio < 1 else out
 
 
 def test_bleu_clipping_brevity_penalty_and_properties():
     # Papineni: "the" x7 against two references: clipped unigram precision 2/7, closest ref length 7
     refs = [["the cat is on the mat", "there is a cat on the mat"]]
-    assert rm.bleu(["the the the the the the the"], refs, max_n=1)["bleu_1"] == pytest.approx(2 / 7)
-    # brevity: c = 2, r = 6 -> exp(1 - 3); no trigram in the candidate -> BLEU-3 = BLEU-4 = 0
-    short = rm.bleu(["The cat."], ["the cat sat on the mat"])
-    assert short["bleu_1"] == pytest.approx(math.exp(-2)) and short["bleu_2"] == pytest.approx(math.exp(-2))
-    assert short["bleu_3"] == 0.0 and short["bleu_4"] == 0.0
+    assert rm.bleu(["the the the the the the the"], refs, max_n=1, tokenizer="simple")["bleu_1"] == \
+        pytest.approx(2 / 7, rel=OFFSET_REL)
+    # brevity: c = 2, r = 6 -> exp(1 - 3); the candidate has 1 bigram (matched) and no trigram, so
+    # p_3 = p_4 = 1e-15 / 1e-9 in pycocoevalcap: BLEU-3 = exp(-2) 1e-6^(1/3), BLEU-4 = exp(-2) 1e-12^(1/4)
+    short = rm.bleu(["The cat."], ["the cat sat on the mat"], tokenizer="simple")
+    assert [short[f"bleu_{k}"] for k in range(1, 5)] == pytest.approx(_coco_bleu([2, 1, 0, 0], [2, 1, 0, 0], 2, 6),
+                                                                      rel=1e-12)
+    # 1e-9 added to a count of 1 bigram moves p_2 by 1e-9 relative
+    assert [short["bleu_1"], short["bleu_2"]] == pytest.approx([math.exp(-2)] * 2, rel=2e-9)
+    assert [short["bleu_3"], short["bleu_4"]] == pytest.approx([math.exp(-2) * 0.01, math.exp(-2) * 0.001], rel=1e-6)
     # closest reference length, ties to the shorter: candidate 4 tokens, refs of 3 and 5 -> r = 3, BP 1
-    tie = rm.corpus_bleu([["a", "b", "c", "d"]], [[["a", "b", "c"], ["a", "b", "c", "d", "e"]]], max_n=1)
-    assert tie[0] == 1.0
+    assert rm.bleu(["a b c d"], [["a b c", "a b c d e"]], max_n=1, tokenizer="none")["bleu_1"] == \
+        pytest.approx(1.0, rel=OFFSET_REL)
     texts = ["Small left pleural effusion.", "No acute cardiopulmonary process. The lungs are clear."]
-    assert rm.bleu(texts, texts) == {f"bleu_{k}": 1.0 for k in range(1, 5)}
-    assert rm.bleu(["alpha beta gamma delta"], ["one two three four"]) == {f"bleu_{k}": 0.0 for k in range(1, 5)}
+    assert rm.bleu(texts, texts, tokenizer="simple") == {f"bleu_{k}": pytest.approx(1.0, rel=OFFSET_REL)
+                                                         for k in range(1, 5)}
+    disjoint = rm.bleu(["alpha beta gamma delta"], ["one two three four"], tokenizer="simple")
+    assert all(0 < v < 1e-3 for v in disjoint.values())  # 0 matches count 1e-15, not 0
 
 
-def test_sentence_bleu_smoothing_method_1_by_hand():
-    # "a cat sat the mat" vs "the cat sat on the mat": matches 4/5, 2/4, 0/3, 0/2; BP exp(1 - 6/5)
-    hyp, ref = "a cat sat the mat".split(), "the cat sat on the mat".split()
-    bp = math.exp(1 - 6 / 5)
-    assert rm.sentence_bleu(hyp, [ref], smoothing=1) == pytest.approx([
-        bp * 0.8, bp * (0.8 * 0.5) ** (1 / 2), bp * (0.8 * 0.5 * 0.1 / 3) ** (1 / 3),
-        bp * (0.8 * 0.5 * 0.1 / 3 * 0.1 / 2) ** (1 / 4)])
-    assert rm.sentence_bleu(hyp, [ref], smoothing=None)[2:] == [0.0, 0.0]
-    assert rm.sentence_bleu(["x", "y"], [ref]) == [0.0] * 4  # no unigram match: 0 even when smoothed
-    cands, refs = ["a cat sat the mat", "the cat sat on the mat"], ["the cat sat on the mat"] * 2
-    mean = rm.bleu(cands, refs, level="sentence")
-    assert mean["bleu_4"] == pytest.approx((rm.sentence_bleu(hyp, [ref])[3] + 1.0) / 2)
-    with pytest.raises(ValueError, match="level must be"):
-        rm.bleu(cands, refs, level="document")
+def test_bleu_with_zero_ngram_matches_is_pycocoevalcaps_offset_value_not_zero():
+    # "a cat sat the mat" vs "the cat sat on the mat": matches 4/5, 2/4, 0/3, 0/2; c = 5, r = 6.
+    # Papineni's BLEU-3 and BLEU-4 are 0; pycocoevalcap's ~4e-6 and ~1e-8 (1e-15 / 3, 1e-15 / 2 in the product)
+    b = rm.bleu(["a cat sat the mat"], ["the cat sat on the mat"], tokenizer="none")
+    assert [b[f"bleu_{k}"] for k in range(1, 5)] == pytest.approx(_coco_bleu([4, 2, 0, 0], [5, 4, 3, 2], 5, 6),
+                                                                  rel=1e-12)
+    assert b["bleu_1"] == pytest.approx(math.exp(1 - 6 / 5) * 0.8, rel=OFFSET_REL)
+    assert 1e-6 < b["bleu_3"] < 1e-5 and 1e-9 < b["bleu_4"] < 1e-7
+    # no candidate with a 4-gram at all: p_4 = (0 + 1e-15) / (0 + 1e-9) = 1e-6, so BLEU-4 = 1e-6 ** (1/4)
+    b = rm.bleu(["Small left effusion.", "No pneumothorax."], ["small left effusion", ["no pneumothorax"]],
+                tokenizer="simple")
+    assert b["bleu_3"] == pytest.approx(1.0, rel=OFFSET_REL) and b["bleu_4"] == pytest.approx(0.001 ** 0.5, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- ROUGE-L
+# ----------------------------------------------------------------------------- ROUGE-L (pycocoevalcap)
 
 def test_rouge_l_lin_2004_example_and_beta():
     # Lin (2004): LCS("police killed the gunman", "police kill the gunman") = 3 -> P = R = 3/4;
     # with "the gunman kill police" LCS = 2. P = R makes F = P whatever beta is.
-    assert rm.rouge_l(["police kill the gunman"], ["police killed the gunman"]) == pytest.approx(0.75)
-    assert rm.rouge_l(["the gunman kill police"], ["police killed the gunman"]) == pytest.approx(0.5)
-    assert rm.rouge_l(["police kill the gunman"], [["the gunman kill police", "police killed the gunman"]]) \
-        == pytest.approx(0.75)
+    assert rm.rouge_l(["police kill the gunman"], ["police killed the gunman"], tokenizer="simple") == \
+        pytest.approx(0.75)
+    assert rm.rouge_l(["the gunman kill police"], ["police killed the gunman"], tokenizer="simple") == \
+        pytest.approx(0.5)
+    assert rm.rouge_l(["police kill the gunman"], [["the gunman kill police", "police killed the gunman"]],
+                      tokenizer="simple") == pytest.approx(0.75)
     # P = 1, R = 1/2, beta 1.2: (1 + 1.44) * 0.5 / (0.5 + 1.44)
-    assert rm.rouge_l(["the cat sat"], ["the cat sat on the mat"]) == pytest.approx(2.44 * 0.5 / 1.94)
-    assert rm.rouge_l(["The cat sat."], ["the cat sat on the mat"], beta=1.0) == pytest.approx(2 / 3)
-    assert rm.rouge_l(["a b", "c d"], ["a b", "x y"]) == pytest.approx(0.5)  # mean over reports
+    assert rm.rouge_l(["The cat sat."], ["the cat sat on the mat"], tokenizer="simple") == \
+        pytest.approx(2.44 * 0.5 / 1.94)
+    assert rm.rouge_l(["a b", "c d"], ["a b", "x y"], tokenizer="none") == pytest.approx(0.5)  # mean over reports
 
 
-# ----------------------------------------------------------------------------- CIDEr-D
+# ----------------------------------------------------------------------------- CIDEr-D (pycocoevalcap)
 
 def test_cider_d_by_hand():
     # two documents, every n-gram in one of them: idf = log 2 for all, so each vector is tf * log 2.
     # identical bigram sentences: cosine 1 for n = 1, 2 and 0 for n = 3, 4 -> 10 * 2/4
-    assert rm.cider_d(["a b", "c d"], ["a b", "c d"]) == pytest.approx(5.0)
+    assert rm.cider_d(["a b", "c d"], ["a b", "c d"], tokenizer="none") == pytest.approx(5.0)
     # "a b" vs "a b c": unigram cos 2/sqrt(2*3), bigram 1/sqrt(2); bigram lengths 1 vs 2 ->
     # penalty exp(-1/72); the identical "d e f": 3 of 4 orders -> 7.5
     a = 10 * math.exp(-1 / 72) * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4
-    mean, per = rm.cider_d(["a b", "d e f"], ["a b c", "d e f"], per_report=True)
+    mean, per = rm.cider_d(["a b", "d e f"], ["a b c", "d e f"], tokenizer="none", per_report=True)
     assert per == pytest.approx([a, 7.5]) and mean == pytest.approx((a + 7.5) / 2)
     # clipping: "x x" vs "x y": min(2w, w) * w / (2w * sqrt(2) w) = 1 / (2 sqrt 2) (1/sqrt 2 unclipped)
-    mean, per = rm.cider_d(["x x", "z w"], ["x y", "z w"], per_report=True)
+    mean, per = rm.cider_d(["x x", "z w"], ["x y", "z w"], tokenizer="none", per_report=True)
     assert per[0] == pytest.approx(10 * (1 / (2 * math.sqrt(2))) / 4)
     # two references: the mean of the per-reference scores
-    _, two = rm.cider_d(["a b", "d e f"], [["a b c", "a b"], "d e f"], per_report=True)
+    _, two = rm.cider_d(["a b", "d e f"], [["a b c", "a b"], "d e f"], tokenizer="none", per_report=True)
     assert two[0] == pytest.approx((10 * math.exp(-1 / 72) * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 + 5.0) / 2)
 
 
 def test_cider_d_properties():
     texts = ["small left pleural effusion is seen", "no acute cardiopulmonary process is seen today"]
-    assert rm.cider_d(texts, texts) == pytest.approx(10.0)  # all orders present, every n-gram rare enough
-    assert rm.cider_d(["alpha beta gamma", texts[1]], texts, per_report=True)[1][0] == 0.0
-    assert rm.cider_d([texts[0]], [texts[0]]) == 0.0        # one document: every idf is log 1 - log 1
+    assert rm.cider_d(texts, texts, tokenizer="simple") == pytest.approx(10.0)  # every n-gram rare enough
+    assert rm.cider_d(["alpha beta gamma", texts[1]], texts, tokenizer="simple", per_report=True)[1][0] == 0.0
+    assert rm.cider_d([texts[0]], [texts[0]], tokenizer="simple") == 0.0  # one document: every idf is 0
 
 
 # ----------------------------------------------------------------------------- tokens and wrapper
@@ -245,12 +296,31 @@ def test_tokenize_lowercases_and_splits_punctuation():
     assert kept[9] == ";" and kept[-4:] == [".", "_", "_", "_"]
 
 
-def test_text_metrics_keys_and_reference_checks():
-    out = rm.text_metrics(["Small left effusion.", "No pneumothorax."], ["small left effusion", ["no pneumothorax"]])
+def test_text_metrics_through_the_ptb_tokenizer_by_default():
+    """The only JVM start in this module: evaluate's call, text_metrics(generated, references)."""
+    cands = ["Small left effusion.", "No pneumothorax; can't exclude (tiny) nodule."]
+    refs = ["small left effusion", ["no pneumothorax. ca n't exclude -lrb- tiny -rrb- nodule"]]
+    out = rm.text_metrics(cands, refs)
+    # PTB: "can't" -> "ca n't", brackets -> "-lrb-" / "-rrb-" (kept: pycocoevalcap drops only "-LRB-"),
+    # so the candidates equal the references token for token
     assert set(out) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"}
-    assert out["rouge_l"] == 1.0 and out["bleu_3"] == 1.0
-    assert out["bleu_4"] == 0.0  # no candidate has a 4-gram: p_4 = 0 / 0 counts as 0
+    assert out["rouge_l"] == 1.0
+    assert [out[f"bleu_{k}"] for k in range(1, 5)] == pytest.approx([1.0] * 4, rel=OFFSET_REL)
+    simple = rm.text_metrics(cands, refs, tokenizer="simple")  # "can't" vs "ca n't", no brackets: not identical
+    assert simple["rouge_l"] < 1.0 and simple["bleu_4"] < 0.9
+
+
+def test_text_metric_inputs_are_checked_before_tokenizing(monkeypatch):
     with pytest.raises(ValueError, match="2 candidates but 1"):
         rm.text_metrics(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="at least one reference"):
         rm.rouge_l(["a"], [[]])
+    with pytest.raises(ValueError, match="at least one candidate"):
+        rm.text_metrics([], [])
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        rm.bleu(["a"], ["a"], tokenizer="nltk")
+    with pytest.raises(ValueError, match="every reference is empty"):
+        rm.cider_d(["a b"], ["..."], tokenizer="simple")
+    monkeypatch.setattr(rm.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="needs Java"):
+        rm.text_metrics(["a"], ["a"])

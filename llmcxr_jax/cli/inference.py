@@ -102,6 +102,9 @@ def _evaluate_flags(p) -> None:
     p.add_argument("--generated-labels", default="",
                    help="CheXpert labeler / CheXbert CSV over OUT/generated_reports.csv (default: ours)")
     p.add_argument("--grid-images", type=int, default=8, help="columns per real-vs-generated grid (0: no grids)")
+    p.add_argument("--text-tokenizer", default="ptb", choices=("ptb", "simple"),
+                   help="tokens for BLEU / ROUGE-L / CIDEr-D: pycocoevalcap's PTB tokenizer (needs Java; as the "
+                   "COCO toolkit) or ours (lowercased words, no Java)")
     p.add_argument("--ci-samples", type=int, default=1000,
                    help="bootstrap resamples for per-finding 95%% intervals (0: none)")
 
@@ -118,7 +121,8 @@ def evaluate(args) -> None:
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
                                 grid_images=args.grid_images, reports_root=args.reports_root,
-                                ci_samples=args.ci_samples, image_temperature=args.image_temperature)
+                                ci_samples=args.ci_samples, image_temperature=args.image_temperature,
+                                text_tokenizer=args.text_tokenizer)
     metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
     with open(os.path.join(args.out, "metrics.md")) as f:
         print(f.read(), file=sys.stderr)

@@ -13,13 +13,16 @@ commands = Commands()
 add_parser, run = commands.add_parser, commands.run
 
 
-def _train_vqgan_flags(p) -> None:
-    add_config(p, "configs/vqgan_f16_1024.py:tiny")
-    p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
+def _run_flags(example: str):
+    """--config and --workdir, the flags of both trainers."""
+    def flags(p) -> None:
+        add_config(p, example)
+        p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
+    return flags
 
 
 @commands.add("train-vqgan", "train the VQ-GAN (taming losses + CIP) in WORKDIR; rerun to resume",
-              flags=_train_vqgan_flags)
+              flags=_run_flags("configs/vqgan_f16_1024.py:tiny"))
 def train_vqgan(args) -> None:
     from llmcxr_jax import configs
     from llmcxr_jax.train import vqgan
@@ -29,13 +32,8 @@ def train_vqgan(args) -> None:
           "metrics": os.path.join(args.workdir, "metrics.jsonl")})
 
 
-def _train_flags(p) -> None:
-    add_config(p, "configs/llmcxr_stage1.py:tiny")
-    p.add_argument("--workdir", required=True, help="run directory (resumes when it holds a run)")
-
-
 @commands.add("train", "instruction-tune the LM (LLM-CXR stage 1 or 2) in WORKDIR; rerun to resume",
-              flags=_train_flags)
+              flags=_run_flags("configs/llmcxr_stage1.py:tiny"))
 def train(args) -> None:
     from llmcxr_jax import configs
     from llmcxr_jax.train import lm

@@ -44,7 +44,7 @@ from llmcxr_jax.eval import (
     report_card,
     vqa_metrics,
 )
-from llmcxr_jax.eval.report_metrics import label_metrics, text_metrics
+from llmcxr_jax.eval.report_metrics import check_tokenizer, label_metrics, text_metrics
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
 
@@ -72,6 +72,7 @@ class EvalOptions:
     grid_images: int = 8
     reports_root: str | None = None
     ci_samples: int = 1000           # bootstrap resamples for per-class intervals; 0: none
+    text_tokenizer: str = "ptb"      # feeds BLEU / ROUGE-L / CIDEr-D: pycocoevalcap's PTB (Java) or "simple"
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -87,6 +88,8 @@ class EvalOptions:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
+        if self.text_tokenizer not in ("ptb", "simple"):
+            raise UsageError(f"text_tokenizer must be 'ptb' or 'simple', got {self.text_tokenizer!r}")
         if self.image_temperature is not None and not self.image_temperature > 0.0:
             raise UsageError(f"image_temperature must be > 0 (or unset: the report temperature), "
                              f"got {self.image_temperature}")
@@ -213,7 +216,8 @@ class Evaluation:
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
         self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
                                                             ci_samples=self.opts.ci_samples),
-                                  "text": text_metrics(generated, self.references)}
+                                  "text": text_metrics(generated, self.references,
+                                                       tokenizer=self.opts.text_tokenizer)}
         self.metrics["baselines"]["report"] = {"labels": chance_label_metrics(self.reference_labels)}
         return generated
 
@@ -323,8 +327,10 @@ def _most_frequent(references: Sequence[str], kinds: Sequence[str | None]) -> li
 def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = EvalOptions(),
              progress: bool = True) -> dict:
     """Run the selected tasks and write every output; returns metrics.json's content."""
+    if "report" in opts.tasks:
+        check_tokenizer(opts.text_tokenizer)  # Java for PTB: fail before reading or generating anything
     if opts.classifier:
-        cxr_classifier.load_classifier(opts.classifier)  # fail before reading or generating anything
+        cxr_classifier.load_classifier(opts.classifier)
     for path in (opts.reference_labels, opts.generated_labels):
         if path:
             labeler.read_label_csv(path)

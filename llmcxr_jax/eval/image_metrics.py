@@ -1,36 +1,52 @@
 """Image metrics: FID between two feature sets (any feature network: the CIP DenseNet with user
 weights, Inception, or the project's synthetic-CXR classifier), and PSNR / SSIM of VQ-GAN
-reconstructions. numpy only; images are [n, H, W, C] in [-1, 1].
+reconstructions; images are [n, H, W, C] in [-1, 1].
+
+FID is pytorch-fid's calculate_frechet_distance: the matrix square root of S1 S2 by
+scipy.linalg.sqrtm (without pytorch-fid's disp=False, deprecated since SciPy 1.16: the same root),
+an eps * I offset added to both covariances when that root is not finite, and its real part taken
+when the imaginary part is negligible. SSIM is numpy code equal to scikit-image's
+structural_similarity with Gaussian weights (tests/test_image_metrics.py); PSNR is its definition.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import numpy as np
+import scipy.linalg
+
+from llmcxr_jax.errors import UsageError
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (n - 1)-normalised covariance of [n, d] features, in float64."""
     f = np.asarray(features, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 feature vectors of shape [n, d], got {f.shape}")
+        raise UsageError(f"FID needs at least 2 feature vectors of shape [n, d], got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), with Tr((S1 S2)^1/2) computed as the trace of
-    the PSD square root of S1^1/2 S2 S1^1/2 (same eigenvalues, no complex sqrtm)."""
-    s1 = np.atleast_2d(sigma1)
-    root1 = _sqrt_psd(s1)
-    inner = root1 @ np.atleast_2d(sigma2) @ root1
-    tr_covmean = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None))))
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return float(diff @ diff + np.trace(s1) + np.trace(np.atleast_2d(sigma2)) - 2.0 * tr_covmean)
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), computed as pytorch-fid does: (S1 S2)^1/2 by
+    scipy.linalg.sqrtm; if it is not finite (a singular product), the root of (S1 + eps I)(S2 + eps I)
+    instead; a complex root whose diagonal's imaginary part is within 1e-3 of 0 keeps its real part,
+    a larger imaginary part is an error."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise UsageError(f"FID needs means of one length d and [d, d] covariances, got {mu1.shape}, {s1.shape}, "
+                         f"{mu2.shape}, {s2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            largest = np.abs(covmean.imag).max()
+            raise ValueError(f"FID: the square root of S1 S2 has an imaginary part up to {largest:g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
 def fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
@@ -71,7 +87,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     as scikit-image does."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"SSIM needs two [n, H, W, C] arrays of one shape, got {a.shape} and {b.shape}")
+        raise UsageError(f"SSIM needs two [n, H, W, C] arrays of one shape, got {a.shape} and {b.shape}")
     g, data_range = _gaussian_window(), 2.0
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     pad = (len(g) - 1) // 2

@@ -1,60 +1,78 @@
-"""Report-generation metrics, numpy only: CheXpert-label agreement between reference and generated
-reports (F1, precision, recall, Jaccard, AUROC; micro / macro / weighted, as sklearn computes them)
-and text overlap (BLEU-1..4, ROUGE-L and CIDEr-D, as the COCO caption toolkit computes them).
+"""Report-generation metrics, computed by the libraries the field uses: CheXpert-label agreement
+between reference and generated reports by scikit-learn (F1, precision, recall, Jaccard, AUROC;
+micro / macro / weighted) and text overlap by pycocoevalcap, the COCO caption toolkit (BLEU-1..4,
+ROUGE-L, CIDEr-D). This module only states the label semantics and feeds the libraries.
 
 Label semantics. Inputs are [n_reports, n_classes] arrays with 1 (positive), 0 (negative), -1
 (uncertain) and nan (not mentioned), columns in CHEXPERT_LABELS order (all 14, No Finding included,
 unless `names` says otherwise). LLM-CXR scores "positive = 1": -1 and blank count as negative
-(`uncertain="negative"`, the default); `uncertain="positive"` counts -1 as positive instead.
-  precision/recall/F1/Jaccard per class from tp, fp, fn; a zero denominator gives `zero_division`
-    (0.0, sklearn's default), so a class that is positive in neither matrix scores F1 0 and still
-    counts in the macro mean. F1 = 2tp / (2tp + fp + fn), Jaccard = tp / (tp + fp + fn).
-  micro: from tp, fp, fn summed over classes; macro: unweighted mean over classes; weighted: mean
-    weighted by support (reference positives), `zero_division` when no class has support.
-  AUROC: the Mann-Whitney statistic with average ranks for ties, (R+ - n+(n+ + 1)/2) / (n+ n-),
-    of the generated label against the reference label. Generated reports give hard 0/1 labels,
-    so a class's AUROC is (TPR + TNR) / 2, its balanced accuracy. A class whose reference column
-    has one value only gets nan and is left out of the macro and weighted means (sklearn raises
-    instead); micro pools all (report, class) pairs into one binary problem.
-  Intervals (ci_samples > 0): a percentile bootstrap over reports. Each of ci_samples resamples
-    draws n reports with replacement (a fixed seed) and recomputes the per-class F1 and AUROC;
-    the interval is the 2.5th-97.5th percentile, resamples giving nan (a class with one reference
-    value) left out. It measures how much the score owes to which n reports were evaluated, not
-    the sampling noise of the generator.
+(`uncertain="negative"`, the default); `uncertain="positive"` counts -1 as positive instead
+(`binarize`). The 0/1 matrices then go to sklearn.metrics as a multilabel problem:
+  precision / recall / F1: precision_recall_fscore_support; Jaccard: jaccard_score; both with
+    `zero_division` (0.0 by default, sklearn's value for an empty denominator), so a class that is
+    positive in neither matrix scores F1 0 and still counts in the macro mean. micro pools tp, fp,
+    fn over classes, macro is the unweighted mean, weighted the support-weighted mean (sklearn: the
+    unweighted mean when no class has support).
+  AUROC: roc_auc_score per class, of the generated label against the reference label. Generated
+    reports give hard 0/1 labels, so a class's AUROC is (TPR + TNR) / 2, its balanced accuracy. A
+    class whose reference column has one value only gets nan (sklearn raises) and is left out of
+    the macro mean and of the support-weighted mean; micro pools all (report, class) pairs into
+    one binary problem.
+  Intervals (ci_samples > 0): a percentile bootstrap over reports (`bootstrap_interval`; no
+    library call). Each of ci_samples resamples draws n reports with replacement (a fixed seed)
+    and recomputes the per-class F1 and AUROC with sklearn; the interval is the 2.5th-97.5th
+    percentile, resamples giving nan (a class with one reference value) left out. It measures how
+    much the score owes to which n reports were evaluated, not the sampling noise of the generator.
 
-Text semantics. `tokenize`: lowercase; tokens are words (letters with inner hyphens or
-apostrophes: "plate-like", "can't"), numbers (with a decimal point: "2.5") and single punctuation
-marks, which are dropped unless keep_punctuation=True (the COCO toolkit's PTB tokenizer drops them
-too); "___" (MIMIC de-identification) is punctuation. Candidates are one string each; references
-one string or a list of strings per candidate.
-  BLEU (Papineni 2002): clipped n-gram counts and candidate n-gram counts summed over the corpus,
-    brevity penalty exp(1 - r/c) when c <= r with c the total candidate length and r the sum of
-    each candidate's closest reference length (ties: the shorter), BLEU-k = BP exp(sum_{i<=k}
-    log p_i / k), 0 when any p_i is 0 (no smoothing). level="sentence": the mean of per-report
-    BLEU with NLTK's smoothing method 1 (a zero count becomes 0.1 / max(1, candidate n-grams);
-    0 when no unigram matches).
-  ROUGE-L: per report, LCS-based precision and recall against each reference, the maxima of both
-    combined as (1 + b^2) P R / (R + b^2 P) with b = 1.2 (0 if either is 0); mean over reports.
-  CIDEr-D: n = 1..4 TF-IDF vectors, document frequency over the references of the evaluated set
-    (one document per candidate), idf log(N) - log(max(1, df)); per n the clipped cosine
-    sum min(c, r) r / (|c| |r|), times the Gaussian length penalty exp(-(l_c - l_r)^2 / 72) where
-    a length is the number of bigrams (as in the toolkit); mean over n, mean over references,
-    times 10, mean over reports. With a single report every idf is 0, so CIDEr-D is 0.
-METEOR is not implemented (it needs WordNet and the Java original).
+Text semantics. pycocoevalcap 1.2's scorers on tokenized text, candidates one string each,
+references one string or a list of strings per candidate:
+  BLEU-1..4: pycocoevalcap.bleu.Bleu(4), the corpus score: clipped n-gram matches and candidate
+    n-grams summed over reports, brevity penalty from the sum of each candidate's closest
+    reference length (ties: the shorter). Its scorer adds 1e-15 to every match count and 1e-9 to
+    every n-gram count, so BLEU-n is not 0 when no n-gram matches (e.g. ~0.03 when no candidate
+    has a 4-gram at all) and a non-zero BLEU differs from Papineni's by ~1e-9 / (n-gram count)
+    relative (4e-13 on the synthetic corpus's reports).
+  ROUGE-L: pycocoevalcap.rouge.Rouge, per report LCS precision and recall against each reference,
+    their maxima combined with beta = 1.2; the mean over reports.
+  CIDEr-D: pycocoevalcap.cider.Cider. The class is named CIDEr but computes CIDEr-D (Vedantam et
+    al. 2015, sec. 4.2): TF-IDF n-gram vectors (n = 1..4, document frequency over the evaluated
+    set's references), clipped cosine, Gaussian length penalty with sigma 6 (length = number of
+    bigrams, as in the toolkit), times 10, mean over references and reports. With a single report
+    every idf is 0, so CIDEr-D is 0.
+  Tokens (`tokenizer`): "ptb" (the default) is pycocoevalcap's PTBTokenizer, Stanford CoreNLP
+    3.4.1's PTB tokenizer run in Java (`java` on PATH, one JVM per call, ~0.5 s): lowercased, its
+    punctuation list dropped. It is the COCO toolkit's own pipeline (COCOEvalCap tokenizes with it
+    before scoring), the reference for BLEU / ROUGE-L / CIDEr-D; R2Gen-lineage report-generation
+    code feeds the same scorers its own lowercased, punctuation-free tokens instead, which
+    "simple" is close to (on the synthetic corpus every figure moves by < 0.003). PTB's quirks
+    stay: "cannot" -> "can not", "can't" -> "ca n't", brackets become "-lrb-" / "-rrb-" tokens,
+    "___" (MIMIC de-identification) and "a." are tokens. Each text is put on one line first (the
+    JVM would also split at \\r, \\f, \\u2028, shifting every later text). The JVM prints one line
+    ("PTBTokenizer tokenized ...") to stderr, and pycocoevalcap writes its input file into its own
+    package folder, which must be writable. "simple" is our `tokenize` (no Java; on the synthetic
+    corpus it differs from PTB only in "cannot"); "none" takes texts as already tokenized (split
+    on whitespace, case kept).
+METEOR is not computed (pycocoevalcap ships METEOR 1.5's jar; it is not wired up here).
 """
 from __future__ import annotations
 
-import math
+import os
 import re
-from collections import Counter
-from typing import Sequence
+import shutil
+from collections.abc import Sequence
 
 import numpy as np
+import sklearn.metrics as skm
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS
+from llmcxr_jax.errors import UsageError
 
-__all__ = ["auroc", "auroc_columns", "binarize", "bleu", "bootstrap_interval", "cider_d", "corpus_bleu",
-           "label_metrics", "rouge_l", "rouge_l_score", "sentence_bleu", "text_metrics", "tokenize"]
+__all__ = ["TOKENIZERS", "auroc", "auroc_columns", "binarize", "bleu", "bootstrap_interval", "cider_d",
+           "label_metrics", "ptb_tokenize", "rouge_l", "text_metrics", "tokenize"]
 
 # ----------------------------------------------------------------------------- labels
 
@@ -62,46 +80,46 @@ __all__ = ["auroc", "auroc_columns", "binarize", "bleu", "bootstrap_interval", "
 def binarize(labels, uncertain: str = "negative") -> np.ndarray:
     """{1, 0, -1, nan} labels -> int 0/1: 1 is positive, blank and 0 negative, -1 per `uncertain`."""
     if uncertain not in ("negative", "positive"):
-        raise ValueError(f"uncertain must be 'negative' or 'positive', got {uncertain!r}")
+        raise UsageError(f"uncertain must be 'negative' or 'positive', got {uncertain!r}")
     x = np.asarray(labels, dtype=np.float64)
     known = x[~np.isnan(x)]
     bad = known[~np.isin(known, (1.0, 0.0, -1.0))]
     if bad.size:
-        raise ValueError(f"labels must be 1, 0, -1 or nan, found {bad[0]!r}")
+        raise UsageError(f"labels must be 1, 0, -1 or nan, found {bad[0]!r}")
     positive = (x == 1.0) | ((x == -1.0) if uncertain == "positive" else False)
     return positive.astype(np.int64)
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    _, inverse, counts = np.unique(x[order], return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)                 # last 1-based rank of each tie group
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = (ends - (counts - 1) / 2.0)[inverse]
-    return ranks
-
-
 def auroc(y_true, y_score) -> float:
-    """Area under the ROC curve by the Mann-Whitney U statistic (ties count half); nan when
-    y_true holds a single class."""
+    """sklearn's roc_auc_score of 0/1 labels against scores; nan when y_true holds a single class."""
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
     if y.shape != s.shape:
-        raise ValueError(f"y_true has {y.size} values, y_score {s.size}")
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+        raise UsageError(f"y_true has {y.size} values, y_score {s.size}")
+    if y.all() or not y.any():
         return float("nan")
-    ranks = _average_ranks(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y, s))
+
+
+def auroc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-column AUROC of [n, k] 0/1 labels against [n, k] scores -> [k] (nan: one class only), by
+    one roc_auc_score(average=None) call over the columns with both classes."""
+    y, scores = np.asarray(y).astype(np.int64), np.asarray(scores, dtype=np.float64)
+    out = np.full(y.shape[1], np.nan)
+    both = (y.min(0) != y.max(0)) if len(y) else np.zeros(y.shape[1], bool)
+    if both.sum() == 1:  # one column is a binary target to sklearn, not a multilabel one
+        k = int(np.flatnonzero(both)[0])
+        out[k] = skm.roc_auc_score(y[:, k], scores[:, k])
+    elif both.any():
+        out[both] = skm.roc_auc_score(y[:, both], scores[:, both], average=None)
+    return out
 
 
 def bootstrap_interval(statistic, n: int, *, samples: int = 1000, level: float = 0.95, seed: int = 0) -> np.ndarray:
     """Percentile bootstrap of `statistic(idx) -> [k]` over n items: `samples` draws of n indices
     with replacement -> [k, 2] (lower, upper) bounds at `level`; nan where every draw gave nan."""
     if n < 1 or samples < 1 or not 0 < level < 1:
-        raise ValueError(f"a bootstrap needs n >= 1 items, samples >= 1 and 0 < level < 1; got {n}, {samples}, {level}")
+        raise UsageError(f"a bootstrap needs n >= 1 items, samples >= 1 and 0 < level < 1; got {n}, {samples}, {level}")
     idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
     values = np.stack([np.asarray(statistic(i), dtype=np.float64) for i in idx])  # [samples, k]
     tail = 100 * (1 - level) / 2
@@ -113,26 +131,15 @@ def bootstrap_interval(statistic, n: int, *, samples: int = 1000, level: float =
     return out
 
 
-def auroc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Per-column AUROC of [n, k] 0/1 labels against [n, k] scores -> [k] (nan: one class only)."""
-    return np.array([auroc(y[:, k], scores[:, k]) for k in range(y.shape[1])])
-
-
-def _ratio(num, den, zero_division: float):
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    return np.where(den > 0, num / np.where(den > 0, den, 1.0), zero_division)
-
-
-def _averages(per_class: np.ndarray, support: np.ndarray, zero_division: float) -> tuple[float, float]:
-    macro = float(per_class.mean()) if per_class.size else zero_division
-    total = support.sum()
-    weighted = float((per_class * support).sum() / total) if total > 0 else zero_division
-    return macro, weighted
+def _sklearn_target(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """sklearn reads [n, k > 1] 0/1 matrices as multilabel, but one column as a binary target with
+    the classes {0, 1}: score its positive class only."""
+    return (y[:, 0], p[:, 0], {"labels": [1]}) if y.shape[1] == 1 else (y, p, {})
 
 
 def _f1_columns(y: np.ndarray, p: np.ndarray, zero_division: float) -> np.ndarray:
-    tp, fp, fn = (y & p).sum(0), ((1 - y) & p).sum(0), (y & (1 - p)).sum(0)
-    return _ratio(2 * tp, 2 * tp + fp + fn, zero_division)
+    yt, pt, kw = _sklearn_target(y, p)
+    return skm.f1_score(yt, pt, average=None, zero_division=zero_division, **kw)
 
 
 def label_metrics(reference, generated, *, uncertain: str = "negative", names: Sequence[str] = CHEXPERT_LABELS,
@@ -143,35 +150,28 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
     "f1_ci" and "auroc_ci" [lower, upper] when ci_samples > 0. See the module docstring."""
     ref, gen = np.asarray(reference, dtype=np.float64), np.asarray(generated, dtype=np.float64)
     if ref.ndim != 2 or ref.shape != gen.shape or ref.shape[1] != len(names):
-        raise ValueError(f"reference {ref.shape} and generated {gen.shape} must both be [n, {len(names)}]")
+        raise UsageError(f"reference {ref.shape} and generated {gen.shape} must both be [n, {len(names)}]")
+    if not len(ref):
+        raise UsageError("label metrics need at least one report")
     y, p = binarize(ref, uncertain), binarize(gen, uncertain)
-    tp = (y & p).sum(0)
-    fp = ((1 - y) & p).sum(0)
-    fn = (y & (1 - p)).sum(0)
-    support = y.sum(0)
-    per = {
-        "precision": _ratio(tp, tp + fp, zero_division),
-        "recall": _ratio(tp, tp + fn, zero_division),
-        "f1": _f1_columns(y, p, zero_division),
-        "jaccard": _ratio(tp, tp + fp + fn, zero_division),
-    }
-    T, P, F = tp.sum(), fp.sum(), fn.sum()
-    micro = {"precision": _ratio(T, T + P, zero_division), "recall": _ratio(T, T + F, zero_division),
-             "f1": _ratio(2 * T, 2 * T + P + F, zero_division), "jaccard": _ratio(T, T + P + F, zero_division)}
+    yt, pt, kw = _sklearn_target(y, p)
     out: dict = {"n_reports": int(ref.shape[0])}
-    for metric, values in per.items():
-        macro, weighted = _averages(values, support, zero_division)
-        out[f"{metric}_micro"] = float(micro[metric])
-        out[f"{metric}_macro"], out[f"{metric}_weighted"] = macro, weighted
+    precision, recall, f1, support = skm.precision_recall_fscore_support(yt, pt, average=None,
+                                                                          zero_division=zero_division, **kw)
+    jaccard = skm.jaccard_score(yt, pt, average=None, zero_division=zero_division, **kw)
+    for avg in ("micro", "macro", "weighted"):
+        scores = skm.precision_recall_fscore_support(yt, pt, average=avg, zero_division=zero_division, **kw)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = map(float, scores[:3])
+        out[f"jaccard_{avg}"] = float(skm.jaccard_score(yt, pt, average=avg, zero_division=zero_division, **kw))
     aucs = auroc_columns(y, p)
     valid = ~np.isnan(aucs)
     out["auroc_micro"] = auroc(y.ravel(), p.ravel())
     out["auroc_macro"] = float(aucs[valid].mean()) if valid.any() else float("nan")
-    out["auroc_weighted"] = (float((aucs[valid] * support[valid]).sum() / support[valid].sum()) if valid.any()
+    out["auroc_weighted"] = (float(np.average(aucs[valid], weights=support[valid])) if support[valid].sum() > 0
                              else float("nan"))
-    out["per_class"] = {name: {"precision": float(per["precision"][k]), "recall": float(per["recall"][k]),
-                               "f1": float(per["f1"][k]), "jaccard": float(per["jaccard"][k]),
-                               "auroc": float(aucs[k]), "support": int(support[k]), "predicted": int(p[:, k].sum())}
+    out["per_class"] = {name: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                               "jaccard": float(jaccard[k]), "auroc": float(aucs[k]), "support": int(support[k]),
+                               "predicted": int(p[:, k].sum())}
                         for k, name in enumerate(names)}
     if ci_samples:
         f1_ci = bootstrap_interval(lambda i: _f1_columns(y[i], p[i], zero_division), len(y), samples=ci_samples)
@@ -183,192 +183,103 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
 
 # ----------------------------------------------------------------------------- text
 
+TOKENIZERS = ("ptb", "simple", "none")
 _TOKEN = re.compile(r"\d+(?:\.\d+)?|[a-z]+(?:[-'][a-z]+)*|[^\sa-z\d]")
+_SENTINEL = "llmcxr end of texts"  # the last line PTB tokenizes: it comes back as itself when no line shifted
 
 
 def tokenize(text: str, keep_punctuation: bool = False) -> list[str]:
-    """Lowercase word / number tokens; punctuation split off and dropped unless kept."""
+    """Our tokens (tokenizer="simple", and the VQA score's): lowercase words (letters with inner
+    hyphens or apostrophes: "plate-like", "can't"), numbers ("2.5") and single punctuation marks,
+    dropped unless keep_punctuation; "___" is punctuation."""
     tokens = _TOKEN.findall(text.lower())
     return tokens if keep_punctuation else [t for t in tokens if t[0].isalnum()]
 
 
-def _references(candidates, references) -> list[list[str]]:
+def check_tokenizer(tokenizer: str) -> None:
+    """Fail in one line, before any generation, on a tokenizer that cannot run here."""
+    if tokenizer not in TOKENIZERS:
+        raise UsageError(f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {tokenizer!r}")
+    if tokenizer != "ptb":
+        return
+    if shutil.which("java") is None:
+        raise UsageError("PTB tokenization (pycocoevalcap's PTBTokenizer, tokenizer='ptb') needs Java: `java` is "
+                         "not on PATH; install a Java runtime, or use tokenizer='simple' (no Java; BLEU / ROUGE-L "
+                         "/ CIDEr-D then not exactly comparable with published numbers)")
+    folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"pycocoevalcap's PTBTokenizer writes its input file into {folder}, which is not writable; "
+                         "install pycocoevalcap into a writable environment or use tokenizer='simple'")
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """pycocoevalcap's PTBTokenizer over texts, one JVM for all -> one space-joined token string each."""
+    check_tokenizer("ptb")
+    lines = [" ".join(t.split()) for t in texts] + [_SENTINEL]
+    out = ptbtokenizer.PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(lines)})
+    if len(out) != len(lines) or out.get(len(lines) - 1) != [_SENTINEL]:
+        raise RuntimeError(f"PTBTokenizer returned {len(out)} of {len(lines)} lines or shifted them")
+    return [out[i][0] for i in range(len(texts))]
+
+
+def _tokenized(texts: Sequence[str], tokenizer: str) -> list[str]:
+    if tokenizer == "ptb":
+        return ptb_tokenize(texts)
+    if tokenizer == "simple":
+        return [" ".join(tokenize(t)) for t in texts]
+    if tokenizer == "none":
+        return [" ".join(t.split()) for t in texts]
+    raise UsageError(f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {tokenizer!r}")
+
+
+def _coco_inputs(candidates: Sequence[str], references, tokenizer: str) -> tuple[dict, dict]:
+    """-> (gts, res): pycocoevalcap's {id: [reference strings]} and {id: [candidate string]}, tokenized
+    in one pass (one JVM for "ptb")."""
+    if isinstance(candidates, str):
+        raise UsageError("candidates must be a sequence of report strings, not one string")
     if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference entries")
+        raise UsageError(f"{len(candidates)} candidates but {len(references)} reference entries")
+    if not len(candidates):
+        raise UsageError("text metrics need at least one candidate report")
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not r for r in refs):
-        raise ValueError("every candidate needs at least one reference")
-    return refs
+        raise UsageError("every candidate needs at least one reference")
+    tokens = _tokenized([*candidates, *(r for rs in refs for r in rs)], tokenizer)
+    res = {i: [tokens[i]] for i in range(len(candidates))}
+    gts, j = {}, len(candidates)
+    for i, rs in enumerate(refs):
+        gts[i], j = tokens[j:j + len(rs)], j + len(rs)
+    if not any(r for rs in gts.values() for r in rs):
+        raise UsageError("every reference is empty after tokenization; text metrics need reference words")
+    return gts, res
 
 
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _bleu_counts(hyp: Sequence[str], refs: Sequence[Sequence[str]], max_n: int):
-    """Clipped matches and candidate n-gram totals for n = 1..max_n, and the closest ref length."""
-    matches, totals = [], []
-    for n in range(1, max_n + 1):
-        counts = _ngrams(hyp, n)
-        best: Counter = Counter()
-        for r in refs:
-            best |= _ngrams(r, n)  # per n-gram, its largest count in any one reference
-        matches.append(sum(min(c, best[g]) for g, c in counts.items()))
-        totals.append(sum(counts.values()))
-    closest = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    return matches, totals, closest
-
-
-def _brevity_penalty(c: int, r: int) -> float:
-    if c == 0:
-        return 0.0
-    return 1.0 if c > r else math.exp(1.0 - r / c)
-
-
-def _geometric(bp: float, precisions: list[float]) -> list[float]:
-    """BLEU-1..N from p_1..p_N (uniform weights); 0 once any p_i is 0."""
-    out, log_sum = [], 0.0
-    for k, p in enumerate(precisions, 1):
-        if p <= 0.0 or math.isinf(log_sum):
-            log_sum = -math.inf
-            out.append(0.0)
-            continue
-        log_sum += math.log(p)
-        out.append(bp * math.exp(log_sum / k))
-    return out
-
-
-def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]],
-                max_n: int = 4) -> list[float]:
-    """Corpus BLEU-1..max_n of tokenized hypotheses against their tokenized reference lists."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
-    matches, totals = np.zeros(max_n), np.zeros(max_n)
-    c = r = 0
-    for hyp, refs in zip(hypotheses, references):
-        m, t, closest = _bleu_counts(hyp, refs, max_n)
-        matches += m
-        totals += t
-        c, r = c + len(hyp), r + closest
-    precisions = [m / t if t > 0 else 0.0 for m, t in zip(matches, totals)]
-    return _geometric(_brevity_penalty(c, r), precisions)
-
-
-def sentence_bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4,
-                  smoothing: int | None = 1) -> list[float]:
-    """BLEU-1..max_n of one tokenized hypothesis; smoothing=1 is NLTK's method 1 (epsilon 0.1),
-    None none."""
-    if smoothing not in (None, 1):
-        raise ValueError(f"smoothing must be None or 1, got {smoothing!r}")
-    matches, totals, closest = _bleu_counts(hypothesis, references, max_n)
-    if matches[0] == 0:
-        return [0.0] * max_n
-    if smoothing == 1:
-        precisions = [(m if m > 0 else 0.1) / max(1, t) for m, t in zip(matches, totals)]
-    else:
-        precisions = [m / t if t > 0 else 0.0 for m, t in zip(matches, totals)]
-    return _geometric(_brevity_penalty(len(hypothesis), closest), precisions)
-
-
-def bleu(candidates: Sequence[str], references, max_n: int = 4, level: str = "corpus",
-         keep_punctuation: bool = False) -> dict[str, float]:
-    """{"bleu_1": ..., "bleu_<max_n>": ...} of report strings. level "corpus" (Papineni, no
-    smoothing) or "sentence" (mean of smoothed sentence BLEU)."""
-    refs = _references(candidates, references)
-    hyps = [tokenize(c, keep_punctuation) for c in candidates]
-    toks = [[tokenize(r, keep_punctuation) for r in rs] for rs in refs]
-    if level == "corpus":
-        scores = corpus_bleu(hyps, toks, max_n)
-    elif level == "sentence":
-        per = np.array([sentence_bleu(h, r, max_n) for h, r in zip(hyps, toks)]).reshape(-1, max_n)
-        scores = list(per.mean(0)) if len(per) else [0.0] * max_n
-    else:
-        raise ValueError(f"level must be 'corpus' or 'sentence', got {level!r}")
+def _bleu(gts: dict, res: dict, max_n: int = 4) -> dict[str, float]:
+    scores, _ = Bleu(max_n).compute_score(gts, res, verbose=0)
     return {f"bleu_{k}": float(s) for k, s in enumerate(scores, 1)}
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
+def bleu(candidates: Sequence[str], references, tokenizer: str = "ptb", max_n: int = 4) -> dict[str, float]:
+    """{"bleu_1": ..., "bleu_<max_n>": ...}: pycocoevalcap's corpus BLEU-1..max_n of report strings."""
+    return _bleu(*_coco_inputs(candidates, references, tokenizer), max_n)
 
 
-def rouge_l_score(candidate: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
-    """ROUGE-L F of one tokenized candidate against its tokenized references (COCO toolkit)."""
-    precisions, recalls = [], []
-    for ref in references:
-        lcs = _lcs(candidate, ref)
-        precisions.append(lcs / len(candidate) if candidate else 0.0)
-        recalls.append(lcs / len(ref) if ref else 0.0)
-    p, r = max(precisions), max(recalls)
-    if p == 0 or r == 0:
-        return 0.0
-    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+def rouge_l(candidates: Sequence[str], references, tokenizer: str = "ptb") -> float:
+    """pycocoevalcap's ROUGE-L (beta 1.2): the mean over reports."""
+    score, _ = Rouge().compute_score(*_coco_inputs(candidates, references, tokenizer))
+    return float(score)
 
 
-def rouge_l(candidates: Sequence[str], references, beta: float = 1.2, keep_punctuation: bool = False) -> float:
-    """Mean ROUGE-L F over reports."""
-    refs = _references(candidates, references)
-    scores = [rouge_l_score(tokenize(c, keep_punctuation), [tokenize(r, keep_punctuation) for r in rs], beta)
-              for c, rs in zip(candidates, refs)]
-    return float(np.mean(scores)) if scores else 0.0
+def cider_d(candidates: Sequence[str], references, tokenizer: str = "ptb", per_report: bool = False):
+    """pycocoevalcap's CIDEr-D of the corpus (the mean over reports), or (mean, per-report scores)
+    with per_report."""
+    mean, scores = Cider().compute_score(*_coco_inputs(candidates, references, tokenizer))
+    return (float(mean), [float(s) for s in scores]) if per_report else float(mean)
 
 
-def _cider_counts(tokens: Sequence[str], n: int) -> Counter:
-    out: Counter = Counter()
-    for k in range(1, n + 1):
-        out.update(_ngrams(tokens, k))
-    return out
-
-
-def cider_d(candidates: Sequence[str], references, n: int = 4, sigma: float = 6.0,
-            keep_punctuation: bool = False, per_report: bool = False):
-    """CIDEr-D of the corpus (the mean over reports), or (mean, per-report scores) with per_report."""
-    refs = _references(candidates, references)
-    hyp_counts = [_cider_counts(tokenize(c, keep_punctuation), n) for c in candidates]
-    ref_counts = [[_cider_counts(tokenize(r, keep_punctuation), n) for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for rs in ref_counts:
-        df.update(set().union(*(r.keys() for r in rs)))
-    log_n = math.log(float(len(candidates))) if candidates else 0.0
-
-    def vectorize(counts: Counter):
-        vec = [dict() for _ in range(n)]
-        norm = np.zeros(n)
-        length = 0
-        for gram, tf in counts.items():
-            k = len(gram) - 1
-            vec[k][gram] = tf * (log_n - math.log(max(1.0, df[gram])))
-            norm[k] += vec[k][gram] ** 2
-            if k == 1:
-                length += tf  # the toolkit's length: the number of bigrams
-        return vec, np.sqrt(norm), length
-
-    scores = []
-    for hyp, rs in zip(hyp_counts, ref_counts):
-        vh, nh, lh = vectorize(hyp)
-        total = np.zeros(n)
-        for ref in rs:
-            vr, nr, lr = vectorize(ref)
-            val = np.zeros(n)
-            for k in range(n):
-                val[k] = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
-                if nh[k] != 0 and nr[k] != 0:
-                    val[k] /= nh[k] * nr[k]
-            total += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-        scores.append(float(total.mean() / len(rs) * 10.0))
-    mean = float(np.mean(scores)) if scores else 0.0
-    return (mean, scores) if per_report else mean
-
-
-def text_metrics(candidates: Sequence[str], references, keep_punctuation: bool = False) -> dict[str, float]:
-    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D of generated reports against references."""
-    return {**bleu(candidates, references, keep_punctuation=keep_punctuation),
-            "rouge_l": rouge_l(candidates, references, keep_punctuation=keep_punctuation),
-            "cider_d": cider_d(candidates, references, keep_punctuation=keep_punctuation)}
+def text_metrics(candidates: Sequence[str], references, tokenizer: str = "ptb") -> dict[str, float]:
+    """pycocoevalcap's corpus BLEU-1..4, ROUGE-L and CIDEr-D of generated reports against references,
+    the texts tokenized once ("ptb": one JVM)."""
+    gts, res = _coco_inputs(candidates, references, tokenizer)
+    return {**_bleu(gts, res), "rouge_l": float(Rouge().compute_score(gts, res)[0]),
+            "cider_d": float(Cider().compute_score(gts, res)[0])}
