@@ -13,12 +13,7 @@ from PIL import Image
 
 from llmcxr_jax import checkpoint, storage, vocab
 from llmcxr_jax.train import tensorboard
-from llmcxr_jax.train.metrics import (
-    MetricsLog,
-    claim_workdir,
-    read_metrics,
-    save_image_grid,
-)
+from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, read_metrics, save_image_grid
 
 RUN = "gs://bucket/runs/a"
 

@@ -7,12 +7,7 @@ import pytest
 from flax import nnx
 
 from llmcxr_jax.infer import sampling as smp
-from llmcxr_jax.infer.generate import (
-    GenerateOutput,
-    generate,
-    generate_image_unconstrained,
-    make_plan,
-)
+from llmcxr_jax.infer.generate import GenerateOutput, generate, generate_image_unconstrained, make_plan
 from llmcxr_jax.infer.sampling import SamplingConfig
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -251,11 +246,7 @@ def test_allowed_tokens_per_mode():
                                                      (1.0, 1, 1.0), (2.0, 0, 0.3)])
 def test_filter_matches_transformers_logits_warpers(temperature, top_k, top_p):
     torch = pytest.importorskip("torch")
-    from transformers.generation.logits_process import (
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = np.random.default_rng(3).normal(0, 2, (16, 300)).astype(np.float32)
     logits[:, 250:] = -np.inf  # masked ids stay masked

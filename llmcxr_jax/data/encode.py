@@ -110,9 +110,7 @@ def _prepare_model(vqgan_dir_or_model, mesh: Mesh) -> tuple[VQModel, Any, Any, C
     if isinstance(vqgan_dir_or_model, VQModel):
         model, source = vqgan_dir_or_model, None
     else:
-        from llmcxr_jax.checkpoint import (
-            load_vqgan,  # orbax only when reading a checkpoint
-        )
+        from llmcxr_jax.checkpoint import load_vqgan  # orbax only when reading a checkpoint
         source = os.path.abspath(os.fspath(vqgan_dir_or_model))
         model, _ = load_vqgan(source, mesh)
     graphdef, params = nnx.split(model, nnx.Param)

@@ -19,15 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmcxr_jax.data import images
-from llmcxr_jax.data.text_corpora import (
-    VQA_DIR,
-    ReadResult,
-    VqaExample,
-    VqaItem,
-    read_dolly,
-    read_vqa,
-    vqa_for_records,
-)
+from llmcxr_jax.data.text_corpora import VQA_DIR, ReadResult, VqaExample, VqaItem, read_dolly, read_vqa, vqa_for_records
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 __all__ = [

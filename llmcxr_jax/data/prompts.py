@@ -14,13 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llmcxr_jax.errors import MissingInputError, UsageError
-from llmcxr_jax.vocab import (
-    END_KEY,
-    INSTRUCTION_KEY,
-    RESPONSE_KEY,
-    SpecialTokens,
-    VocabLayout,
-)
+from llmcxr_jax.vocab import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY, SpecialTokens, VocabLayout
 
 INTRO_BLURB = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")

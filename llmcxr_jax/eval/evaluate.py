@@ -37,13 +37,7 @@ from tqdm import tqdm
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import mimic_cxr, text_corpora
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.eval import (
-    cxr_classifier,
-    image_metrics,
-    labeler,
-    report_card,
-    vqa_metrics,
-)
+from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
 from llmcxr_jax.eval.report_metrics import check_tokenizer, label_metrics, text_metrics
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
@@ -146,12 +140,7 @@ def classifier_scores(probs: np.ndarray, reference: np.ndarray, ci_samples: int 
     """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1); with
     ci_samples > 0 each class also gets "auroc_ci", a bootstrap interval over images
     (report_metrics.bootstrap_interval)."""
-    from llmcxr_jax.eval.report_metrics import (
-        auroc,
-        auroc_columns,
-        binarize,
-        bootstrap_interval,
-    )
+    from llmcxr_jax.eval.report_metrics import auroc, auroc_columns, binarize, bootstrap_interval
 
     y = binarize(reference)
     per = {name: {"auroc": auroc(y[:, k], probs[:, k]), "support": int(y[:, k].sum())}

@@ -14,13 +14,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.infer.sampling import (
-    DecodePlan,
-    SamplingConfig,
-    advance,
-    next_tokens,
-    row_keys,
-)
+from llmcxr_jax.infer.sampling import DecodePlan, SamplingConfig, advance, next_tokens, row_keys
 from llmcxr_jax.models.gpt_neox import GPTNeoXForCausalLM, KVCache
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 

@@ -18,12 +18,7 @@ from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import prompts
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.infer import generate as gen
-from llmcxr_jax.infer.sampling import (
-    LLMCXR_TEMPERATURE,
-    LLMCXR_TOP_K,
-    LLMCXR_TOP_P,
-    SamplingConfig,
-)
+from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P, SamplingConfig
 
 TASKS = ("report", "image", "vqa", "text")
 REPORT_TOKENS, IMAGE_EXTRA_TOKENS, TEXT_TOKENS = 128, 3, 256  # LLM-CXR: 128 for reports
