@@ -1,14 +1,17 @@
 """Python configs: `FILE[:VARIANT]` -> ml_collections.ConfigDict, then `KEY=VALUE` overrides.
 
-A config file defines get_config(arg) and may load a sibling file with `load_sibling`.
+A config file defines get_config(arg) and may load a sibling file with `load_sibling`;
+`shipped_config` finds a file of configs/ in a checkout or, installed, in the wheel's package data.
 An override naming a key that does not exist, or a value of the wrong type, is an error.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.resources
 import importlib.util
 import os
+import pathlib
 from collections.abc import Sequence
 
 import ml_collections
@@ -49,6 +52,20 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 def load_sibling(this_file: str, name: str, variant: str | None, **kwargs) -> ml_collections.ConfigDict:
     """For config files: get_config(variant, **kwargs) of another file in the same folder."""
     return _load_module(os.path.join(os.path.dirname(os.path.abspath(this_file)), name)).get_config(variant, **kwargs)
+
+
+def shipped_config(name: str) -> str:
+    """The path of configs/NAME ("demo.py", "ablations/tiny.py"): the copy a wheel installs as package
+    data (llmcxr_jax/configs_files/, so it matches the installed code), else the checkout's configs/
+    beside this package (editable installs, runs from the repo). Config files load their siblings by
+    path, so only a folder on disk counts (not a zipped package)."""
+    packaged = importlib.resources.files("llmcxr_jax") / "configs_files"
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "configs"
+    for root in (packaged, checkout):
+        if isinstance(root, pathlib.Path) and (root / name).is_file():
+            return str(root / name)
+    raise MissingInputError(f"configs/{name} is in neither the installed package ({packaged}) nor a checkout "
+                            f"({checkout}); reinstall llmcxr-jax (its wheel ships configs/) or give the file's path")
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

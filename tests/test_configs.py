@@ -59,3 +59,30 @@ def test_variant_parameter_count_equals_transformers(variant):
     assert ours - padding == hf_params
     if variant == "dolly-v2-3b":
         assert 2.7e9 < hf_params < 2.9e9  # "2.8B"
+
+
+@pytest.mark.parametrize("name", ["llmcxr_stage1.py", "llmcxr_stage2.py"])
+def test_original_variants_set_llmcxr_data_recipe_and_ours_stay_default(name):
+    """Every size has an "_original" twin that differs from it only in LLM-CXR's data recipe (parity directions,
+    its interleave mix, unpacked rows, 16 per step, its shipped lists) and in the config name."""
+    path = os.path.join(ROOT, name)
+    variants = _variants(path)
+    sizes = [v for v in variants if not v.endswith("_original")]
+    assert sorted(variants) == sorted(sizes + [f"{v}_original" for v in sizes]) and "3b_original" in variants
+    assert _variants(path) == _variants(os.path.join(ROOT, "llmcxr_stage1.py"))
+    for size in sizes:
+        ours, original = configs.load_config(f"{path}:{size}"), configs.load_config(f"{path}:{size}_original")
+        d = ours.data
+        assert (d.directions, d.mix, d.packing, d.stage2_list, d.eval_list) == ("both", "fixed", True, "", "")
+        o = original.data
+        assert (o.directions, o.mix, o.packing, original.train.batch_size) == ("parity", "original", False, 16)
+        assert o.stage2_list == "{data.root}/mimic-cxr-2.0.0-selected-pa-ap-earlist-study.pickle"
+        assert o.eval_list == "{data.root}/eval_dicom_ids.pickle"
+        a, b = ours.to_dict(), original.to_dict()
+        changed = {f"data.{k}" for k in a["data"] if a["data"][k] != b["data"][k]}
+        changed |= {f"{s}.{k}" for s in ("train", "model") for k in a[s] if a[s][k] != b[s][k]}
+        assert changed <= {"data.directions", "data.mix", "data.packing", "data.stage2_list", "data.eval_list",
+                           "train.batch_size"}, changed
+        assert b["name"] == a["name"] + "_original"
+    with pytest.raises(ValueError, match="unknown variant '3b_orig'"):
+        configs.load_config(f"{path}:3b_orig")

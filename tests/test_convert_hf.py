@@ -120,6 +120,20 @@ def test_exported_tokenizer_has_length_t_and_dolly_keys(round_trip):
     assert tok.pad_token_id == tok.eos_token_id
 
 
+def test_export_generation_config_names_the_exported_tokenizers_stop_ids(round_trip):
+    """export-hf of an imported dolly-like directory: generation_config.json's eos / "### End" / pad
+    are the ids the exported tokenizer gives those tokens, and the card states T and K."""
+    from transformers import AutoTokenizer
+
+    _, out = round_trip
+    tok = AutoTokenizer.from_pretrained(out)
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["eos_token_id"] == [tok.eos_token_id, tok.convert_tokens_to_ids("### End")] == [0, 300]
+    assert gen["pad_token_id"] == tok.pad_token_id and gen["top_p"] == 0.92 and gen["top_k"] == 0
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "T = 303" in card and f"K = {K}" in card and "| `### End` | 300 |" in card
+
+
 def test_greedy_decoding_matches_transformers_generate(tmp_path):
     d = str(tmp_path / "hf")
     hf = make_hf_model(d, 97, seed=3)
@@ -304,3 +318,40 @@ def test_import_places_each_tensor_sharded_on_the_mesh(hf_dir):
     with jax.set_mesh(kernel.sharding.mesh):
         got = nnx.jit(lambda m, x: m(x))(sharded.model, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(plain.model(ids)), atol=1e-5, rtol=0)
+
+
+def test_rows_past_the_tokenizer_are_never_cut_silently(capsys, tmp_path, tok_dir):
+    """A table with N rows past T: more than K would be cut (refused, naming --image-codes N); fewer
+    become the first image codes, kept exactly, with a note on stderr; exactly K is silent."""
+    d = str(tmp_path / "hf")
+    make_hf_model(d, 303 + 20, tokenizer_dir=tok_dir)
+    err = _error(capsys, ["import-hf", "--hf", d, "--out", str(tmp_path / "cut"), "--image-codes", "16"])
+    assert "has 20 rows past the tokenizer's T = 303" in err and "give --image-codes 20" in err
+    assert not os.path.exists(tmp_path / "cut")
+    assert cli.main(["import-hf", "--hf", d, "--out", str(tmp_path / "k38"), "--image-codes", str(K),
+                     "--dtype", "float32"]) == 0
+    note = capsys.readouterr().err
+    assert "20 rows past the tokenizer's T = 303; they become image codes 0..19 and 18 rows are new" in note
+    lm = checkpoint.load_lm(str(tmp_path / "k38"), sharding.make_mesh(MESH))
+    table = _tensors(d)["gpt_neox.embed_in.weight"]
+    rows = np.asarray(lm.model.embed_in["embedding"][...])
+    np.testing.assert_array_equal(rows[303:323], table[303:323])  # the 20 rows kept as codes 0..19
+    assert cli.main(["import-hf", "--hf", d, "--out", str(tmp_path / "k20"), "--image-codes", "20"]) == 0
+    assert "rows past the tokenizer" not in capsys.readouterr().err
+
+
+def test_export_drops_the_sources_bookkeeping(tmp_path, hf_dir):
+    """transformers_version, custom_pipelines and a training-time use_cache false of the source are
+    not carried into an export's config.json."""
+    src = str(tmp_path / "src")
+    shutil.copytree(hf_dir, src)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg.update(transformers_version="4.28.1", use_cache=False,
+               custom_pipelines={"text-generation": {"impl": "instruct_pipeline.InstructionTextGenerationPipeline"}})
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    assert cli.main(["import-hf", "--hf", src, "--out", ckpt, "--image-codes", str(K), "--dtype", "float32"]) == 0
+    assert cli.main(["export-hf", "--ckpt", ckpt, "--out", out]) == 0
+    exported = json.load(open(os.path.join(out, "config.json")))
+    assert "custom_pipelines" not in exported and exported["use_cache"] is True
+    assert exported.get("transformers_version") != "4.28.1"

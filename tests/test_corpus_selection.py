@@ -47,3 +47,26 @@ def test_selections_match_the_plan(corpus_root):
     assert all(r.study_id == firsts[r.subject_id] for r in mimic_cxr.stage_records(corpus, 2))
     skipped = corpus.skipped_counts()
     assert set(skipped) <= {mimic_cxr.NO_SECTIONS, mimic_cxr.NO_IMPRESSION}, skipped
+
+
+def test_shipped_format_lists_of_our_selection_give_the_same_records(corpus_root, tmp_path):
+    """Our rebuilt selection written as LLM-CXR ships its lists (a dict keyed by dicom id, a list) and read back
+    through data/original_recipe.py selects the same stage-2, VQA and evaluation images, none reported absent."""
+    import pickle
+
+    from llmcxr_jax.data import original_recipe
+
+    rebuilt = mimic_cxr.load_corpus(corpus_root, progress=False)
+    with open(tmp_path / "selected.pickle", "wb") as f:
+        pickle.dump({i: {"ViewPosition": "PA"} for i in rebuilt.selected_pa_ap_earliest}, f)
+    with open(tmp_path / "eval.pickle", "wb") as f:
+        pickle.dump([r.dicom_id for r in rebuilt.evaluation], f)
+    given = mimic_cxr.load_corpus(
+        corpus_root, progress=False,
+        pa_ap_earliest=original_recipe.read_id_list(str(tmp_path / "selected.pickle"), "stage2_list"),
+        evaluation_ids=original_recipe.read_id_list(str(tmp_path / "eval.pickle"), "eval_list"))
+    for pick in (lambda c: c.stage2, lambda c: c.evaluation, mimic_cxr.vqa_image_records):
+        assert [r.dicom_id for r in pick(given)] == [r.dicom_id for r in pick(rebuilt)]
+    assert given.list_report() == {
+        "stage2_list": {"listed": len(rebuilt.selected_pa_ap_earliest), "not_in_corpus": 0, "not_in_corpus_first": []},
+        "eval_list": {"listed": len(rebuilt.evaluation), "not_in_corpus": 0, "not_in_corpus_first": []}}

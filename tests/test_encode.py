@@ -233,7 +233,7 @@ def test_pickle_import_export_round_trip(tmp_path):
 def test_pickle_with_numpy_values(tmp_path):
     rng = np.random.default_rng(1)
     arrays = {f"a{n}": rng.integers(0, 1024, 256) for n in range(3)}
-    for protocol in (3, 4, 5):  # protocol 2 needs _codecs.encode: refused, no LLM-CXR pickle uses it
+    for protocol in (2, 3, 4, 5):
         data = {"arr": arrays["a0"], "u16": arrays["a1"].astype(np.uint16),
                 "scalars": [np.int64(v) for v in arrays["a2"]]}
         table = encode.read_codes(_llmcxr_pickle(tmp_path / f"np{protocol}.pkl", data, protocol))

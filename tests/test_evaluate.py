@@ -1,16 +1,18 @@
 """`llmcxr evaluate` on a tiny random LM and VQ-GAN over a synthetic corpus: every output is written,
-labels can come from a CheXpert-labeler CSV, chance baselines are what they claim, bad input fails
-in one line before any generation."""
+labels can come from a CheXpert-labeler CSV, chance baselines are what they claim, instructions are
+drawn per image from a seed and recorded, LLM-CXR's retry decoding records retries per image and leaves
+failed images out of the scores, bad input fails in one line before any generation."""
 import csv
 import json
 
 import numpy as np
 import pytest
+from decoding_helpers import fixed_lm
 from generator_helpers import VQ, tiny_lm
 from lm_run_helpers import make_setup
 
 from llmcxr_jax import checkpoint, cli
-from llmcxr_jax.data import mimic_cxr
+from llmcxr_jax.data import instructions, mimic_cxr, prompts
 from llmcxr_jax.eval import cxr_classifier as C
 from llmcxr_jax.eval import evaluate as E
 from llmcxr_jax.eval import report_card
@@ -33,6 +35,7 @@ def env(tmp_path_factory):
     C.save_classifier(model, cfg, str(d / "classifier"))
     return {"lm": tiny_lm(str(d / "lm"), setup["tokenizer"], 64), "vqgan": str(d / "vqgan"),
             "root": setup["root"], "classifier": str(d / "classifier"),
+            "fixed": fixed_lm(str(d / "fixed"), setup["tokenizer"], image_prob=0.3),
             "n_eval": len(mimic_cxr.evaluation_records(corpus))}
 
 
@@ -62,8 +65,9 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert m["vqgan"]["psnr"] > 0 and -1 <= m["vqgan"]["ssim"] <= 1
     with open(tmp_path / "reports.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["dicom_id", "reference", "generated"] and len(rows) == n + 1
+    assert rows[0] == ["dicom_id", "reference", "generated", "instruction"] and len(rows) == n + 1
     assert all(r[1].strip() for r in rows[1:])  # references are the impressions
+    assert {r[3] for r in rows[1:]} == {prompts.REPORT_INSTRUCTIONS[0]}  # none given: our first paraphrase
     assert len((tmp_path / "generated_reports.csv").read_text().splitlines()) == n
     assert len(list((tmp_path / "images").glob("*.png"))) == n
     assert (tmp_path / "grid_0.png").is_file() and (tmp_path / "grid_1.png").is_file()
@@ -126,6 +130,8 @@ def test_labels_from_a_chexpert_csv(capsys, env, tmp_path):
     (["--max-images", "-3"], "max_images must be >= 0 (0: every image), got -3"),  # not a slice from the end
     (["--max-vqa", "-1"], "max_vqa must be >= 0"),
     (["--max-new-tokens", "-8"], "max_new_tokens must be >= 0"),
+    (["--image-decoding", "retry", "--max-retries", "-2"], "max_retries must be >= 0"),
+    (["--max-retries", "5"], "--max-retries applies with --image-decoding retry"),
 ])
 def test_bad_input_is_one_line(capsys, env, tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
@@ -199,3 +205,147 @@ def test_ptb_tokenizer_without_java_fails_before_generating(capsys, env, tmp_pat
                              "--max-new-tokens", "4", "--greedy", "--ci-samples", "0", "--text-tokenizer", "simple")
     assert code == 0, err
     assert json.loads((tmp_path / "simple" / "metrics.json").read_text())["options"]["text_tokenizer"] == "simple"
+
+
+def _column(path, name):
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row[name] for row in csv.DictReader(f)]
+
+
+def test_instructions_are_drawn_per_image_and_recorded(capsys, env, tmp_path, monkeypatch):
+    made_up = ["Jot down what this film shows.", "Report on the radiograph as a resident would.",
+               "Give the impression for the study attached."]
+    (tmp_path / "report.txt").write_text("\n".join(made_up) + "\n")
+    base = ["--tasks", "report", "--max-new-tokens", "2", "--greedy", "--ci-samples", "0", "--text-tokenizer",
+            "simple", "--seed", "5", "--instructions", str(tmp_path / "report.txt")]
+    used, prompted = {}, []
+    real_report = E.tasks.Generator.report
+
+    def report(self, paths, sampling, seed=0, instruction=None):  # what the prompts were built with
+        prompted.extend(instruction)
+        return real_report(self, paths, sampling, seed, instruction)
+
+    monkeypatch.setattr(E.tasks.Generator, "report", report)
+    for name, extra in (("a", ["--batch-size", "2"]), ("b", ["--batch-size", "3"]), ("first2", ["--max-images", "2"])):
+        code, _, err = _evaluate(capsys, env, tmp_path / name, *base, *extra)
+        assert code == 0, err
+        used[name] = _column(tmp_path / name / "reports.csv", "instruction")
+    assert prompted == used["a"] + used["b"] + used["first2"]
+    # one per image, a function of the seed alone: batching and --max-images do not move them
+    assert used["a"] == used["b"] and used["first2"] == used["a"][:2] and len(used["a"]) == env["n_eval"]
+    assert set(used["a"]) <= set(made_up) and len(set(used["a"])) > 1
+    assert used["a"] == instructions.sample(made_up, env["n_eval"], 5, "report")
+    options = json.loads((tmp_path / "a" / "metrics.json").read_text())["options"]
+    assert options["report_instructions"] == made_up and options["image_instructions"] == []
+    # report->CXR reads image_instructions.txt of the folder extract-instructions writes
+    instructions.write_instructions({"report": made_up, "image": ["Sketch a chest film for this text."]},
+                                    str(tmp_path / "folder"))
+    code, _, err = _evaluate(capsys, env, tmp_path / "img", "--tasks", "image", "--max-images", "2", "--grid-images",
+                             "0", "--ci-samples", "0", "--instructions", str(tmp_path / "folder"))
+    assert code == 0, err
+    assert _column(tmp_path / "img" / "images.csv", "instruction") == ["Sketch a chest film for this text."] * 2
+    assert all((tmp_path / "img" / p).is_file() for p in _column(tmp_path / "img" / "images.csv", "image"))
+    # one file cannot serve both tasks
+    code, _, err = _evaluate(capsys, env, tmp_path / "both", "--instructions", str(tmp_path / "report.txt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "tasks report and image both run" in err, err
+    assert not (tmp_path / "both").exists()
+
+
+def test_retry_decoding_records_retries_and_leaves_failures_out(capsys, env, tmp_path, monkeypatch):
+    """--image-decoding retry: images.csv gives each image's retries, metrics.json their total and per
+    image, the options used, and the images that ran out of retries; those have no PNG and the
+    image scores are over the others. The LM's responses hold Binomial(60, 0.3) image ids, exactly 16
+    with probability 0.11: two tries leave most images without one, 80 retries none."""
+    base = ["--ckpt", env["fixed"], "--tasks", "image", "--image-decoding", "retry", "--top-p", "1",
+            "--batch-size", "2", "--grid-images", "2", "--ci-samples", "0"]
+    code, _, err = _evaluate(capsys, env, tmp_path / "capped", *base, "--max-retries", "1", "--dtype", "bfloat16")
+    assert code == 0, err
+    m = json.loads((tmp_path / "capped" / "metrics.json").read_text())
+    img, n = m["image"], env["n_eval"]
+    assert (img["decoding"], img["max_retries"], m["options"]["image_decoding"]) == ("retry", 1, "retry")
+    assert m["options"]["dtype"] == "bfloat16" and m["options"]["clean_up_spaces"] is True
+    with open(tmp_path / "capped" / "images.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["dicom_id"] for r in rows] == list(img["retries_per_image"]) and len(rows) == n
+    assert [int(r["retries"]) for r in rows] == list(img["retries_per_image"].values())
+    assert img["retries_total"] == sum(img["retries_per_image"].values())
+    assert img["failed"] == [r["dicom_id"] for r in rows if not r["image"]] and img["failed"]
+    assert all(img["retries_per_image"][i] == 1 for i in img["failed"])
+    assert img["n"] == n - len(img["failed"]) == len(list((tmp_path / "capped" / "images").glob("*.png")))
+    assert f"{len(img['failed'])} of {n} reports got no image of exactly 16 image tokens in 2 tries" in err
+
+    # enough retries for every image; the second is then marked failed by hand, so the scores must
+    # pair the remaining generated images with their own real images and labels
+    real_image = E.tasks.Generator.image
+    second = {}
+
+    def image(self, reports, *args):
+        drawn = real_image(self, reports, *args)
+        if not second:
+            second["report"] = reports[1]
+            drawn.ok[1], drawn.images[1], drawn.codes[1] = False, np.nan, -1
+        return drawn
+
+    monkeypatch.setattr(E.tasks.Generator, "image", image)
+    scored = {}
+    real_scores = E.classifier_scores
+    monkeypatch.setattr(E, "classifier_scores", lambda p, ref, ci=0: scored.setdefault(len(scored), (p, ref))
+                        and real_scores(p, ref, ci))
+    code, _, err = _evaluate(capsys, env, tmp_path / "all", *base, "--max-retries", "80", "--classifier",
+                             env["classifier"])
+    assert code == 0, err
+    img = json.loads((tmp_path / "all" / "metrics.json").read_text())["image"]
+    ids = _column(tmp_path / "all" / "images.csv", "dicom_id")
+    assert img["failed"] == [ids[1]] and img["n"] == n - 1 and img["retries_total"] > 0
+    assert _column(tmp_path / "all" / "images.csv", "image")[1] == ""
+    assert all((tmp_path / "all" / p).is_file() for p in _column(tmp_path / "all" / "images.csv", "image") if p)
+    records = mimic_cxr.evaluation_records(mimic_cxr.load_corpus(env["root"], progress=False))
+    keep = [r for r in records if r.dicom_id != ids[1]]
+    expected = E._labels([mimic_cxr.stage_text(r, 2) for r in keep], "", "reference")
+    assert second["report"] == mimic_cxr.stage_text(records[1], 2) and len(scored) == 4
+    for probs, ref in scored.values():  # generated, real, reconstructed, chance: n - 1 images, their labels
+        assert probs.shape[0] == n - 1
+        np.testing.assert_array_equal(ref, expected)
+
+
+def test_decoding_options_are_recorded_and_checked():
+    o = E.EvalOptions(image_decoding="retry", dtype="bfloat16", clean_up_spaces=False)
+    assert E.task_sampling(o, "image", 16).max_new_tokens == 60  # h*w + 44: LLM-CXR's 300 for 256 codes
+    assert E.task_sampling(o, "report", 16).max_new_tokens == 128
+    assert E.task_sampling(E.EvalOptions(), "image", 16).max_new_tokens == 19 and E.EvalOptions().max_retries == 20
+    for bad, message in ((dict(image_decoding="free"), "image decoding 'free' is not one of constrained, retry"),
+                         (dict(dtype="float16"), "dtype 'float16' is not one of float32, bfloat16"),
+                         (dict(max_retries=-1), "max_retries must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            E.EvalOptions(**bad)
+
+
+def test_eval_list_selects_the_evaluation_images(capsys, env, tmp_path):
+    """--eval-list (LLM-CXR's eval_dicom_ids.pickle, or a .txt of ids) replaces the rebuilt selection:
+    exactly the listed evaluation images are scored, ids the corpus lacks are counted on stderr, and a
+    pickle that would run code is refused in one line with nothing run."""
+    import os
+    import pickle
+
+    corpus = mimic_cxr.load_corpus(env["root"], progress=False)
+    chosen = [r.dicom_id for r in mimic_cxr.evaluation_records(corpus)][1:3]
+    listed = tmp_path / "eval_dicom_ids.pickle"
+    listed.write_bytes(pickle.dumps(chosen + ["not-a-corpus-id"]))
+    code, _, err = _evaluate(capsys, env, tmp_path / "o", "--tasks", "report", "--max-new-tokens", "4", "--greedy",
+                             "--ci-samples", "0", "--text-tokenizer", "simple", "--eval-list", str(listed))
+    assert code == 0, err
+    assert "3 ids, 1 not in" in err
+    with open(tmp_path / "o" / "reports.csv", newline="") as f:
+        assert sorted(row["dicom_id"] for row in csv.DictReader(f)) == sorted(chosen)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'SIDE_EFFECT'}",))
+
+    bad = tmp_path / "bad.pickle"
+    bad.write_bytes(pickle.dumps([chosen[0], Payload()]))
+    code, _, err = _evaluate(capsys, env, tmp_path / "b", "--tasks", "report", "--eval-list", str(bad))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--eval-list" in err and "refused" in err, err
+    assert not (tmp_path / "SIDE_EFFECT").exists() and not (tmp_path / "b").exists()
+    code, _, err = _evaluate(capsys, env, tmp_path / "m", "--tasks", "report", "--eval-list", str(tmp_path / "no"))
+    assert code == 2 and "does not exist" in err and "leave out --eval-list" in err, err

@@ -253,3 +253,63 @@ def test_stage_text_from_records():
             R(dicom_id="b", findings=None, impression="Normal."), R(dicom_id="c", findings="Clear.", impression=None)]
     assert [e.report for e in lm_batches.image_text_examples(recs, 1)] == ["Clear lungs. Normal.", "Normal.", "Clear."]
     assert [e.report for e in lm_batches.image_text_examples(recs, 2)] == ["Normal.", "Normal.", ""]
+
+
+def _instruction_of(text):
+    return text.split("### Instruction:\n", 1)[1].split("\n\n", 1)[0]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_config_instruction_keys_are_what_batches_draw_from(tok, tmp_path, stage):
+    """data.report_instructions / data.image_instructions (stage 2 inherits them from stage 1) reach the
+    batches through lm_data: every CXR->report / report->CXR prompt carries one of the file's made-up
+    instructions, each of them is used, and the tokens in the batch are those prompts'."""
+    from lm_run_helpers import STAGE1, STAGE2
+
+    from llmcxr_jax import configs
+    from llmcxr_jax.data import instructions
+    from llmcxr_jax.train import lm_data
+
+    report = ["Jot down what this film shows.", "Report on the radiograph as a resident would."]
+    image = ["Sketch a chest film for this text.", "Render the described chest.", "Draw what the note says."]
+    (tmp_path / "report.txt").write_text("\n".join(report) + "\n")
+    instructions.write_instructions({"image": image}, str(tmp_path / "folder"))  # the extract-instructions layout
+    cfg = configs.load_config(f"{STAGE1 if stage == 1 else STAGE2}:tiny", [
+        f"--config.data.report_instructions={tmp_path / 'report.txt'}",
+        f"--config.data.image_instructions={tmp_path / 'folder'}", "--config.data.epoch_size=120"])
+    assert cfg.data.stage == stage
+    tokenizer, special = tok
+    image_text, vqa, text, codes = make_corpus()
+    p = LmBatches(tokenizer, special, VocabLayout.create(vocab.text_size(tokenizer), K), image_text=image_text,
+                  vqa=vqa, text=text, codes=codes, config=lm_data.batch_config(cfg.data, 4, CODES),
+                  shard=grain.sharding.ShardOptions(0, 1))
+    used = collections.defaultdict(set)
+    for eid in p.local_example_ids(0):
+        used[p.describe(eid).task].add(_instruction_of(p.example(eid)[0]))
+    assert used["cxr_to_report"] == set(report) and used["report_to_cxr"] == set(image)
+    ours = set(prompts.REPORT_INSTRUCTIONS) | set(prompts.IMAGE_INSTRUCTIONS)
+    assert not ours & (used["vqa"] | used["text"])
+    batch = next(p.iterator(num_epochs=1))
+    for r in range(batch["input_ids"].shape[0]):
+        for k, eid in enumerate(batch["example_ids"][r]):
+            if eid >= 0:
+                want = p.encoder.encode(*p.example(int(eid)))
+                np.testing.assert_array_equal(batch["input_ids"][r][batch["segment_ids"][r] == k + 1], want)
+
+
+def test_bad_instruction_file_fails_before_the_corpus_is_read(tmp_path):
+    from lm_run_helpers import STAGE1
+
+    from llmcxr_jax import configs
+    from llmcxr_jax.train import lm_data
+
+    (tmp_path / "codes").mkdir()
+    (tmp_path / "blank.txt").write_text("\n\n")
+    cfg = configs.load_config(f"{STAGE1}:tiny", [f"--config.data.root={tmp_path / 'no_corpus_here'}",
+                                                 f"--config.data.codes={tmp_path / 'codes'}",
+                                                 f"--config.data.image_instructions={tmp_path / 'blank.txt'}"])
+    with pytest.raises(ValueError, match="data.image_instructions .*blank.txt holds no instructions"):
+        lm_data.read_sources(cfg.data)
+    cfg.data.image_instructions = str(tmp_path / "absent.txt")
+    with pytest.raises(FileNotFoundError, match="data.image_instructions .*absent.txt does not exist"):
+        lm_data.read_sources(cfg.data)

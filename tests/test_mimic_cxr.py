@@ -95,6 +95,25 @@ def test_parse_report_sections():
     assert mc.parse_report("WET READ: nothing") == (None, None)
 
 
+@pytest.mark.parametrize("text", [
+    " FINAL REPORT\n IMPRESSION:\n \n Small left effusion.\n \n FINDINGS:\n \n Blunted left costophrenic angle.\n",
+    "IMPRESSION: Small left effusion. FINDINGS: Blunted left costophrenic angle.",
+])
+def test_impression_before_findings_gives_each_section_once_without_headers(text):
+    """LLM-CXR's parser keeps "... FINDINGS: <findings>" inside such an impression and drops the impression
+    from the stage-1 text; ours ends the impression where FINDINGS begins."""
+    findings, impression = mc.parse_report(text)
+    assert (findings, impression) == ("Blunted left costophrenic angle.", "Small left effusion.")
+    rec = mc.CxrRecord("d", "1", "2", "train", "PA", "", "", "", findings, impression)
+    stage1 = mc.stage_text(rec, 1)
+    assert stage1 == "Blunted left costophrenic angle. Small left effusion."
+    for header in ("FINDINGS:", "IMPRESSION:"):
+        assert header not in stage1 and header not in mc.stage_text(rec, 2)
+    # what the original made of it (restated in _llmcxr_text): the impression lost, the header kept
+    assert _llmcxr_text(text, 1) == "Blunted left costophrenic angle."
+    assert "FINDINGS:" in _llmcxr_text(text, 2)
+
+
 def test_earliest_study_compares_times_as_numbers():
     rows = [("late", "1", "s1", "PA", "21800506", "213014.531"),   # '213014.531' < '90512.0' as strings
             ("early", "1", "s2", "AP", "21800506", "90512.0"),

@@ -1,6 +1,5 @@
-"""Prompt strings against the Dolly template, instruction files, image injection and loss masks."""
-import json
-
+"""Prompt strings against the Dolly template, image injection and loss masks (instruction files:
+test_instructions.py)."""
 import numpy as np
 import pytest
 from lm_helpers import CODES, K, make_tokenizer
@@ -40,21 +39,6 @@ def test_ten_distinct_paraphrases_per_image_task():
     for items in (prompts.REPORT_INSTRUCTIONS, prompts.IMAGE_INSTRUCTIONS):
         assert len(items) == 10 and len(set(items)) == 10 and all(s.strip() == s and s for s in items)
     assert not set(prompts.REPORT_INSTRUCTIONS) & set(prompts.IMAGE_INSTRUCTIONS)
-
-
-def test_user_instruction_files(tmp_path):
-    (tmp_path / "a.txt").write_text("Write the report.\n\n  Report this image.  \n")
-    (tmp_path / "b.json").write_text(json.dumps(["Make the image."]))
-    assert prompts.load_instructions(str(tmp_path / "a.txt")) == ("Write the report.", "Report this image.")
-    assert prompts.load_instructions(str(tmp_path / "b.json")) == ("Make the image.",)
-    (tmp_path / "empty.txt").write_text("\n \n")
-    with pytest.raises(ValueError, match="holds no instructions"):
-        prompts.load_instructions(str(tmp_path / "empty.txt"))
-    (tmp_path / "bad.json").write_text(json.dumps({"a": 1}))
-    with pytest.raises(ValueError, match="JSON list"):
-        prompts.load_instructions(str(tmp_path / "bad.json"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        prompts.load_instructions(str(tmp_path / "nope.txt"))
 
 
 @pytest.mark.parametrize("image_in_response", [False, True])

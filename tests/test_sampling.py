@@ -7,7 +7,13 @@ import pytest
 from flax import nnx
 
 from llmcxr_jax.infer import sampling as smp
-from llmcxr_jax.infer.generate import GenerateOutput, generate, generate_image_unconstrained, make_plan
+from llmcxr_jax.infer.generate import (
+    GenerateOutput,
+    generate,
+    generate_image_unconstrained,
+    generate_with_plan,
+    make_plan,
+)
 from llmcxr_jax.infer.sampling import SamplingConfig
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -326,17 +332,49 @@ def test_unconstrained_images_retry_until_exactly_hw_codes():
     m = fixed_distribution(init_model(CFG, seed=0), logits)
     ids, mask = prompts(np.random.default_rng(0), [3, 4, 8, 1], 8)
     args = dict(layout=LAYOUT, special=SPECIAL, rng=jax.random.key(1), sampling=LLMCXR, image_tokens=2)
-    res = generate_image_unconstrained(m, ids, mask, max_tries=60, **args)
-    assert res.ok.all() and (res.tries >= 1).all() and res.tries.max() > 1 and res.retry_rate > 0
+    res = generate_image_unconstrained(m, ids, mask, max_retries=59, **args)
+    assert res.ok.all() and res.retries.max() > 0 and res.retry_rate > 0 and (res.found == 2).all()
     assert ((res.codes >= 0) & (res.codes < K)).all()
-    again = generate_image_unconstrained(m, ids, mask, max_tries=60, **args)
+    again = generate_image_unconstrained(m, ids, mask, max_retries=59, **args)
     np.testing.assert_array_equal(again.codes, res.codes)
-    np.testing.assert_array_equal(again.tries, res.tries)
+    np.testing.assert_array_equal(again.retries, res.retries)
+    # each row's kept try is the first whose response, sampled alone with fold_in(row key, try), has
+    # exactly 2 image ids; its codes are those ids in order
+    keys = smp.row_keys(jax.random.key(1), 4)
+    plan = smp.DecodePlan(mode="unconstrained", text_size=T, image_codes=K, vocab_size=LAYOUT.size,
+                          stop_ids=(SPECIAL.end_key_id,), pad_id=SPECIAL.pad_id)  # LLM-CXR stops at "### End" only
+    for r in range(4):
+        counts = []
+        for t in range(int(res.retries[r]) + 1):
+            key = jax.random.fold_in(keys[r], t)[None]
+            out = generate_with_plan(m, ids[r:r + 1], mask[r:r + 1], plan=plan, rng=key, sampling=LLMCXR)
+            resp = np.asarray(out.tokens)[0, :int(out.lengths[0])]
+            counts.append(int(((resp >= T) & (resp < T + K)).sum()))
+        assert counts[-1] == 2 and 2 not in counts[:-1], (r, counts)
+        np.testing.assert_array_equal(res.codes[r], resp[resp >= T] - T)
 
     logits[SPECIAL.end_key_id] = 40.0  # the end key at once: never an image
     m = fixed_distribution(m, logits)
-    fail = generate_image_unconstrained(m, ids, mask, max_tries=3, **args)
-    assert not fail.ok.any() and (fail.tries == 3).all() and (fail.codes == -1).all()
+    fail = generate_image_unconstrained(m, ids, mask, max_retries=2, **args)
+    assert not fail.ok.any() and (fail.retries == 2).all() and (fail.codes == -1).all() and (fail.found == 0).all()
+    args["sampling"] = SamplingConfig.greedy_decoding(12)
+    greedy = generate_image_unconstrained(m, ids, mask, max_retries=2, **args)
+    assert not greedy.ok.any() and (greedy.retries == 0).all()  # a greedy response is the same every try
+
+
+def test_unconstrained_images_stop_only_at_the_end_key():
+    """As LLM-CXR (it hands transformers "### End" as eos_token_id): <|endoftext|> does not end the
+    response, so image ids after it count; stopping there too would see about one image id per try."""
+    logits = np.full(LAYOUT.size, -30.0)
+    logits[SPECIAL.eos_id] = np.log(0.5)
+    logits[T:] = np.log(0.5 / K)
+    m = fixed_distribution(init_model(CFG, seed=0), logits)
+    ids, mask = prompts(np.random.default_rng(0), [3, 4, 8, 1, 5, 2, 6, 7], 8)
+    res = generate_image_unconstrained(m, ids, mask, layout=LAYOUT, special=SPECIAL, rng=jax.random.key(2),
+                                       sampling=cfg_with(LLMCXR, top_p=1.0, max_new_tokens=24), image_tokens=12,
+                                       max_retries=0)
+    # Binomial(24, 0.5) image ids per response: mean 12; stopping at eos would give a mean of 1
+    assert res.found.mean() > 8 and res.found.max() <= 24
 
 
 # ------------------------------------------------------------------ bad input

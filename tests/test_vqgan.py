@@ -250,12 +250,12 @@ class Payload:
         return (print, ("this would run on load",))
 
 
-def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path, capsys):
+def test_checkpoint_whose_pickle_calls_code_is_refused(tmp_path, capsys):
     path = str(tmp_path / "evil.ckpt")
-    torch.save({"state_dict": {}, "callback": Payload()}, path)  # as a Lightning callback object would be
+    torch.save({"state_dict": {}, "callback": Payload()}, path)  # tests/test_torch_files.py has more payloads
     code = cli.main(["import-vqgan", "--taming", path, "--out", str(tmp_path / "o")])
     err = capsys.readouterr()
-    assert code == 2 and "needs arbitrary unpickling" in err.err and "would run" not in err.out
+    assert code == 2 and "refusing builtins.print" in err.err and "would run" not in err.out
 
 
 def test_lm_checkpoint_is_not_a_vqgan(tmp_path, capsys):

@@ -78,6 +78,38 @@ def add_sampling(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_decoding(p) -> None:
+    """How report->CXR decodes, the LM's compute dtype and the text clean-up (generate, evaluate)."""
+    p.add_argument("--image-decoding", default="constrained", choices=("constrained", "retry"),
+                   help="report->CXR: constrained (the response is forced to exactly h*w image tokens) or retry "
+                   "(LLM-CXR's way: sample freely, h*w + 44 new tokens, again until exactly h*w image tokens)")
+    p.add_argument("--max-retries", type=int, default=None,
+                   help="with --image-decoding retry: retries before an input fails (default: 20)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the LM's compute dtype (weights stay as saved); LLM-CXR generated in bfloat16")
+    p.add_argument("--keep-tokenization-spaces", action="store_true",
+                   help="keep spaces before . , ! ? and contractions in text outputs (default: removed, as "
+                   "transformers' clean_up_tokenization did for LLM-CXR)")
+
+
+def decoding_settings(args) -> dict:
+    """The add_decoding flags as keyword arguments of tasks.run_task / EvalOptions; an unset
+    --max-retries keeps the library's default."""
+    given = {"image_decoding": args.image_decoding, "max_retries": args.max_retries}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def add_instructions(p, applies_to: str) -> None:
+    """--instruction TEXT or --instructions FILE|DIR (not both), for the report and image tasks."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--instruction", default=None, metavar="TEXT",
+                   help=f"one instruction for every input ({applies_to}; default: our first paraphrase)")
+    g.add_argument("--instructions", default=None, metavar="FILE|DIR",
+                   help=f"instructions to sample one per input with --seed ({applies_to}): a file with one per line "
+                   "or a JSON list of strings, or the folder `llmcxr extract-instructions` writes "
+                   "(report_instructions.txt, image_instructions.txt)")
+
+
 def sampling_settings(args) -> dict:
     """The --temperature / --top-p / --top-k given; the others keep LLM-CXR's values."""
     given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -1,6 +1,9 @@
 """Data commands: the synthetic corpus, encoding a MIMIC-CXR-JPG root's images into VQ-GAN code
-shards, and moving codes to and from LLM-CXR's codebook-indices pickle."""
+shards, moving codes to and from LLM-CXR's codebook-indices pickle, and reading LLM-CXR's own
+instruction lists out of a clone of its code."""
 from __future__ import annotations
+
+import os
 
 from llmcxr_jax.cli.common import Commands, add_data_root, add_mesh, add_vqgan_ckpt, count_progress, emit
 
@@ -78,3 +81,23 @@ def export_codes(args) -> None:
     from llmcxr_jax.data import codes
 
     emit({"pickle": args.pickle, "images": codes.export_pickle(args.codes, args.pickle)})
+
+
+def _extract_instructions_flags(p) -> None:
+    p.add_argument("--original-repo", required=True, metavar="DIR",
+                   help="root of a clone of LLM-CXR's code (github.com/hyn2028/llm-cxr), the folder holding training/")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for report_instructions.txt and image_instructions.txt (one instruction per line)")
+
+
+@commands.add("extract-instructions", "read LLM-CXR's CXR->report and report->CXR instruction lists from its "
+              "training/mimiccxr_vq_dataset.py (parsed, never run) into files for train / generate / evaluate",
+              flags=_extract_instructions_flags)
+def extract_instructions(args) -> None:
+    from llmcxr_jax.data import instructions
+
+    lists = instructions.extract_original(args.original_repo)
+    paths = instructions.write_instructions(lists, args.out)
+    emit({"out": args.out, "source": os.path.join(args.original_repo, instructions.ORIGINAL_SOURCE),
+          **{f"{task}_instructions": {"file": paths[task], "count": len(lists[task]),
+                                      "from": instructions.ORIGINAL_NAMES[task]} for task in lists}})

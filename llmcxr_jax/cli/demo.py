@@ -4,13 +4,9 @@ from __future__ import annotations
 import os
 
 from llmcxr_jax.cli.common import Commands, emit
-from llmcxr_jax.errors import MissingInputError
 
 commands = Commands()
 add_parser, run = commands.add_parser, commands.run
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo.py")
 
 
 def _demo_flags(p) -> None:
@@ -26,9 +22,8 @@ def demo(args) -> None:
     from llmcxr_jax import configs
     from llmcxr_jax.demo import pipeline
 
-    spec = args.config or f"{DEMO_CONFIG}:{'quick' if args.quick else 'full'}"
-    if not args.config and not os.path.isfile(DEMO_CONFIG):
-        raise MissingInputError(f"{DEMO_CONFIG} not found; pass --config PATH/configs/demo.py[:full|quick]")
+    # the checkout's configs/demo.py, or the copy an installed wheel ships (llmcxr_jax/configs_files/)
+    spec = args.config or f"{configs.shipped_config('demo.py')}:{'quick' if args.quick else 'full'}"
     config = configs.load_config(spec, args.overrides)
     workdir = args.workdir or os.path.join("runs", config.name)
     state = pipeline.run(config, workdir)

@@ -8,9 +8,12 @@ import sys
 from llmcxr_jax.cli.common import (
     Commands,
     add_data_root,
+    add_decoding,
+    add_instructions,
     add_lm_ckpt,
     add_sampling,
     add_vqgan_ckpt,
+    decoding_settings,
     emit,
     sampling_settings,
 )
@@ -31,25 +34,48 @@ def _generate_flags(p) -> None:
     p.add_argument("--report", default=None, help="report text to draw (image)")
     p.add_argument("--question", default=None, help="question about the image (vqa)")
     p.add_argument("--text", default=None, help="plain instruction (text)")
-    p.add_argument("--instruction", default=None, help="override the task instruction (report, image)")
+    add_instructions(p, "report, image")
     p.add_argument("--inputs", default=None, help="batch: a file with one input per line, or an image folder")
     p.add_argument("--out", required=True, help="directory for results.jsonl (and PNGs for --task image)")
     add_sampling(p)
+    add_decoding(p)
     p.add_argument("--max-new-tokens", type=int, default=None)
 
 
 @commands.add("generate", "run a trained LLM-CXR: image -> report, report -> image, image + question -> answer, text",
               flags=_generate_flags)
 def generate(args) -> None:
+    from llmcxr_jax.data import instructions
     from llmcxr_jax.infer import tasks
 
     inputs = _generate_inputs(args)
+    given = instructions.given_instructions([args.task], args.instruction, args.instructions)
+    chosen = instructions.sample(given[args.task], len(inputs), args.seed, args.task) if given else None
     tasks.check_sampling(args.greedy, **sampling_settings(args))
-    g = tasks.Generator.load(args.ckpt, args.vqgan)
+    decoding = _decoding(args)
+    if args.image_decoding != "constrained" and args.task != "image":
+        raise UsageError(f"--image-decoding applies to --task image, not {args.task}")
+    g = tasks.Generator.load(args.ckpt, args.vqgan, dtype=args.dtype, clean_up_spaces=not args.keep_tokenization_spaces)
     sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
-                                      **sampling_settings(args))
-    rows = tasks.run_task(g, args.task, inputs, args.out, sampling, args.seed, args.instruction, args.question)
+                                      **sampling_settings(args), image_decoding=args.image_decoding)
+    rows = tasks.run_task(g, args.task, inputs, args.out, sampling, args.seed, chosen, args.question, **decoding)
     emit({"out": args.out, "task": args.task, "results": rows})
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise UsageError(f"{len(failed)} of {len(rows)} reports got no image, e.g. {failed[0]['error']}; "
+                         f"{os.path.join(args.out, 'results.jsonl')} marks them; raise --max-retries or use "
+                         "--image-decoding constrained")
+
+
+def _decoding(args) -> dict:
+    """--image-decoding / --max-retries checked before a model loads (--max-retries needs retry)."""
+    decoding = decoding_settings(args)
+    if args.max_retries is not None and args.image_decoding != "retry":
+        raise UsageError("--max-retries applies with --image-decoding retry")
+    from llmcxr_jax.infer import tasks
+
+    tasks.check_decoding(**decoding, dtype=args.dtype)
+    return decoding
 
 
 def _generate_inputs(args) -> list[str]:
@@ -89,7 +115,9 @@ def _evaluate_flags(p) -> None:
     p.add_argument("--max-images", type=int, default=0, help="first N evaluation images (0: all)")
     p.add_argument("--max-vqa", type=int, default=0, help="first N VQA questions of those images (0: all)")
     p.add_argument("--batch-size", type=int, default=16)
+    add_instructions(p, "report and image; a FILE or TEXT serves one of them, a DIR both")
     add_sampling(p)
+    add_decoding(p)
     p.add_argument("--image-temperature", type=float, default=None,
                    help="when sampling report->CXR images (default: --temperature)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="for reports and answers (0: 128)")
@@ -105,6 +133,9 @@ def _evaluate_flags(p) -> None:
     p.add_argument("--text-tokenizer", default="ptb", choices=("ptb", "simple"),
                    help="tokens for BLEU / ROUGE-L / CIDEr-D: pycocoevalcap's PTB tokenizer (needs Java; as the "
                    "COCO toolkit) or ours (lowercased words, no Java)")
+    p.add_argument("--eval-list", default="",
+                   help="LLM-CXR's eval_dicom_ids.pickle (read without running it) or a .txt of dicom ids: evaluate "
+                   "these images instead of rebuilding the selection")
     p.add_argument("--ci-samples", type=int, default=1000,
                    help="bootstrap resamples for per-finding 95%% intervals (0: none)")
 
@@ -112,17 +143,23 @@ def _evaluate_flags(p) -> None:
 @commands.add("evaluate", "score a trained LLM-CXR on a data root's evaluation images (metrics.json, metrics.md, "
               "grids)", flags=_evaluate_flags)
 def evaluate(args) -> None:
+    from llmcxr_jax.data import instructions
     from llmcxr_jax.eval import evaluate
 
-    opts = evaluate.EvalOptions(tasks=tuple(t for t in args.tasks.split(",") if t), max_images=args.max_images,
+    run = tuple(t for t in args.tasks.split(",") if t)
+    given = instructions.given_instructions(run, args.instruction, args.instructions)
+    opts = evaluate.EvalOptions(tasks=run, max_images=args.max_images,
                                 max_vqa=args.max_vqa, batch_size=args.batch_size, greedy=args.greedy, seed=args.seed,
                                 **sampling_settings(args),
                                 max_new_tokens=args.max_new_tokens, report_part=args.report_part,
                                 classifier=args.classifier, txv_weights=args.txv_weights,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
-                                grid_images=args.grid_images, reports_root=args.reports_root,
+                                grid_images=args.grid_images, reports_root=args.reports_root, eval_list=args.eval_list,
                                 ci_samples=args.ci_samples, image_temperature=args.image_temperature,
-                                text_tokenizer=args.text_tokenizer)
+                                text_tokenizer=args.text_tokenizer,
+                                report_instructions=given.get("report", ()), image_instructions=given.get("image", ()),
+                                **_decoding(args), dtype=args.dtype,
+                                clean_up_spaces=not args.keep_tokenization_spaces)
     metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
     with open(os.path.join(args.out, "metrics.md")) as f:
         print(f.read(), file=sys.stderr)

@@ -3,13 +3,15 @@
 Import reads a HF directory tensor by tensor (safetensors, sharded safetensors, or
 pytorch_model.bin) and places each tensor on the mesh, extending the vocabulary by K image
 rows as HF resize_token_embeddings(T + K) would. Export writes config.json, (sharded)
-model.safetensors and the tokenizer, with the table padding sliced off.
+model.safetensors and the tokenizer, with the table padding sliced off, plus generation_config.json
+and a model card (convert/hf_model_card.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llmcxr_jax import sharding, vocab
+from llmcxr_jax.convert import hf_model_card
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -182,9 +185,9 @@ class HFCheckpointReader:
 
 
 def _torch_load(path: str) -> dict:
-    import torch  # only .bin checkpoints need torch
+    from llmcxr_jax.convert.torch_files import read_torch_tensors  # only .bin checkpoints need torch
 
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return read_torch_tensors(path, what="HF weight shard", mmap=True)  # runs nothing in the file
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
@@ -233,8 +236,13 @@ def hf_config_from_model(cfg: GPTNeoXConfig, base: dict[str, Any] | None, dtype:
                          image_codes: int = 0) -> dict[str, Any]:
     """config.json for an export; readable by transformers 4.x and 5.x."""
     hf = dict(base or {})
-    for k in ("rope_scaling", "_name_or_path", "torch_dtype", IMAGE_CODES_KEY):
+    # The source's own bookkeeping does not describe the export: transformers writes its version,
+    # a pipeline file named by custom_pipelines is not exported, and use_cache false is a leftover
+    # of training with gradient checkpointing (a reloaded model would decode without a KV cache).
+    for k in ("rope_scaling", "_name_or_path", "torch_dtype", IMAGE_CODES_KEY, "transformers_version",
+              "custom_pipelines"):
         hf.pop(k, None)
+    hf["use_cache"] = True
     if image_codes:
         hf[IMAGE_CODES_KEY] = int(image_codes)
     hf.update({
@@ -302,10 +310,12 @@ def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "
         text_size = vocab.text_size(tok)
     else:
         text_size = int(hf["vocab_size"])
+    table_rows = int(hf["vocab_size"])
+    if tok is not None:
+        _check_rows_past_text(directory, table_rows, text_size, image_codes)
     layout = VocabLayout.create(text_size, image_codes, mesh.shape["tensor"])
     cfg = model_config_from_hf(hf, layout, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                                remat_policy=remat_policy)
-    table_rows = int(hf["vocab_size"])
     rng = np.random.default_rng(seed)
     graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
     shardings = sharding.param_shardings(params, mesh).to_pure_dict()
@@ -338,6 +348,22 @@ def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "
     model = nnx.merge(graphdef, params)
     return ImportedLM(model=model, config=cfg, layout=layout, special=special, tokenizer=tok,
                       tokenizer_config=tok_cfg, hf_config=hf)
+
+
+def _check_rows_past_text(directory: str, table_rows: int, text_size: int, image_codes: int) -> None:
+    """The rows of a table past the tokenizer's T are a base model's padding or an LLM-CXR model's
+    image rows; which one, config.json does not say. More of them than K would be cut: refused. Fewer
+    become the first image codes: said on stderr, since a model trained with that many codes wants
+    exactly that K."""
+    extra = table_rows - text_size
+    if extra > image_codes:
+        raise UsageError(f"{directory}: config.json vocab_size {table_rows} has {extra} rows past the tokenizer's "
+                         f"T = {text_size}; {image_codes} image codes would cut {extra - image_codes} of them. If it "
+                         f"is an LLM-CXR model trained with {extra} codes, give --image-codes {extra}")
+    if 0 < extra < image_codes:
+        print(f"import-hf: note: {directory} has {extra} rows past the tokenizer's T = {text_size}; they become "
+              f"image codes 0..{extra - 1} and {image_codes - extra} rows are new (a base model's padding rows; "
+              f"for an LLM-CXR model trained with {extra} codes give --image-codes {extra})", file=sys.stderr)
 
 
 def _find_key(hf_key: str, rule: Rule, available: set[str], hf: dict[str, Any]) -> str:
@@ -457,4 +483,18 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         vocab.save_tokenizer(tokenizer, tokenizer_config or {}, out_dir)
+    hf_model_card.write(out_dir, export_facts(model.cfg, config, dtype=dtype, image_codes=image_codes,
+                                              weight_files=names, special=special, tokenizer=tokenizer))
     return names
+
+
+def export_facts(cfg: GPTNeoXConfig, config: dict[str, Any], *, dtype: str, image_codes: int,
+                 weight_files: list[str], special: SpecialTokens | None, tokenizer) -> hf_model_card.ExportFacts:
+    """What the model card and generation_config.json say about this export, from the model and config.json."""
+    return hf_model_card.ExportFacts(
+        text_size=cfg.vocab_size - image_codes, image_codes=image_codes, table_rows=cfg.padded_vocab_size,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+        parameters=sum(int(np.prod(rule.hf_shape(cfg))) for rule, *_ in expand(cfg)), dtype=dtype,
+        weight_files=tuple(weight_files), special=special, has_tokenizer=tokenizer is not None,
+        image_marker=hf_model_card.image_marker(tokenizer), config_eos=config.get("eos_token_id"),
+        config_pad=config.get("pad_token_id"))

@@ -2,7 +2,7 @@
 
 Our attribute paths ARE taming's key names, so the table is a rename of leaf names plus the
 conv layout change (torch [out, in, kh, kw] <-> ours [kh, kw, in, out]). Lightning .ckpt files
-are read with torch.load(weights_only=True): nothing in the file is ever executed.
+are read by convert/torch_files.py, which never runs anything in the file.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmcxr_jax.convert.torch_files import read_torch_state_dict
+from llmcxr_jax.convert.torch_files import read_torch_state_dict, require_torch
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.vqgan import DTYPES, VQGANConfig, VQModel, abstract_vqgan
 
@@ -141,13 +141,16 @@ def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "f
 
 
 def read_ckpt(path: str) -> dict[str, np.ndarray]:
-    """A Lightning .ckpt ({"state_dict": ...}) or a bare state dict -> {key: float32 numpy}."""
+    """A Lightning .ckpt ({"state_dict": ...}) or a bare state dict -> {key: float32 numpy}. Real
+    Lightning 1.x files read as they are: callbacks keyed by class, hyper-parameters and optimizer
+    states holding objects of pytorch_lightning / omegaconf become inert stand-ins (never imported)
+    and are dropped; a file whose pickle would call code is refused (torch_files.read_torch_file)."""
     return read_torch_state_dict(path, what="taming checkpoint")
 
 
 def write_ckpt(model: VQModel, path: str, extra: dict[str, np.ndarray] | None = None) -> None:
     """Write {"state_dict": ...} that taming's VQModel loads (strict, minus its loss.* keys)."""
-    import torch
+    torch = require_torch(f"writing taming checkpoint {path}")
 
     sd = {k: torch.from_numpy(np.array(v)) for k, v in to_taming_state_dict(model).items()}
     sd.update({k: torch.from_numpy(np.array(v)) for k, v in (extra or {}).items()})

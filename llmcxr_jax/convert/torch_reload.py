@@ -8,11 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llmcxr_jax.convert.torch_files import require_torch
+
 
 def torch_greedy(hf_dir: str, prompt_ids: Sequence[int], *, max_new_tokens: int, stop_ids: Sequence[int],
                  suppress_ids: Sequence[int]) -> list[int]:
     """-> the generated ids up to (not including) the first stop id."""
-    import torch
+    torch = require_torch("reloading an export in transformers", "transformers")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -28,7 +30,7 @@ def torch_greedy(hf_dir: str, prompt_ids: Sequence[int], *, max_new_tokens: int,
 
 def diffusers_decode(vqmodel_dir: str, codes) -> np.ndarray:
     """Codes [n, h*w] -> images [n, H, W, C] (NHWC, about [-1, 1]) decoded by diffusers' VQModel."""
-    import torch
+    torch = require_torch("decoding with diffusers", "diffusers")
     from diffusers import VQModel
 
     model = VQModel.from_pretrained(vqmodel_dir).eval()

@@ -1,6 +1,6 @@
 """On-disk format of image codes: one ArrayRecord record per image, shards committed with a JSON
 sidecar, an index.json merged from the sidecars, `read_codes` into a CodeTable, and LLM-CXR's
-pickle (dict dicom_id -> list of ints) read through an unpickler that can build nothing else.
+pickle (dict dicom_id -> list of ints) read through safe_pickle, which builds plain data and nothing else.
 
 Layout of a codes directory (written by data/encode.py or `import_pickle`):
   codes-SSSSS-of-NNNNN.array_record   records of shard S (encode_code_record), in image-list order
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from llmcxr_jax import safe_pickle
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 FORMAT = "llmcxr-codes-v1"
@@ -33,6 +34,7 @@ _HEAD = struct.Struct("<4sH")  # magic, byte length of the utf-8 dicom_id; then 
 _SHARD_RE = re.compile(r"^codes-(\d{5,})-of-(\d{5,})\.(array_record|json)$")
 # LLM-CXR's constants (training/mimiccxr_vq_dataset.py checks exactly these): the default for its pickles.
 LLMCXR_CODES_PER_IMAGE, LLMCXR_CODEBOOK_SIZE = 256, 1024
+_CODES_GLOBALS = {**safe_pickle.DATA_GLOBALS, **safe_pickle.numpy_globals()}  # what a codes pickle may name
 
 
 # ---------------------------------------------------------------- records
@@ -337,46 +339,20 @@ def read_codes(path: str, codes_per_image: int | None = None, codebook_size: int
 
 # ---------------------------------------------------------------- LLM-CXR pickles
 
-def _numpy_allowlist() -> dict[tuple[str, str], Any]:
-    """The only callables a codes pickle may name: what numpy itself writes for an integer
-    array or scalar (numpy 1.x says numpy.core, 2.x numpy._core). Results are type-checked after."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol-5 arrays
-    return allowed
-
-
-class _CodesUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, tuples, strings, ints and numpy arrays/scalars; refuses any other
-    global (os.system, builtins.eval, ...) before it is called."""
-
-    _allowed = _numpy_allowlist()
-
-    def find_class(self, module, name):
-        found = self._allowed.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return found
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing a persistent id")
-
-
 def load_llmcxr_pickle(path: str) -> dict[str, Any]:
-    """LLM-CXR's encode_cxr_all.py output {dicom_id: [codes]} -> dict, without running pickle code."""
+    """LLM-CXR's encode_cxr_all.py output {dicom_id: [codes]} -> dict, without running pickle code:
+    safe_pickle builds containers, numbers, strings and numpy arrays/scalars only, and refuses any
+    other global (os.system, builtins.eval, ...) before it could be called."""
     try:
         with open(path, "rb") as f:
-            data = _CodesUnpickler(f).load()
+            data = safe_pickle.load(f, allowed=_CODES_GLOBALS, stand_ins=False)
     except FileNotFoundError:
         raise
-    except Exception as e:  # anything the restricted unpickler refused or could not parse
-        raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {type(e).__name__}: {e}") from None
+    except safe_pickle.RefusedGlobal as e:
+        raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {e}; nothing in it was run") from None
+    except Exception as e:  # anything the restricted unpickler could not parse
+        raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {type(e).__name__}: "
+                         f"{safe_pickle.one_line(e, 200)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a {type(data).__name__}, not LLM-CXR's dict of dicom_id -> codes")
     for value in data.values():  # object arrays could only hold what the unpickler built, but never pass them on

@@ -14,11 +14,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from llmcxr_jax.data import packing, prompts
+from llmcxr_jax.data import original_recipe, packing, prompts
+from llmcxr_jax.data.instructions import task_instructions
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
 TASKS = ("cxr_to_report", "report_to_cxr", "vqa", "text")
+IMAGE_TASKS = TASKS[:2]
+EXAMPLE_DIRECTIONS = ("both", *IMAGE_TASKS)  # an ImageTextExample's use: both tasks, or one (data.directions=parity)
 # Paper mix: CXR->report 30%, report->CXR 30%, VQA 20%, text instructions 20%.
 STAGE1_MIXTURE = {"cxr_to_report": 0.3, "report_to_cxr": 0.3, "vqa": 0.2, "text": 0.2}
 # Stage 2 keeps the mix; the caller passes stage-2 records (PA/AP, earliest study, impression).
@@ -33,6 +36,7 @@ _MAX_EXAMPLE_ID = 2**31 - 1  # example ids travel as int32
 class ImageTextExample:
     dicom_id: str
     report: str  # the stage's text (stage 1 findings + impression, stage 2 impression)
+    direction: str = "both"  # one of EXAMPLE_DIRECTIONS ("" = both)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +79,12 @@ class BatchConfig:
     loss: str = "response"  # "response" (LLM-CXR) or "joint" (every token)
     image_delimiters: str = "text"  # "text" (LLM-CXR "<" image ">") or "special" (<|image|> ... <|/image|>)
     mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(STAGE1_MIXTURE))
+    mix: str = "fixed"  # "fixed": mixture's weights; "original": LLM-CXR's interleave over the tasks mixture keeps
     epoch_size: int = 0  # examples per epoch; 0: smallest size that visits every pool at least once
     seed: int = 42  # LLM-CXR's DEFAULT_SEED
     codes_per_image: int = 256  # h*w of the VQ-GAN latent
-    report_instructions: str = ""  # file replacing prompts.REPORT_INSTRUCTIONS ("" = ours)
-    image_instructions: str = ""  # file replacing prompts.IMAGE_INSTRUCTIONS ("" = ours)
+    report_instructions: str = ""  # CXR->report instruction file (instructions.py formats); "" = ours
+    image_instructions: str = ""  # report->CXR instruction file; "" = ours (prompts.IMAGE_INSTRUCTIONS)
     num_threads: int = 0  # grain read threads per process
     num_workers: int = 0  # grain worker processes tokenizing examples
     worker_buffer_size: int = 2
@@ -102,6 +107,9 @@ class BatchConfig:
             raise UsageError(f"image_delimiters must be 'text' or 'special', got {self.image_delimiters!r}")
         if self.max_examples_per_row < 1 or self.batch_size < 1 or self.codes_per_image < 1:
             raise UsageError("batch_size, max_examples_per_row and codes_per_image must be >= 1")
+        if self.mix not in original_recipe.MIXES:
+            raise UsageError(f"mix must be one of {original_recipe.MIXES} (our fixed mixture, or LLM-CXR's MIMIC "
+                             f"0.8 / Dolly 0.2 interleave), got {self.mix!r}")
         bad = set(self.mixture) - set(TASKS)
         if bad or any(float(w) < 0 for w in self.mixture.values()) or sum(map(float, self.mixture.values())) <= 0:
             raise UsageError(f"mixture must map tasks {TASKS} to weights >= 0 with a positive sum, "
@@ -112,6 +120,15 @@ class BatchConfig:
         w = np.array([float(self.mixture.get(t, 0.0)) for t in TASKS])
         return w / w.sum()
 
+    def task_weights(self, sizes) -> np.ndarray:
+        """Sampling weight per task given its pool size: the mixture, or with mix "original" LLM-CXR's
+        interleave (MIMIC tasks share 0.8 by pool size, text 0.2) over the tasks the mixture keeps (> 0)."""
+        if self.mix == "fixed":
+            return self.weights
+        kept = {t: n for t, n, w in zip(TASKS, sizes, self.weights) if w > 0}
+        w = original_recipe.interleave_weights(kept)
+        return np.array([w.get(t, 0.0) for t in TASKS])
+
 
 @dataclasses.dataclass(frozen=True)
 class ExampleRef:
@@ -119,7 +136,7 @@ class ExampleRef:
 
     task: str
     dicom_id: str  # "" for text instructions
-    source_index: int  # index into the task's validated pool
+    source_index: int  # index into the validated pool: pools["image_text"] for both image tasks, else the task's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +210,18 @@ class _Planner:
 class _ExampleMaker:
     """Local index -> one tokenized example (or a drop marker for a too-long one)."""
 
-    def __init__(self, planner, shard_index, shard_count, pools, codes, encoder, instructions, cfg: BatchConfig):
+    def __init__(self, planner, shard_index, shard_count, pools, task_items, codes, encoder, instructions,
+                 cfg: BatchConfig):
         self.planner, self.shard_index, self.shard_count = planner, shard_index, shard_count
         self.per_shard = planner.size // shard_count
         self.pools, self.codes, self.encoder, self.instructions, self.cfg = pools, codes, encoder, instructions, cfg
+        self.task_items = task_items  # image task -> indices into pools["image_text"] of its examples
+
+    def pool_index(self, name: str, src: int) -> tuple[str, int]:
+        """A plan's (task, source) -> (pool name, index into that pool)."""
+        if name in IMAGE_TASKS:
+            return "image_text", int(self.task_items[name][src])
+        return name, src
 
     def global_index(self, j: int) -> tuple[int, int]:
         epoch, r = divmod(int(j), self.per_shard)
@@ -219,11 +244,11 @@ class _ExampleMaker:
 
     def render(self, task: int, src: int, para: int) -> tuple[str, np.ndarray | None]:
         name, ph = TASKS[task], prompts.IMAGE_PLACEHOLDER
+        pool, index = self.pool_index(name, src)
         if name == "text":
-            ex = self.pools["text"][src]
+            ex = self.pools["text"][index]
             return prompts.format_prompt(ex.instruction, ex.response, ex.context or None), None
-        pool = self.pools["vqa" if name == "vqa" else "image_text"]
-        ex, row = pool[src]
+        ex, row = self.pools[pool][index]
         codes = self.codes[row]
         if name == "cxr_to_report":
             return prompts.format_prompt(self.instructions[0][para], ex.report, ph), codes
@@ -236,10 +261,11 @@ class _ExampleMaker:
 class LmBatches:
     """Everything the LM trainer reads: batches, epoch plans, example-id lookup, filter counts.
 
-    Inputs are plain values: image_text (ImageTextExample), vqa (objects or dicts with dicom_id,
-    question, answer, e.g. text_corpora.VqaExample), text (TextExample or Dolly dicts), codes
-    {dicom_id: uint16 [codes_per_image]}. shard defaults to one shard per JAX process
-    (grain.sharding.ShardByJaxProcess).
+    Inputs are plain values: image_text (ImageTextExample; its direction puts it in both image tasks'
+    pools or one), vqa (objects or dicts with dicom_id, question, answer, e.g. text_corpora.VqaExample),
+    text (TextExample or Dolly dicts), codes {dicom_id: uint16 [codes_per_image]}. shard defaults to one
+    shard per JAX process (grain.sharding.ShardByJaxProcess). pool_sizes and task_weights: per task, what
+    the epoch plan draws from and by.
     """
 
     def __init__(self, tokenizer, special: SpecialTokens, layout: VocabLayout, *, image_text=(), vqa=(), text=(),
@@ -252,21 +278,25 @@ class LmBatches:
         self.config, self.layout, self.special = cfg, layout, special
         self.shard_index, self.shard_count = int(shard.shard_index), int(shard.shard_count)
         self.encoder = prompts.PromptTokenizer(tokenizer, layout, special, cfg.image_delimiters)
-        instructions = (prompts.load_instructions(cfg.report_instructions) if cfg.report_instructions
-                        else prompts.REPORT_INSTRUCTIONS,
-                        prompts.load_instructions(cfg.image_instructions) if cfg.image_instructions
-                        else prompts.IMAGE_INSTRUCTIONS)
+        instructions = (task_instructions(cfg.report_instructions, "report", "data.report_instructions"),
+                        task_instructions(cfg.image_instructions, "image", "data.image_instructions"))
         self.skipped: collections.Counter = collections.Counter()  # (source, reason) -> count
         self.pools, code_rows = self._validate(image_text, vqa, text, codes or {})
-        sizes = [len(self.pools["image_text"])] * 2 + [len(self.pools["vqa"]), len(self.pools["text"])]
+        directions = [ex.direction for ex, _ in self.pools["image_text"]]
+        task_items = {t: np.array([i for i, d in enumerate(directions) if d in ("both", t)], np.int64)
+                      for t in IMAGE_TASKS}
+        sizes = [len(task_items[t]) for t in IMAGE_TASKS] + [len(self.pools["vqa"]), len(self.pools["text"])]
         for t, w, n in zip(TASKS, cfg.weights, sizes):
             if w > 0 and n == 0:
                 raise UsageError(f"task {t} has mixture weight {w:.2f} but no usable examples "
                                  f"(skipped: {dict(self.skipped)}); give its data or set mixture.{t}=0")
-        self.planner = _Planner(sizes, cfg.weights, [len(instructions[0]), len(instructions[1]), 1, 1],
+        self.pool_sizes = dict(zip(TASKS, sizes))
+        self.task_weights = dict(zip(TASKS, cfg.task_weights(sizes).tolist()))  # what the plan draws by
+        self.planner = _Planner(sizes, np.array(list(self.task_weights.values())),
+                                [len(instructions[0]), len(instructions[1]), 1, 1],
                                 cfg.epoch_size, self.shard_count, cfg.seed)
-        self._maker = _ExampleMaker(self.planner, self.shard_index, self.shard_count, self.pools, code_rows,
-                                    self.encoder, instructions, cfg)
+        self._maker = _ExampleMaker(self.planner, self.shard_index, self.shard_count, self.pools, task_items,
+                                    code_rows, self.encoder, instructions, cfg)
 
     def _validate(self, image_text, vqa, text, codes):
         """Drop (and count) examples LLM-CXR cannot train on; returns pools and a code matrix."""
@@ -296,6 +326,11 @@ class LmBatches:
 
         pools = {"image_text": [], "vqa": [], "text": []}
         for ex in map(lambda x: _as(ImageTextExample, x), image_text):
+            if ex.direction not in EXAMPLE_DIRECTIONS:
+                if ex.direction:
+                    raise UsageError(f"image_text example {ex.dicom_id} has direction {ex.direction!r}; "
+                                     f"use one of {EXAMPLE_DIRECTIONS}")
+                ex = dataclasses.replace(ex, direction="both")
             if not ex.report.strip():
                 self.skipped[("image_text", "empty report")] += 1
             elif has_marker(ex.report):
@@ -342,11 +377,12 @@ class LmBatches:
     def describe(self, example_id: int) -> ExampleRef:
         epoch, i = divmod(int(example_id), self.epoch_size)
         plan = self.planner.plan(epoch)
-        task, src = TASKS[int(plan.task[i])], int(plan.source[i])
+        task = TASKS[int(plan.task[i])]
+        pool, index = self._maker.pool_index(task, int(plan.source[i]))
         if task == "text":
-            return ExampleRef(task, "", src)
-        ex, _ = self.pools["vqa" if task == "vqa" else "image_text"][src]
-        return ExampleRef(task, ex.dicom_id, src)
+            return ExampleRef(task, "", index)
+        ex, _ = self.pools[pool][index]
+        return ExampleRef(task, ex.dicom_id, index)
 
     def example(self, example_id: int) -> tuple[str, np.ndarray | None]:
         """Prompt text and image codes of an example id (for inspection and tests)."""

@@ -55,6 +55,7 @@ NO_SECTIONS = "no findings or impression"
 NO_IMPRESSION = "no impression"
 IMAGE_MISSING = "image file missing"
 UNREADABLE_IMAGE = "unreadable image"
+NOT_EVALUATION_IMAGE = "listed for evaluation, not a validate/test PA/AP image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,9 @@ def parse_report(text: str) -> tuple[str | None, str | None]:
     follows the only "FINDINGS:", up to the "IMPRESSION:" after it when there is exactly one.
     A marker seen twice makes that section missing, as in the original. Empty sections count as
     missing (the original would train on an empty or space-padded text).
+    One fix to the original: an IMPRESSION written before FINDINGS ends where "FINDINGS:" begins
+    (the original kept "... FINDINGS: <findings>" inside the impression and dropped the impression
+    from the stage-1 text), so findings + impression hold each section once and no header.
     """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     joined = " ".join(s for s in (line.strip() for line in lines) if s)
@@ -101,7 +105,10 @@ def parse_report(text: str) -> tuple[str | None, str | None]:
     if findings is not None:
         head = findings.split("IMPRESSION:")
         findings = head[0].strip() if len(head) == 2 else findings
-    return findings or None, _after(joined, "IMPRESSION:") or None
+    impression = _after(joined, "IMPRESSION:")
+    if impression is not None and "FINDINGS:" in impression:
+        impression = impression.split("FINDINGS:", 1)[0].strip()
+    return findings or None, impression or None
 
 
 def stage_text(record: CxrRecord, stage: int) -> str | None:
@@ -193,17 +200,54 @@ def earliest_frontal(rows) -> frozenset[str]:
 
 
 class MimicCxrCorpus:
-    """Everything `load_corpus` found: usable records, the three selections and the skips."""
+    """Everything `load_corpus` found: usable records, the three selections and the skips.
+
+    split_ids: split value -> the split csv's dicom ids, sorted (LLM-CXR numbers images in this
+    order). given_selection: the PA/AP earliest-study ids came from a list, not the metadata.
+    evaluation_ids: a given evaluation list (None: the selection over validate + test).
+    """
 
     def __init__(self, root: Path, reports_files: Path, listed: int, records: list[CxrRecord],
-                 skipped: list[Skipped], selected: frozenset[str]):
+                 skipped: list[Skipped], selected: frozenset[str], *,
+                 split_ids: dict[str, tuple[str, ...]] | None = None, given_selection: bool = False,
+                 evaluation_ids: frozenset[str] | None = None):
         self.root, self.reports_files, self.listed = root, reports_files, listed
         self.records = records                    # images with a file and findings or impression
         self.selected_pa_ap_earliest = selected   # over all listed images, files or not
         self.skipped = skipped
+        self.split_ids = split_ids or {}
+        self.given_selection, self.evaluation_ids = given_selection, evaluation_ids
         self.stage1 = [r for r in records if r.split == "train"]
         self.stage2 = self._frontal_earliest(("train",), "stage 2")
-        self.evaluation = self._frontal_earliest(EVAL_SPLITS, "evaluation")
+        self.evaluation = (self._frontal_earliest(EVAL_SPLITS, "evaluation") if evaluation_ids is None
+                           else self._listed_evaluation(evaluation_ids))
+
+    def _listed_evaluation(self, ids: frozenset[str]) -> list[CxrRecord]:
+        """The records of a given evaluation list that LLM-CXR's generate_eval.py keeps: validate or
+        test split, PA/AP view, an impression. Listed records left out are counted as skipped."""
+        out = []
+        for r in self.records:
+            if r.dicom_id not in ids:
+                continue
+            if r.split not in EVAL_SPLITS or r.view not in FRONTAL_VIEWS:
+                self.skipped.append(Skipped(r.dicom_id, r.subject_id, r.study_id, NOT_EVALUATION_IMAGE,
+                                            f"split {r.split}, view {r.view or 'unknown'}"))
+            elif not r.impression:
+                self.skipped.append(Skipped(r.dicom_id, r.subject_id, r.study_id, NO_IMPRESSION,
+                                            "evaluation: the report has no IMPRESSION section"))
+            else:
+                out.append(r)
+        return out
+
+    def list_report(self) -> dict:
+        """For each given id list: how many ids it holds and which of them the split csv lacks."""
+        out, known = {}, {i for ids in self.split_ids.values() for i in ids}
+        for name, ids in (("stage2_list", self.selected_pa_ap_earliest if self.given_selection else None),
+                          ("eval_list", self.evaluation_ids)):
+            if ids is not None:
+                absent = sorted(set(ids) - known)
+                out[name] = {"listed": len(ids), "not_in_corpus": len(absent), "not_in_corpus_first": absent[:3]}
+        return out
 
     def _frontal_earliest(self, splits, use: str) -> list[CxrRecord]:
         out = []
@@ -230,7 +274,7 @@ class MimicCxrCorpus:
             "stage2": len(self.stage2),
             "evaluation": len(self.evaluation),
             "skipped": dict(sorted(self.skipped_counts().items())),
-        }
+        } | self.list_report()
 
     def write_skipped(self, path) -> Path:
         """skipped.jsonl: one {dicom_id, subject_id, study_id, reason, detail} per line. A
@@ -257,7 +301,8 @@ def stage_records(corpus: MimicCxrCorpus, stage: int) -> list[CxrRecord]:
 def evaluation_records(corpus: MimicCxrCorpus) -> list[CxrRecord]:
     """validate + test PA/AP images of each subject's earliest PA/AP study, impression present:
     LLM-CXR's selected-pa-ap-earliest-study pickle restricted to those splits, whose released
-    eval_dicom_ids.pickle lists 3,530 images of the real corpus."""
+    eval_dicom_ids.pickle lists 3,530 images of the real corpus. Given that list (load_corpus's
+    evaluation_ids), its validate/test PA/AP images with an impression."""
     return corpus.evaluation
 
 
@@ -298,10 +343,14 @@ def _read_reports(reports_files: Path, studies, progress: bool) -> dict:
 
 
 def load_corpus(root, *, reports_root=None, check_images: bool = False, progress: bool = True,
-                image_threads: int = 4) -> MimicCxrCorpus:
+                image_threads: int = 4, pa_ap_earliest=None, evaluation_ids=None) -> MimicCxrCorpus:
     """Reads ROOT's split and metadata CSVs (.csv or .csv.gz), each study's report (once) and
     checks each image file exists (decodes it too with check_images). `reports_root` is the
-    unzipped mimic-cxr-reports root (files/pXX/... under it); default ROOT/reports."""
+    unzipped mimic-cxr-reports root (files/pXX/... under it); default ROOT/reports.
+    pa_ap_earliest: dicom ids that replace the selection rebuilt from the metadata (the keys of
+    LLM-CXR's shipped selected-pa-ap-earlist-study pickle); evaluation_ids: the evaluation images
+    (its eval_dicom_ids.pickle) instead of that selection over validate + test. Ids the corpus
+    lacks are counted in summary() (list_report), not dropped silently."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise MissingInputError(f"MIMIC-CXR-JPG root {root} is not a directory; {PHYSIONET_HINT}")
@@ -333,7 +382,11 @@ def load_corpus(root, *, reports_root=None, check_images: bool = False, progress
             skipped.append(Skipped(dicom, subject, study, NOT_IN_METADATA, f"absent from {meta_csv.name}"))
         else:
             rows.append((dicom, subject, study, *meta[dicom], split))
-    selected = earliest_frontal([r[:6] for r in rows])
+    selected = (frozenset(pa_ap_earliest) if pa_ap_earliest is not None
+                else earliest_frontal([r[:6] for r in rows]))
+    split_ids: dict[str, list[str]] = collections.defaultdict(list)
+    for dicom, (_, _, split) in split_rows.items():
+        split_ids[split].append(dicom)
 
     reports = _read_reports(reports_files, sorted({(r[1], r[2]) for r in rows}), progress)
     records = []
@@ -356,4 +409,7 @@ def load_corpus(root, *, reports_root=None, check_images: bool = False, progress
         skipped += [Skipped(r.dicom_id, r.subject_id, r.study_id, UNREADABLE_IMAGE, e)
                     for r, e in zip(records, errors) if e]
         records = [r for r, e in zip(records, errors) if not e]
-    return MimicCxrCorpus(root, reports_files, len(split_rows), records, skipped, selected)
+    return MimicCxrCorpus(root, reports_files, len(split_rows), records, skipped, selected,
+                          split_ids={k: tuple(sorted(v)) for k, v in split_ids.items()},
+                          given_selection=pa_ap_earliest is not None,
+                          evaluation_ids=None if evaluation_ids is None else frozenset(evaluation_ids))

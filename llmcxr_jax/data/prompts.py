@@ -1,19 +1,16 @@
-"""Dolly-style prompt text for the four LLM-CXR tasks and its token ids.
-
-Owns the byte-exact prompt template, our instruction paraphrases, and the step from prompt text
-to training arrays: image tokens injected at "<image>", response-only (or joint) loss mask.
+"""Dolly-style prompt text for the four LLM-CXR tasks and its token ids: the byte-exact template, our
+own instruction paraphrases (a user's file replaces them through instructions.py), and prompt text to
+training arrays (image tokens injected at "<image>", response-only or joint loss mask).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from llmcxr_jax.errors import MissingInputError, UsageError
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.vocab import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY, SpecialTokens, VocabLayout
 
 INTRO_BLURB = ("Below is an instruction that describes a task. "
@@ -26,7 +23,8 @@ IMAGE_PLACEHOLDER = "<image>"
 IMAGE_BEGIN = "<|image|>"
 IMAGE_END = "<|/image|>"
 
-# Our own paraphrases (LLM-CXR samples one of ten per example; these are not its wording).
+# Our own paraphrases (LLM-CXR samples one of ten per example; these are not its wording). The
+# released model saw LLM-CXR's: `llmcxr extract-instructions` reads them from the user's clone.
 REPORT_INSTRUCTIONS = (
     "Write the radiology report for this chest X-ray.",
     "Read the chest radiograph given as input and describe its findings in a free-text report.",
@@ -64,24 +62,6 @@ def generation_prompt(instruction: str, input_text: str | None = None) -> str:
     if input_text:
         head += f"{INPUT_KEY}\n{input_text}\n\n"
     return head + RESPONSE_KEY
-
-
-def load_instructions(path: str) -> tuple[str, ...]:
-    """User paraphrases replacing ours: a .json list of strings, or a text file with one per line."""
-    if not os.path.isfile(path):
-        raise MissingInputError(f"instruction file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        items = json.loads(text)
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise UsageError(f"{path} must hold a JSON list of instruction strings")
-    else:
-        items = text.splitlines()
-    items = tuple(s.strip() for s in items if s.strip())
-    if not items:
-        raise UsageError(f"{path} holds no instructions; give at least one non-empty line")
-    return items
 
 
 def add_image_delimiters(tok) -> int:

@@ -8,11 +8,18 @@ import dataclasses
 import io
 from pathlib import Path
 
-import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
 from llmcxr_jax.data import mimic_cxr as mc
+
+try:
+    import tensorflow_datasets as tfds
+except ModuleNotFoundError as e:  # an optional extra: only this builder needs it
+    if e.name != "tensorflow_datasets":
+        raise
+    raise ModuleNotFoundError("llmcxr_jax.data.tfds_mimic_cxr needs tensorflow-datasets; install it with "
+                              "pip install 'llmcxr-jax[tfds]'", name=e.name) from None
 
 # selection -> (the splits it writes, description)
 SELECTIONS = {

@@ -5,7 +5,8 @@ present; `mimic_cxr.evaluation_records`).
 - CXR->report: a report per image (LLM-CXR sampling: top_p 0.92, or greedy), CheXpert labels of
   reference and generated text (the rule-based labeler, or CSVs written by the official CheXpert
   labeler / CheXbert over reports.csv), label F1/Jaccard/AUROC and BLEU/ROUGE-L/CIDEr-D.
-- report->CXR: an image per reference report (always exactly h*w codes), scored by a CXR
+- report->CXR: an image per reference report (exactly h*w codes: constrained, or LLM-CXR's
+  sample-and-retry, where an input out of retries is left out of the scores), scored by a CXR
   classifier (AUROC of its outputs on generated images against the reference report's labels,
   beside the same on the real images and on their VQ-GAN reconstructions, the ceiling for an LM
   that draws in the VQ-GAN's codes), FID on its feature layer, and FID on the
@@ -15,9 +16,10 @@ present; `mimic_cxr.evaluation_records`).
 Chance baselines (a random report with the reference prevalence, a constant classifier, the most
 frequent VQA answer per type) are written beside every number.
 
-Outputs in OUT: metrics.json, metrics.md, reports.csv (dicom_id, reference, generated) plus
-generated_reports.csv / reference_reports.csv (one report per line, the CheXpert labeler's input),
-images/*.png (generated CXRs), grid_*.png (real over generated, captioned), vqa.jsonl.
+Outputs in OUT: metrics.json, metrics.md, reports.csv (dicom_id, reference, generated, instruction)
+plus generated_reports.csv / reference_reports.csv (one report per line, the CheXpert labeler's input),
+images/*.png (generated CXRs) and images.csv (dicom_id, instruction, image, retries), grid_*.png
+(real over generated, captioned), vqa.jsonl.
 """
 from __future__ import annotations
 
@@ -35,12 +37,13 @@ import numpy as np
 from tqdm import tqdm
 
 from llmcxr_jax.data import images as image_io
-from llmcxr_jax.data import mimic_cxr, text_corpora
+from llmcxr_jax.data import instructions, mimic_cxr, original_recipe, text_corpora
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
 from llmcxr_jax.eval.report_metrics import check_tokenizer, label_metrics, text_metrics
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
+from llmcxr_jax.infer.tasks import MAX_RETRIES
 
 TASKS = ("report", "image", "vqa")
 
@@ -65,8 +68,17 @@ class EvalOptions:
     generated_labels: str = ""       # ... over generated_reports.csv
     grid_images: int = 8
     reports_root: str | None = None
+    eval_list: str = ""             # LLM-CXR's eval_dicom_ids.pickle (or a .txt of ids): these images, not ours
     ci_samples: int = 1000           # bootstrap resamples for per-class intervals; 0: none
     text_tokenizer: str = "ptb"      # feeds BLEU / ROUGE-L / CIDEr-D: pycocoevalcap's PTB (Java) or "simple"
+    # CXR->report / report->CXR instructions: () = our first paraphrase for every image; otherwise one
+    # is drawn per image from (seed, task), the same for a seed whatever batch_size or max_images
+    report_instructions: tuple[str, ...] = ()
+    image_instructions: tuple[str, ...] = ()
+    image_decoding: str = "constrained"  # or "retry": LLM-CXR's sample until h*w codes (tasks.IMAGE_DECODINGS)
+    max_retries: int = MAX_RETRIES   # retry decoding: retries before an image counts as failed
+    dtype: str = "float32"           # the LM's compute dtype; "bfloat16" as LLM-CXR generated
+    clean_up_spaces: bool = True     # reports and answers lose spaces before . , ! ? 's n't ... (transformers')
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -82,8 +94,15 @@ class EvalOptions:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         tasks.check_sampling(self.greedy, self.temperature, self.top_p, self.top_k)
+        tasks.check_decoding(self.image_decoding, self.max_retries, self.dtype)
         if self.text_tokenizer not in ("ptb", "simple"):
             raise UsageError(f"text_tokenizer must be 'ptb' or 'simple', got {self.text_tokenizer!r}")
+        for name in ("report_instructions", "image_instructions"):
+            given = getattr(self, name)
+            if isinstance(given, str):
+                raise UsageError(f"{name} is a string; give a tuple of instructions (one string: ({given[:40]!r},))")
+            object.__setattr__(self, name, tuple(instructions.check_instruction(s, f"{name}[{i}]")
+                                                 for i, s in enumerate(given)))
         if self.image_temperature is not None and not self.image_temperature > 0.0:
             raise UsageError(f"image_temperature must be > 0 (or unset: the report temperature), "
                              f"got {self.image_temperature}")
@@ -94,7 +113,8 @@ def task_sampling(o: EvalOptions, task: str, codes_per_image: int):
     span), and drawings sample at image_temperature when it is set."""
     limit = o.max_new_tokens if task != "image" and o.max_new_tokens else None
     temperature = o.image_temperature if task == "image" and o.image_temperature is not None else o.temperature
-    return tasks.default_sampling(task, o.greedy, limit, codes_per_image, temperature, o.top_p, o.top_k)
+    return tasks.default_sampling(task, o.greedy, limit, codes_per_image, temperature, o.top_p, o.top_k,
+                                  o.image_decoding)
 
 
 def _reference_text(record: mimic_cxr.CxrRecord, part: str) -> str:
@@ -187,6 +207,10 @@ class Evaluation:
                  opts: EvalOptions, progress: bool = True):
         self.g, self.records, self.out, self.opts, self.progress = generator, list(records), out, opts, progress
         self.references = [_reference_text(r, opts.report_part) for r in self.records]
+        self.instructions = {task: instructions.sample(given, len(self.records), opts.seed, task) if given else
+                             [tasks.DEFAULT_INSTRUCTION[task]] * len(self.records)
+                             for task, given in (("report", opts.report_instructions),
+                                                 ("image", opts.image_instructions))}
         self.reference_labels = _labels(self.references, opts.reference_labels, "reference")
         self.metrics: dict = {"n_images": len(self.records), "baselines": {}}
         self._real: np.ndarray | None = None
@@ -200,7 +224,7 @@ class Evaluation:
         generated: list[str] = []
         sampling = self._sampling("report")
         for b, sl in _batches(len(paths), self.opts.batch_size, "CXR->report", self.progress):
-            generated += self.g.report(paths[sl], sampling, self.opts.seed + b)
+            generated += self.g.report(paths[sl], sampling, self.opts.seed + b, self.instructions["report"][sl])
         self._write_reports(generated)
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
         self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
@@ -213,50 +237,69 @@ class Evaluation:
     def _write_reports(self, generated: Sequence[str]) -> None:
         with open(os.path.join(self.out, "reports.csv"), "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["dicom_id", "reference", "generated"])
-            w.writerows([r.dicom_id, ref, gen] for r, ref, gen in zip(self.records, self.references, generated))
+            w.writerow(["dicom_id", "reference", "generated", "instruction"])
+            w.writerows([r.dicom_id, ref, gen, ins] for r, ref, gen, ins in
+                        zip(self.records, self.references, generated, self.instructions["report"]))
         for name, texts in (("generated_reports.csv", generated), ("reference_reports.csv", self.references)):
             with open(os.path.join(self.out, name), "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows([" ".join(t.split())] for t in texts)
 
     def images(self) -> np.ndarray:
-        """report->CXR for every record; PNGs in OUT/images, grids, classifier and FID scores."""
-        sampling = self._sampling("image")
-        fakes = []
-        for b, sl in _batches(len(self.records), self.opts.batch_size, "report->CXR", self.progress):
-            fakes.append(self.g.image(self.references[sl], sampling, self.opts.seed + b)[0])
-        fake = np.concatenate(fakes)
-        real = self.real_images()
+        """report->CXR for every record; PNGs in OUT/images, grids, classifier and FID scores over the
+        images made (with retry decoding, an input out of retries has none and is left out)."""
+        o, sampling = self.opts, self._sampling("image")
+        drawn = [self.g.image(self.references[sl], sampling, o.seed + b, self.instructions["image"][sl],
+                              o.image_decoding, o.max_retries)
+                 for b, sl in _batches(len(self.records), o.batch_size, "report->CXR", self.progress)]
+        ok, retries = np.concatenate([d.ok for d in drawn]), np.concatenate([d.retries for d in drawn])
+        fake = np.concatenate([d.images for d in drawn])[ok]
+        ids = [r.dicom_id for r in self.records]
         os.makedirs(os.path.join(self.out, "images"), exist_ok=True)
-        for r, img in zip(self.records, fake):
-            image_io.save_image(img, os.path.join(self.out, "images", f"{r.dicom_id}.png"))
-        self._grids(real, fake)
-        scores: dict = {"n": len(fake)}
+        pngs = [os.path.join("images", f"{i}.png") if made else "" for i, made in zip(ids, ok)]
+        for img, png in zip(fake, (p for p in pngs if p)):
+            image_io.save_image(img, os.path.join(self.out, png))
+        with open(os.path.join(self.out, "images.csv"), "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["dicom_id", "instruction", "image", "retries"],
+                                     *zip(ids, self.instructions["image"], pngs, retries.tolist())])
+        scores: dict = {"n": len(fake), "decoding": o.image_decoding}
+        if o.image_decoding == "retry":
+            failed = [i for i, made in zip(ids, ok) if not made]
+            scores |= {"max_retries": o.max_retries, "retries_total": int(retries.sum()),
+                       "retries_per_image": dict(zip(ids, retries.tolist())), "failed": failed}
+            if failed:
+                tries = f"{o.max_retries + 1} tries" if o.max_retries else "1 try"
+                print(f"report->CXR: {len(failed)} of {len(ids)} reports got no image of exactly "
+                      f"{self.g.codes_per_image} image tokens in {tries}; metrics.json's image.failed lists "
+                      "them and the image scores leave them out", file=sys.stderr)
+        self.metrics["image"] = scores
+        if not ok.any():
+            return fake
+        real, labels, refs = self.real_images()[ok], self.reference_labels[ok], np.asarray(self.references)[ok]
+        self._grids(real, fake, list(refs))
         if self.opts.classifier:
             model, ccfg = cxr_classifier.load_classifier(self.opts.classifier)
             p_fake, f_fake = cxr_classifier.predict(model, gray(fake, ccfg.image_size))
             p_real, f_real = cxr_classifier.predict(model, gray(real, ccfg.image_size))
-            p_recon, _ = cxr_classifier.predict(model, gray(self.reconstructions(), ccfg.image_size))
+            p_recon, _ = cxr_classifier.predict(model, gray(self.reconstructions()[ok], ccfg.image_size))
             ci = self.opts.ci_samples
-            scores["classifier"] = classifier_scores(p_fake, self.reference_labels, ci)
-            scores["classifier_real"] = classifier_scores(p_real, self.reference_labels, ci)
-            scores["classifier_reconstructed"] = classifier_scores(p_recon, self.reference_labels, ci)
+            scores["classifier"] = classifier_scores(p_fake, labels, ci)
+            scores["classifier_real"] = classifier_scores(p_real, labels, ci)
+            scores["classifier_reconstructed"] = classifier_scores(p_recon, labels, ci)
             scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
-            self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(self.reference_labels)}
+            self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(labels)}
         if self.opts.txv_weights:
             feats = _txv_features(self.opts.txv_weights)
             scores["fid_txv"] = image_metrics.fid(image_metrics.features_in_batches(feats, real, 8),
                                                   image_metrics.features_in_batches(feats, fake, 8))
-        self.metrics["image"] = scores
         return fake
 
-    def _grids(self, real: np.ndarray, fake: np.ndarray) -> None:
+    def _grids(self, real: np.ndarray, fake: np.ndarray, captions: list[str]) -> None:
         k = self.opts.grid_images
         if k == 0:  # no grids asked for
             return
         for g, start in enumerate(range(0, min(len(real), 2 * k), k)):  # at most two grids
             sl = slice(start, min(len(real), start + k))
-            report_card.write_grid(os.path.join(self.out, f"grid_{g}.png"), real[sl], fake[sl], self.references[sl])
+            report_card.write_grid(os.path.join(self.out, f"grid_{g}.png"), real[sl], fake[sl], captions[sl])
 
     def real_images(self) -> np.ndarray:
         """The evaluation images at the VQ-GAN's input size, [n, H, W, C] in [-1, 1]; read once."""
@@ -323,14 +366,21 @@ def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = Eva
     for path in (opts.reference_labels, opts.generated_labels):
         if path:
             labeler.read_label_csv(path)
-    corpus = mimic_cxr.load_corpus(data, reports_root=opts.reports_root, progress=progress)
+    evaluation_ids = original_recipe.read_id_list(opts.eval_list, "eval_list", "--eval-list") if opts.eval_list \
+        else None
+    corpus = mimic_cxr.load_corpus(data, reports_root=opts.reports_root, progress=progress,
+                                   evaluation_ids=evaluation_ids)
+    if evaluation_ids is not None:
+        listed = corpus.list_report()["eval_list"]
+        print(f"evaluate: --eval-list {opts.eval_list}: {listed['listed']} ids, {listed['not_in_corpus']} not in "
+              f"{data}'s split csv", file=sys.stderr)
     records = mimic_cxr.evaluation_records(corpus)
     if opts.max_images:
         records = records[: opts.max_images]
     if not records:
         raise UsageError(f"{data} has no evaluation images (validate/test PA or AP images of each subject's "
                          "earliest study with an impression); check the split CSV")
-    g = tasks.Generator.load(ckpt, vqgan)
+    g = tasks.Generator.load(ckpt, vqgan, dtype=opts.dtype, clean_up_spaces=opts.clean_up_spaces)
     os.makedirs(out, exist_ok=True)
     ev = Evaluation(g, records, out, opts, progress)
     ev.metrics |= {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan),

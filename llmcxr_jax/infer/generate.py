@@ -1,7 +1,7 @@
 """Jitted KV-cache decoding: prefill the left-padded prompts, then a `lax.while_loop` that emits
 one token per row per step until every row has stopped or max_new_tokens is reached.
-Image responses can be constrained to "<", h*w image tokens, ">", "### End"; the unconstrained
-retry loop of the original LLM-CXR is kept for comparison.
+Image responses are constrained to "<", h*w image tokens, ">", "### End", or sampled freely and
+retried until they hold h*w image tokens, as the original LLM-CXR did (capped here).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx, struct
 
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.infer.sampling import DecodePlan, SamplingConfig, advance, next_tokens, row_keys
+from llmcxr_jax.infer.sampling import DecodePlan, SamplingConfig, advance, next_tokens, row_keys, step_keys
 from llmcxr_jax.models.gpt_neox import GPTNeoXForCausalLM, KVCache
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
@@ -128,45 +128,70 @@ def greedy_generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, max_ne
 
 @dataclasses.dataclass
 class UnconstrainedImages:
-    """codes [batch, image_tokens] (-1 where no try succeeded); tries [batch]: tries used,
-    max_tries for a failed row; ok [batch]: a try gave exactly image_tokens image ids."""
+    """codes [batch, image_tokens] (-1 where no try succeeded); retries [batch]: tries after the first
+    (max_retries for a row that never succeeded); ok [batch]: a try held exactly image_tokens image
+    ids; found [batch]: image ids in the response kept (image_tokens) or, for a failed row, its last try."""
 
     codes: np.ndarray
-    tries: np.ndarray
+    retries: np.ndarray
     ok: np.ndarray
+    found: np.ndarray
 
     @property
     def retry_rate(self) -> float:
         """Extra tries per row, averaged: 0 when every first try had exactly h*w image tokens."""
-        return float(np.mean(self.tries - 1))
+        return float(np.mean(self.retries))
 
 
 def image_codes_in(response: np.ndarray, layout: VocabLayout) -> np.ndarray:
-    """The codes of the image ids in one response, in order (LLM-CXR keeps exactly these)."""
+    """The codes of every image id in one response, in order, wherever they sit: LLM-CXR keeps exactly
+    these (it never checks for "<" and ">" around them)."""
     return layout.image_code(response[layout.is_image_token(response)])
+
+
+def _bucket(n: int, batch: int) -> int:
+    """Rows re-run together: n rounded up to a power of two (at most batch), so retries of any
+    number of rows compile at most log2(batch) more decoders."""
+    return min(batch, 1 << max(n - 1, 0).bit_length())
 
 
 def generate_image_unconstrained(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, layout: VocabLayout,
                                  special: SpecialTokens, rng, sampling: SamplingConfig, image_tokens: int,
-                                 max_tries: int) -> UnconstrainedImages:
-    """LLM-CXR's image generation: sample over the whole vocabulary and, row by row, retry with a
-    fresh key (fold_in(rng, try)) until the response holds exactly image_tokens image ids."""
-    if max_tries < 1:
-        raise UsageError(f"max_tries must be >= 1, got {max_tries}")
-    batch = np.shape(input_ids)[0]
+                                 max_retries: int) -> UnconstrainedImages:
+    """LLM-CXR's report->CXR decoding (its generate_eval.py): sample over the whole real vocabulary,
+    keep the image ids of the response, and try again until they are exactly image_tokens.
+
+    As there, a row stops only at the end key ("### End" is the eos_token_id the original hands to
+    transformers' generate, so <|endoftext|> does not end a response) or after max_new_tokens (300 in
+    the original for 256 codes). The original retries without end; here a row gives up after
+    max_retries retries. Try t of row r samples with fold_in(key_r, t); only the rows still failing
+    are run again. A greedy response does not change with the key, so greedy decoding tries once.
+    """
+    if max_retries < 0:
+        raise UsageError(f"max_retries must be >= 0 (0: one try, no retry), got {max_retries}")
+    if sampling.max_new_tokens < image_tokens:
+        raise UsageError(f"max_new_tokens {sampling.max_new_tokens} cannot hold {image_tokens} image tokens")
+    if layout.padded_size != model.cfg.padded_vocab_size:
+        raise UsageError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
+    ids, mask = (np.asarray(a) for a in _check_prompts(input_ids, attention_mask))
+    plan = dataclasses.replace(make_plan(layout, special, "unconstrained"), stop_ids=(special.end_key_id,))
+    batch = ids.shape[0]
     keys = row_keys(jnp.asarray(rng), batch)
     codes = np.full((batch, image_tokens), -1, np.int64)
-    tries = np.full((batch,), max_tries, np.int64)
+    retries = np.full((batch,), 0 if sampling.greedy else max_retries, np.int64)
     ok = np.zeros((batch,), bool)
-    for attempt in range(max_tries):
-        keys_t = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, attempt)
-        out = generate(model, input_ids, attention_mask, layout=layout, special=special, mode="unconstrained",
-                       rng=keys_t, sampling=sampling)
+    found = np.zeros((batch,), np.int64)
+    for attempt in range(1 if sampling.greedy else max_retries + 1):
+        pending = np.flatnonzero(~ok)
+        rows = np.concatenate([pending, np.full(_bucket(len(pending), batch) - len(pending), pending[0])])
+        keys_t = step_keys(keys[rows], attempt)
+        out = generate_with_plan(model, ids[rows], mask[rows], plan=plan, rng=keys_t, sampling=sampling)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        for r in np.flatnonzero(~ok):
-            found = image_codes_in(tokens[r, :lengths[r]], layout)
-            if found.size == image_tokens:
-                codes[r], tries[r], ok[r] = found, attempt + 1, True
+        for i, r in enumerate(pending):
+            got = image_codes_in(tokens[i, :lengths[i]], layout)
+            found[r] = got.size
+            if got.size == image_tokens:
+                codes[r], retries[r], ok[r] = got, attempt, True
         if ok.all():
             break
-    return UnconstrainedImages(codes=codes, tries=tries, ok=ok)
+    return UnconstrainedImages(codes=codes, retries=retries, ok=ok, found=found)

@@ -1,6 +1,6 @@
 """LLM-CXR's four tasks end to end: CXR -> report, report -> CXR, CXR + question -> answer, and
-plain instructions, with the Dolly generation prompt, the VQ-GAN on both sides and the
-constrained sampler. Batches are left padded.
+plain instructions, with the Dolly generation prompt, the VQ-GAN on both sides and the sampler
+(report->CXR constrained to h*w codes, or LLM-CXR's sample-and-retry). Batches are left padded.
 """
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +17,67 @@ import numpy as np
 from llmcxr_jax import checkpoint, sharding
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import prompts
+from llmcxr_jax.data.instructions import check_instruction
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.infer import generate as gen
+from llmcxr_jax.infer.detokenize import decode_response
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P, SamplingConfig
 
 TASKS = ("report", "image", "vqa", "text")
 REPORT_TOKENS, IMAGE_EXTRA_TOKENS, TEXT_TOKENS = 128, 3, 256  # LLM-CXR: 128 for reports
+# report->CXR: "constrained" forces "<", h*w image ids, ">", "### End"; "retry" samples freely and
+# retries until the response holds h*w image ids (LLM-CXR's generate_eval.py, which never gives up).
+IMAGE_DECODINGS = ("constrained", "retry")
+# Retries before an input counts as failed: a model that gets h*w codes right one time in five
+# still fails only 1% of inputs (0.8 ** 21), and a hopeless input costs 21 tries, not forever.
+MAX_RETRIES = 20
+RETRY_SLACK_TOKENS = 44  # LLM-CXR samples 300 new tokens for 256 codes: the span plus 44
+LM_DTYPES = ("float32", "bfloat16")  # compute dtype of generation; LLM-CXR generated in bfloat16
+# With no instruction given, every input gets our first paraphrase of its task.
+DEFAULT_INSTRUCTION = {"report": prompts.REPORT_INSTRUCTIONS[0], "image": prompts.IMAGE_INSTRUCTIONS[0]}
+Instructions = str | Sequence[str] | None  # one for every input, one per input, or None: DEFAULT_INSTRUCTION
+
+
+def per_input(instruction: Instructions, count: int, task: str) -> list[str]:
+    """The instruction of each of `count` inputs of task "report" or "image"."""
+    if instruction is None:
+        return [DEFAULT_INSTRUCTION[task]] * count
+    if isinstance(instruction, str):
+        return [check_instruction(instruction, f"the {task} instruction")] * count
+    given = list(instruction)
+    if len(given) != count:
+        raise UsageError(f"{len(given)} {task} instructions for {count} inputs; give one per input (or one string)")
+    return [check_instruction(s, f"{task} instruction {i}") for i, s in enumerate(given)]
+
+
+def check_decoding(image_decoding: str = "constrained", max_retries: int = MAX_RETRIES,
+                   dtype: str = "float32") -> None:
+    """Fail in one line on decoding options the generator would refuse, before a model loads."""
+    if image_decoding not in IMAGE_DECODINGS:
+        raise UsageError(f"image decoding {image_decoding!r} is not one of {', '.join(IMAGE_DECODINGS)}")
+    if max_retries < 0:
+        raise UsageError(f"max_retries must be >= 0 (0: one try, no retry), got {max_retries}")
+    if dtype not in LM_DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(LM_DTYPES)}")
+
+
+class Drawings(NamedTuple):
+    """What report->CXR made of n reports. An input whose every try missed h*w codes (retry
+    decoding only) has ok False, codes -1 and a NaN image."""
+
+    images: np.ndarray  # [n, H, W, C] in [-1, 1]
+    codes: np.ndarray  # [n, h*w]
+    retries: np.ndarray  # [n] tries after the first; always 0 when constrained
+    ok: np.ndarray  # [n] bool
+    found: np.ndarray  # [n] image ids in the response kept (h*w), or in a failed input's last try
+
+    def failure(self, i: int) -> str:
+        """Why input i has no image (empty when it has one)."""
+        if self.ok[i]:
+            return ""
+        tries = int(self.retries[i]) + 1
+        return (f"no response held exactly {self.codes.shape[1]} image tokens in {tries} "
+                f"{'tries' if tries > 1 else 'try'} (the last held {self.found[i]})")
 
 
 @dataclasses.dataclass
@@ -33,6 +89,7 @@ class Generator:
     encoder: prompts.PromptTokenizer
     open_id: int
     close_id: int
+    clean_up_spaces: bool = True  # transformers' clean_up_tokenization on text responses, as LLM-CXR's
     _encode: object = dataclasses.field(default=None, repr=False)
     _decode: object = dataclasses.field(default=None, repr=False)
 
@@ -41,9 +98,12 @@ class Generator:
         self._decode = jax.jit(self.vqgan.decode)
 
     @classmethod
-    def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1") -> Generator:
+    def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1", dtype: str = "float32",
+             clean_up_spaces: bool = True) -> Generator:
+        """dtype: the LM's compute dtype; its parameters stay in the dtype they were saved in."""
+        check_decoding(dtype=dtype)
         mesh = sharding.make_mesh(mesh_spec)
-        lm = checkpoint.load_lm(ckpt, mesh, dtype="float32")
+        lm = checkpoint.load_lm(ckpt, mesh, dtype=dtype)
         if lm.layout.image_codes == 0:
             raise UsageError(f"{ckpt} has no image-token rows (K = 0); import it with --image-codes K or train it")
         if lm.tokenizer is None or lm.special is None:
@@ -55,7 +115,7 @@ class Generator:
                              "image rows; use the VQ-GAN its training codes came from")
         encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
         open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_PLACEHOLDER).ids)
-        return cls(lm, vqgan, encoder, open_id, close_id)
+        return cls(lm, vqgan, encoder, open_id, close_id, clean_up_spaces)
 
     @property
     def codes_per_image(self) -> int:
@@ -99,23 +159,32 @@ class Generator:
             rows.append(row[:stop])
         return rows
 
-    def _texts(self, out) -> list[str]:
-        return [self.lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in self.responses(out)]
+    def texts(self, out) -> list[str]:
+        """Each row's response as text (decode_response: special tokens left out, spaces cleaned up)."""
+        return [decode_response(self.lm.tokenizer, row, self.clean_up_spaces) for row in self.responses(out)]
 
     # ---- tasks
-    def report_prompts(self, image_paths: Sequence[str], instruction: str | None = None) -> list[np.ndarray]:
+    def report_prompts(self, image_paths: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
         """The token ids of the CXR->report prompt of each image (its codes in place of "<image>")."""
+        ins = per_input(instruction, len(image_paths), "report")
         codes = self.encode_images(image_paths)
-        text = prompts.generation_prompt(instruction or prompts.REPORT_INSTRUCTIONS[0], prompts.IMAGE_PLACEHOLDER)
-        return [self.encoder.encode(text, c) for c in codes]
+        return [self.encoder.encode(prompts.generation_prompt(i, prompts.IMAGE_PLACEHOLDER), c)
+                for i, c in zip(ins, codes)]
+
+    def image_prompts(self, reports: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
+        """The token ids of the report->CXR prompt of each report (the report as the prompt's input)."""
+        if any(not r.strip() for r in reports):
+            raise UsageError("a report is empty; give the findings / impression text to draw")
+        ins = per_input(instruction, len(reports), "image")
+        return [self.encoder.encode(prompts.generation_prompt(i, r)) for i, r in zip(ins, reports)]
 
     def greedy_responses(self, prompt_ids: Sequence[np.ndarray], max_new_tokens: int) -> list[list[int]]:
         """Argmax text responses (image ids masked) as token ids, for comparison with other runtimes."""
         return self.responses(self._run(list(prompt_ids), "text", SamplingConfig.greedy_decoding(max_new_tokens), 0))
 
     def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
-               instruction: str | None = None) -> list[str]:
-        return self._texts(self._run(self.report_prompts(image_paths, instruction), "text", sampling, seed))
+               instruction: Instructions = None) -> list[str]:
+        return self.texts(self._run(self.report_prompts(image_paths, instruction), "text", sampling, seed))
 
     def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
                seed: int = 0) -> list[str]:
@@ -124,26 +193,41 @@ class Generator:
         codes = self.encode_images(image_paths)
         ids = [self.encoder.encode(prompts.generation_prompt(q, prompts.IMAGE_PLACEHOLDER), c)
                for q, c in zip(questions, codes)]
-        return self._texts(self._run(ids, "text", sampling, seed))
+        return self.texts(self._run(ids, "text", sampling, seed))
 
     def text(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> list[str]:
         if any(not i.strip() for i in instructions):
             raise UsageError("an instruction is empty; give the text to respond to")
         ids = [self.encoder.encode(prompts.generation_prompt(i)) for i in instructions]
-        return self._texts(self._run(ids, "text", sampling, seed))
+        return self.texts(self._run(ids, "text", sampling, seed))
 
     def image(self, reports: Sequence[str], sampling: SamplingConfig, seed: int = 0,
-              instruction: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Reports -> (images [n, H, W, C] in [-1, 1], codes [n, h*w]); always exactly h*w codes."""
-        if any(not r.strip() for r in reports):
-            raise UsageError("a report is empty; give the findings / impression text to draw")
-        ins = instruction or prompts.IMAGE_INSTRUCTIONS[0]
-        ids = [self.encoder.encode(prompts.generation_prompt(ins, r)) for r in reports]
-        out = self._run(ids, "image", sampling, seed)
-        tokens = np.asarray(out.tokens)
+              instruction: Instructions = None, decoding: str = "constrained",
+              max_retries: int = MAX_RETRIES) -> Drawings:
+        """Reports -> Drawings. "constrained": every input gets exactly h*w codes in one try. "retry":
+        unconstrained sampling, each input retried until its response holds h*w image ids, at most
+        max_retries times (gen.generate_image_unconstrained)."""
+        check_decoding(decoding, max_retries)
+        prompt_ids = self.image_prompts(reports, instruction)
         n = self.codes_per_image
-        codes = self.lm.layout.image_code(tokens[:, 1:1 + n])
-        return self.decode_codes(codes), codes
+        if decoding == "constrained":
+            tokens = np.asarray(self._run(prompt_ids, "image", sampling, seed).tokens)
+            codes = self.lm.layout.image_code(tokens[:, 1:1 + n])
+            zeros = np.zeros(len(codes), np.int64)
+            return Drawings(self.decode_codes(codes), codes, zeros, np.ones(len(codes), bool), zeros + n)
+        ids, mask = self._batch(prompt_ids)
+        got = gen.generate_image_unconstrained(self.lm.model, ids, mask, layout=self.lm.layout,
+                                               special=self.lm.special, rng=jax.random.key(seed), sampling=sampling,
+                                               image_tokens=n, max_retries=max_retries)
+        images = np.full((len(ids), *self._image_shape), np.nan, np.float32)
+        if got.ok.any():
+            images[got.ok] = self.decode_codes(got.codes[got.ok])
+        return Drawings(images, got.codes, got.retries, got.ok, got.found)
+
+    @property
+    def _image_shape(self) -> tuple[int, int, int]:
+        cfg = self.vqgan.cfg
+        return cfg.resolution, cfg.resolution, cfg.out_channels
 
 
 def check_sampling(greedy: bool, temperature: float = LLMCXR_TEMPERATURE, top_p: float = LLMCXR_TOP_P,
@@ -154,11 +238,13 @@ def check_sampling(greedy: bool, temperature: float = LLMCXR_TEMPERATURE, top_p:
 
 def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_per_image: int,
                      temperature: float = LLMCXR_TEMPERATURE, top_p: float = LLMCXR_TOP_P,
-                     top_k: int = LLMCXR_TOP_K) -> SamplingConfig:
-    """LLM-CXR's settings by default (temperature 1, top_p 0.92, top_k 0; 128 tokens for reports,
-    the image span for images); temperature / top_p / top_k override them when sampling."""
+                     top_k: int = LLMCXR_TOP_K, image_decoding: str = "constrained") -> SamplingConfig:
+    """LLM-CXR's settings by default (temperature 1, top_p 0.92, top_k 0; 128 tokens for reports;
+    for images the span, or with retry decoding h*w + 44: LLM-CXR's 300 for 256 codes);
+    temperature / top_p / top_k override them when sampling."""
     if max_new_tokens is None:
-        max_new_tokens = codes_per_image + IMAGE_EXTRA_TOKENS if task == "image" else \
+        slack = RETRY_SLACK_TOKENS if image_decoding == "retry" else IMAGE_EXTRA_TOKENS
+        max_new_tokens = codes_per_image + slack if task == "image" else \
             REPORT_TOKENS if task in ("report", "vqa") else TEXT_TOKENS
     if greedy:
         return SamplingConfig.greedy_decoding(max_new_tokens)
@@ -167,24 +253,42 @@ def default_sampling(task: str, greedy: bool, max_new_tokens: int | None, codes_
 
 
 def run_task(g: Generator, task: str, inputs: Sequence[str], out_dir: str, sampling: SamplingConfig, seed: int = 0,
-             instruction: str | None = None, question: str | None = None) -> list[dict]:
+             instruction: Instructions = None, question: str | None = None, image_decoding: str = "constrained",
+             max_retries: int = MAX_RETRIES) -> list[dict]:
     """`llmcxr generate`'s outputs: one task over a batch of inputs, written to OUT/results.jsonl (one
-    {"task", "input", "output"} row per input) and, for report -> CXR, OUT/image_NNNN.png per image."""
-    os.makedirs(out_dir, exist_ok=True)
-    if task == "report":
-        outputs = g.report(inputs, sampling, seed, instruction)
-    elif task == "vqa":
-        outputs = g.answer(inputs, [question or ""] * len(inputs), sampling, seed)
-    elif task == "text":
-        outputs = g.text(inputs, sampling, seed)
-    elif task == "image":
-        images, _ = g.image(inputs, sampling, seed, instruction)
-        outputs = [os.path.join(out_dir, f"image_{i:04d}.png") for i in range(len(images))]
-        for img, path in zip(images, outputs):
-            image_io.save_image(img, path)
-    else:
+    {"task", "input", "instruction", "output"} row per input; the instruction of vqa is its question,
+    of text the input itself) and, for report -> CXR, OUT/image_NNNN.png per image. Report->CXR rows
+    also carry "image_decoding" and "retries"; an input that ran out of retries has output null and
+    an "error" saying so."""
+    if task not in TASKS:
         raise UsageError(f"task {task!r} is not one of {', '.join(TASKS)}")
-    rows = [{"task": task, "input": given, "output": made} for given, made in zip(inputs, outputs)]
+    if instruction is not None and task not in DEFAULT_INSTRUCTION:
+        raise UsageError(f"an instruction applies to the report and image tasks; task {task} takes its own "
+                         f"({'the question' if task == 'vqa' else 'the text'}) as the instruction")
+    check_decoding(image_decoding, max_retries)
+    os.makedirs(out_dir, exist_ok=True)
+    extra: list[dict] = [{} for _ in inputs]
+    if task == "report":
+        used = per_input(instruction, len(inputs), task)
+        outputs = g.report(inputs, sampling, seed, used)
+    elif task == "vqa":
+        used = [question or ""] * len(inputs)
+        outputs = g.answer(inputs, used, sampling, seed)
+    elif task == "text":
+        used = list(inputs)
+        outputs = g.text(inputs, sampling, seed)
+    else:
+        used = per_input(instruction, len(inputs), task)
+        drawn = g.image(inputs, sampling, seed, used, image_decoding, max_retries)
+        outputs = [os.path.join(out_dir, f"image_{i:04d}.png") if ok else None for i, ok in enumerate(drawn.ok)]
+        for i, (img, path) in enumerate(zip(drawn.images, outputs)):
+            extra[i] = {"image_decoding": image_decoding, "retries": int(drawn.retries[i])}
+            if path is None:
+                extra[i]["error"] = drawn.failure(i)
+            else:
+                image_io.save_image(img, path)
+    rows = [{"task": task, "input": given, "instruction": ins, "output": made} | more
+            for given, ins, made, more in zip(inputs, used, outputs, extra)]
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     return rows
