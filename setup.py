@@ -53,6 +53,7 @@ setup(
             "einops>=0.7",
             "tensorboard>=2.16",  # only to check that our event files parse with TensorBoard's protos
             "scikit-image>=0.22",  # SSIM reference
+            "omegaconf==2.3.0",  # what LLM-CXR pins: its YAML loading, to build taming's VQModel from our exports
             "ruff>=0.6",  # lint (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
             "import-linter>=2.1",  # layer contract (pyproject.toml [tool.importlinter])
         ],

@@ -157,13 +157,39 @@ def text_size(tok) -> int:
     return tok.get_vocab_size(with_added_tokens=True)
 
 
+# The tokenizer class an export names: transformers 4.28 (LLM-CXR's pin) through 5.x load tokenizer.json
+# as it is under this name. A source's own class may exist in one of them only ("TokenizersBackend" is 5.x's,
+# 4.28 has no slow "GPTNeoXTokenizer" and 5.x's rebuilds its pipeline from vocab and merges).
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# tokenizer_config.json keys that describe the saving library, not the tokenizer; a reader rebuilds them.
+_SAVER_KEYS = ("added_tokens_decoder", "tokenizer_file", "tokenizer_class", "backend")
+
+
+def portable_tokenizer_json(tok) -> str:
+    """tokenizer.json that tokenizers 0.13 onwards reads: BPE merges as "a b" strings.
+
+    tokenizers >= 0.20 writes each merge as an ["a", "b"] pair, which 0.13 (LLM-CXR's pin) refuses with
+    "data did not match any variant of untagged enum ModelWrapper". The string form is split at its one
+    space, so it is lossless unless a merge part holds a space (byte-level BPE maps the space to "Ġ", so
+    never there); such a tokenizer keeps the pairs, since strings would read back as other merges.
+    """
+    data = json.loads(tok.to_str())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") == "BPE" and merges and all(isinstance(m, list) for m in merges) and \
+            not any(" " in part for m in merges for part in m):
+        model["merges"] = [" ".join(m) for m in merges]
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
 def save_tokenizer(tok, config: dict[str, Any], directory: str) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF loadable)."""
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by tokenizers 0.13
+    onwards and transformers 4.28 through 5.x."""
     folder = storage.path(directory)  # local or gs://
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")  # what tok.save writes
-    cfg = {k: v for k, v in config.items() if k not in ("added_tokens_decoder", "tokenizer_file")}
-    cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    (folder / "tokenizer.json").write_text(portable_tokenizer_json(tok), encoding="utf-8")
+    cfg = {k: v for k, v in config.items() if k not in _SAVER_KEYS}
+    cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
     extra = [t for t in cfg.get("additional_special_tokens", []) if _token_content(t) not in DOLLY_SPECIAL_TOKENS]
     cfg["additional_special_tokens"] = list(DOLLY_SPECIAL_TOKENS) + extra
     _write_json(folder / "tokenizer_config.json", cfg)

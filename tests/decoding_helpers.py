@@ -1,11 +1,13 @@
 """A tiny LM checkpoint whose next-token distribution is fixed whatever the context, for the tests of
-report->CXR retries and of the text clean-up: its text is the space "Ġ" and "." (so decoded text has
-spaces before full stops), image ids come with a chosen total probability, and the end key never."""
+report->CXR retries, the text clean-up and the decoding departures: its text is the space "Ġ" and "."
+(so decoded text has spaces before full stops), image ids and eos come with chosen total probabilities,
+and the end key never."""
 import jax.numpy as jnp
 import numpy as np
+from generator_helpers import tiny_lm_config
 
 from llmcxr_jax import checkpoint, sharding, vocab
-from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
+from llmcxr_jax.models.gpt_neox import init_model
 
 
 def fixed_distribution(model, probs: np.ndarray):
@@ -18,19 +20,17 @@ def fixed_distribution(model, probs: np.ndarray):
     return model
 
 
-def fixed_lm(directory: str, tok_dir: str, image_codes: int = 64, image_prob: float = 16 / 60) -> str:
-    """Each response token: an image id with probability image_prob (uniform over the codes), else
-    "Ġ" or "." (half each). With the retry default of h*w + 44 = 60 new tokens for 16 codes, a
-    response holds Binomial(60, image_prob) image ids: exactly 16 with probability 0.115 at 16/60."""
+def fixed_lm(directory: str, tok_dir: str, image_codes: int = 64, image_prob: float = 16 / 60,
+             eos_prob: float = 0.0) -> str:
+    """Each response token: an image id with probability image_prob (uniform over the codes), eos with
+    eos_prob, else "Ġ" or "." (half each). With the retry default of h*w + 44 = 60 new tokens for 16
+    codes, a response holds Binomial(60, image_prob) image ids: exactly 16 with probability 0.115 at 16/60."""
     tok, special, tok_cfg = vocab.load_tokenizer(tok_dir)
     layout = vocab.VocabLayout.create(vocab.text_size(tok), image_codes)
-    cfg = GPTNeoXConfig(vocab_size=layout.size, padded_vocab_size=layout.padded_size, hidden_size=32, num_layers=2,
-                        num_heads=4, intermediate_size=64, rotary_pct=0.25, rotary_base=10000.0,
-                        max_position_embeddings=512, layer_norm_eps=1e-5, use_parallel_residual=True,
-                        attention_bias=True, hidden_act="gelu", initializer_range=0.02, dtype="float32",
-                        param_dtype="float32", scan_layers=False, remat_policy="none")
+    cfg = tiny_lm_config(layout)
     probs = np.zeros(layout.size)
-    probs[[tok.token_to_id("Ġ"), tok.token_to_id(".")]] = (1 - image_prob) / 2
+    probs[[tok.token_to_id("Ġ"), tok.token_to_id(".")]] = (1 - image_prob - eos_prob) / 2
+    probs[special.eos_id] += eos_prob
     probs[layout.text_size:] = image_prob / image_codes
     meta = checkpoint.lm_metadata(cfg, layout, special, sharding.make_mesh("1,-1,1"), None)
     model = fixed_distribution(init_model(cfg, 0), probs)

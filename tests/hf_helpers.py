@@ -30,14 +30,14 @@ def make_tokenizer_dir(path: str, vocab_size: int = 300) -> str:
 
 def make_hf_model(path: str, vocab_size: int, *, parallel: bool = True, rotary_pct: float = 0.25, seed: int = 0,
                   hidden: int = 64, layers: int = 2, heads: int = 4, tokenizer_dir: str | None = None,
-                  legacy_config: bool = False, safe: bool = True, hidden_act: str = "gelu"):
+                  legacy_config: bool = False, safe: bool = True, hidden_act: str = "gelu", rotary_base: float = 10000):
     """A random GPT-NeoX (all weights randomised, biases and norms too) saved as a HF directory."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=2 * hidden, rotary_pct=rotary_pct, rotary_emb_base=10000,
+                        intermediate_size=2 * hidden, rotary_pct=rotary_pct, rotary_emb_base=rotary_base,
                         use_parallel_residual=parallel, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
                         hidden_act=hidden_act)
     cfg._attn_implementation = "eager"

@@ -170,19 +170,67 @@ def test_mean_init_of_new_rows(hf_dir):
     np.testing.assert_allclose(emb[300:341], np.broadcast_to(src.mean(0), (41, src.shape[1])), atol=1e-6)
 
 
-def test_legacy_config_bin_and_sharded_inputs_import_alike(tmp_path, hf_dir):
-    base = _import(hf_dir, k=0).model
-    ref = np.asarray(base.layers[1].attention.query_key_value["kernel"].get_value())
-    legacy = str(tmp_path / "legacy_bin")
-    make_hf_model(legacy, 300, legacy_config=True, safe=False)  # rotary_pct keys + pytorch_model.bin
-    assert "rope_parameters" not in json.load(open(os.path.join(legacy, "config.json")))
-    assert os.path.isfile(os.path.join(legacy, "pytorch_model.bin"))
-    sharded = str(tmp_path / "sharded")
-    load_hf(hf_dir).save_pretrained(sharded, max_shard_size="40KB")
+def test_legacy_config_bin_and_sharded_inputs_import_alike(tmp_path, tok_dir):
+    """dolly-v2-3b's own form (transformers 4.x config keys, pytorch_model.bin with embed_out) and a sharded
+    safetensors directory, with every key the legacy path reads away from its default (rotary_pct 0.5, not 0.25;
+    rotary_emb_base 5000, not 10000; sequential, not parallel, residual): each tensor and the logits equal
+    transformers' own reading of the same model."""
+    kw = dict(parallel=False, rotary_pct=0.5, rotary_base=5000, tokenizer_dir=tok_dir, seed=3)
+    modern, legacy, sharded = (str(tmp_path / n) for n in ("modern", "legacy_bin", "sharded"))
+    make_hf_model(modern, 300, **kw)
+    make_hf_model(legacy, 300, legacy_config=True, safe=False, **kw)
+    config = json.load(open(os.path.join(legacy, "config.json")))
+    assert "rope_parameters" not in config and os.path.isfile(os.path.join(legacy, "pytorch_model.bin"))
+    assert (config["rotary_pct"], config["rotary_emb_base"], config["use_parallel_residual"]) == (0.5, 5000, False)
+    ref = load_hf(modern)
+    rope = ref.config.rope_parameters
+    assert (rope["partial_rotary_factor"], rope["rope_theta"], ref.config.use_parallel_residual) == (0.5, 5000, False)
+    ref.save_pretrained(sharded, max_shard_size="40KB")
     assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    want = {k.replace("lm_head.", "embed_out."): v.numpy() for k, v in ref.state_dict().items()}
+    ids = np.random.default_rng(4).integers(0, 300, (2, 11))
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor(ids)).logits.numpy()
     for d in (legacy, sharded):
-        got = np.asarray(_import(d, k=0).model.layers[1].attention.query_key_value["kernel"].get_value())
-        np.testing.assert_array_equal(got, ref)
+        imp = _import(d, k=0)
+        cfg = imp.model.cfg
+        assert (cfg.rotary_pct, cfg.rotary_base, cfg.use_parallel_residual) == (0.5, 5000.0, False), d
+        got = {key.replace("lm_head.", "embed_out."): load() for key, load, _ in hf_gpt_neox.hf_tensors(imp.model,
+                                                                                                       "float32")}
+        assert set(want) <= set(got), sorted(set(want) - set(got))
+        for key, w in want.items():  # the table grew past HF's 300 rows (Dolly keys, padding): compare those
+            np.testing.assert_allclose(got[key][:w.shape[0]], w, atol=1e-4, rtol=0, err_msg=f"{d}: {key}")
+        np.testing.assert_allclose(np.asarray(imp.model(jnp.asarray(ids)))[..., :300], logits, atol=1e-4, rtol=0,
+                                   err_msg=d)
+
+
+class _Calls:
+    """A pickle that calls fn(*args) on load, the way a malicious __reduce__ does (as tests/test_torch_files.py)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_import_hf_refuses_a_pytorch_model_bin_that_runs_code(tmp_path, tok_dir, capsys):
+    d, out = str(tmp_path / "evil_hf"), str(tmp_path / "ckpt")
+    model = make_hf_model(d, 300, tokenizer_dir=tok_dir, safe=False)
+    marker = str(tmp_path / "SIDE_EFFECT")
+    state = {k.replace("lm_head.", "embed_out."): v for k, v in model.state_dict().items()}
+    state["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = _Calls(os.system, f"touch {marker}")
+    path = os.path.join(d, "pytorch_model.bin")
+    torch.save(state, path)
+    capsys.readouterr()
+    assert cli.main(["import-hf", "--hf", d, "--out", out, "--image-codes", str(K), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # beside the progress bars
+    assert len(errors) == 1 and errors[0].startswith("llmcxr import-hf: error:"), err
+    assert f"refusing {os.system.__module__}.system:" in errors[0] and path in errors[0], err
+    assert not os.path.exists(marker) and not os.path.exists(out)
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert os.path.exists(marker)
 
 
 def test_scan_layers_import_and_export_equal_plain(tmp_path, hf_dir):
@@ -355,3 +403,176 @@ def test_export_drops_the_sources_bookkeeping(tmp_path, hf_dir):
     exported = json.load(open(os.path.join(out, "config.json")))
     assert "custom_pipelines" not in exported and exported["use_cache"] is True
     assert exported.get("transformers_version") != "4.28.1"
+
+
+# ------------------------------------------------------------------ exports old stacks read (LLM-CXR pins
+# transformers 4.28.1 and tokenizers 0.13.3, without the safetensors package)
+
+
+def _texts():
+    """Reports, prompts, the Dolly keys and "<image>": what an LLM-CXR tokenizer has to encode alike."""
+    from hf_helpers import CORPUS
+
+    from llmcxr_jax import vocab
+    from llmcxr_jax.data import prompts
+
+    texts = list(CORPUS) + [s.lower() for s in CORPUS] + list(vocab.DOLLY_SPECIAL_TOKENS) + ["<image>", "<|endoftext|>"]
+    for instruction in ("Write the radiology report for this chest X-ray.", "Generate a chest X-ray image that "
+                        "corresponds to the report.", "Is there a pleural effusion?"):
+        texts.append(prompts.generation_prompt(instruction, prompts.IMAGE_PLACEHOLDER))
+        texts.append(prompts.generation_prompt(instruction, CORPUS[1]))
+        texts.append(prompts.format_prompt(instruction, CORPUS[2] + " " + vocab.END_KEY, "<image>"))
+    texts += ["  two  spaces\tand a tab\n\nnew lines", "ünïcödé ✓ and émphysema", "### End### Response:\n<image>",
+              "", " ", "12 mm nodule at T11-T12; 3.5 cm. (compare 2019-04-01)",
+              "FINDINGS:\n  PA and lateral views. Endotracheal tube tip 4 cm above the carina.",
+              "IMPRESSION: Interval increase in bilateral opacities, worrisome for pulmonary edema.",
+              "No focal consolidation, pleural effusion, or pneumothorax is seen.",
+              "Cardiomediastinal silhouette is unremarkable; osseous structures intact."]
+    return texts
+
+
+def test_exported_tokenizer_has_string_merges_and_encodes_like_the_source(hf_dir, round_trip):
+    """tokenizer.json's merges are "a b" strings (the form tokenizers 0.13 reads), split back they are the
+    source's merges in order, and today's tokenizers and transformers encode every text as the source does."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from llmcxr_jax import vocab
+
+    _, out = round_trip
+    source = json.load(open(os.path.join(hf_dir, "tokenizer.json")))["model"]["merges"]
+    assert all(isinstance(m, list) for m in source)  # today's tokenizers writes pairs: the export converted them
+    merges = json.load(open(os.path.join(out, "tokenizer.json")))["model"]["merges"]
+    assert merges and all(isinstance(m, str) for m in merges)
+    assert [m.split(" ") for m in merges] == source
+    ours, _, _ = vocab.load_tokenizer(hf_dir)  # the source with the Dolly keys added, as import-hf reads it
+    exported = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(out)
+    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["tokenizer_class"] == "PreTrainedTokenizerFast"
+    texts = _texts()
+    assert len(texts) >= 30
+    for text in texts:
+        want = ours.encode(text).ids
+        assert exported.encode(text).ids == want, text
+        assert hf(text, add_special_tokens=False).input_ids == want, text
+    assert [hf.convert_tokens_to_ids(t) for t in vocab.DOLLY_SPECIAL_TOKENS] == [300, 301, 302]
+
+
+def test_merges_holding_a_space_stay_pairs():
+    """A BPE without byte-level mapping can merge a real space; "a b" strings would split such a merge
+    wrongly, so those stay ["a", "b"] pairs and still read back identically."""
+    from tokenizers import Tokenizer, models, trainers
+
+    from llmcxr_jax import vocab
+
+    tok = Tokenizer(models.BPE())  # no pre-tokenizer: the space is an ordinary symbol
+    tok.train_from_iterator(["no acute process. no effusion. no pneumothorax."] * 20,
+                            trainers.BpeTrainer(vocab_size=60, show_progress=False))
+    pairs = json.loads(tok.to_str())["model"]["merges"]
+    assert any(" " in part for m in pairs for part in m)
+    written = json.loads(vocab.portable_tokenizer_json(tok))["model"]["merges"]
+    assert written == pairs
+    back = Tokenizer.from_str(vocab.portable_tokenizer_json(tok))
+    assert back.encode("no acute effusion.").ids == tok.encode("no acute effusion.").ids
+
+
+def test_import_reads_both_merge_forms(tmp_path, hf_dir):
+    """A HF directory whose tokenizer.json has ["a", "b"] merges (tokenizers >= 0.20) and one with "a b"
+    merges (older, and our exports) import to the same tokenizer and weights."""
+    strings = str(tmp_path / "string_merges")
+    shutil.copytree(hf_dir, strings)
+    data = json.load(open(os.path.join(strings, "tokenizer.json")))
+    assert isinstance(data["model"]["merges"][0], list)  # hf_dir keeps the pair form
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    json.dump(data, open(os.path.join(strings, "tokenizer.json"), "w"))
+    a, b = _import(hf_dir), _import(strings)
+    assert a.layout == b.layout and a.special == b.special
+    for text in _texts():
+        assert a.tokenizer.encode(text).ids == b.tokenizer.encode(text).ids, text
+    np.testing.assert_array_equal(np.asarray(a.model.embed_in["embedding"].get_value()),
+                                  np.asarray(b.model.embed_in["embedding"].get_value()))
+
+
+def _bin_tensors(directory):
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".bin"):
+            part = torch.load(os.path.join(directory, name), weights_only=True)  # plain tensors only
+            assert all(type(t) is torch.Tensor for t in part.values())
+            out.update({k: t.numpy() for k, t in part.items()})
+    return out
+
+
+def _logits_match(ckpt, directory):
+    lm = checkpoint.load_lm(ckpt, sharding.make_mesh(MESH), dtype="float32")
+    hf = load_hf(directory)
+    rng = np.random.default_rng(4)
+    ids, mask, pos = left_padded_batch(rng, 303, [16, 9], 16)
+    ids[:, -6:] = lm.layout.image_token(rng.integers(0, K, (2, 6)))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos)).logits.numpy()
+    got = np.asarray(lm.model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[..., :341][real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_bin_export_loads_with_weights_only_and_in_transformers(tmp_path, round_trip):
+    """--weights bin: pytorch_model.bin alone, plain tensors equal to the safetensors export's, read by
+    torch.load(weights_only=True) and by transformers, which gives our logits; the card names the file."""
+    ckpt, out = round_trip
+    b = str(tmp_path / "bin")
+    assert cli.main(["export-hf", "--ckpt", ckpt, "--out", b, "--weights", "bin"]) == 0
+    names = sorted(os.listdir(b))
+    assert "pytorch_model.bin" in names and not [n for n in names if "safetensors" in n or "index" in n]
+    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(names)
+    got, want = _bin_tensors(b), _tensors(out)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    _logits_match(ckpt, b)
+    card = open(os.path.join(b, "README.md"), encoding="utf-8").read()
+    assert "- Files: `pytorch_model.bin`, `config.json`" in card and "weights_only=True" in card
+    assert "model.safetensors" not in card
+
+
+def test_sharded_bin_export_has_transformers_names_and_index(tmp_path, round_trip):
+    """--weights bin past --max-shard-size: pytorch_model-0000N-of-0000M.bin plus pytorch_model.bin.index.json
+    naming every tensor's shard; transformers loads it. --weights both writes the same tensors twice."""
+    ckpt, out = round_trip
+    b = str(tmp_path / "bin")
+    assert cli.main(["export-hf", "--ckpt", ckpt, "--out", b, "--weights", "bin", "--max-shard-size", "60KB"]) == 0
+    shards = sorted(n for n in os.listdir(b) if n.endswith(".bin"))
+    total = len(shards)
+    assert total > 2 and shards == [f"pytorch_model-{i:05d}-of-{total:05d}.bin" for i in range(1, total + 1)]
+    index = json.load(open(os.path.join(b, "pytorch_model.bin.index.json")))
+    tensors = _bin_tensors(b)
+    assert set(index["weight_map"]) == set(tensors) == set(_tensors(out))
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    for key, shard in index["weight_map"].items():
+        assert key in torch.load(os.path.join(b, shard), weights_only=True)
+    _logits_match(ckpt, b)
+    both = str(tmp_path / "both")
+    assert cli.main(["export-hf", "--ckpt", ckpt, "--out", both, "--weights", "both", "--max-shard-size", "60KB"]) == 0
+    assert os.path.isfile(os.path.join(both, "model.safetensors.index.json"))
+    st, bn = _tensors(both), _bin_tensors(both)
+    assert set(st) == set(bn) == set(tensors)
+    for key in st:
+        np.testing.assert_array_equal(st[key], bn[key])
+    card = open(os.path.join(both, "README.md"), encoding="utf-8").read()
+    assert "`model.safetensors.index.json`" in card and "`pytorch_model.bin.index.json`" in card
+
+
+def test_bf16_bin_export_keeps_the_bits(tmp_path, hf_dir):
+    import ml_dtypes
+
+    imp = _import(hf_dir, param_dtype="bfloat16", dtype="bfloat16")
+    out = str(tmp_path / "bf16")
+    assert hf_gpt_neox.export_hf(imp.model, out, dtype="bfloat16", weights="both") == [
+        "model.safetensors", "pytorch_model.bin"]
+    state = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
+    key = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+    assert state[key].dtype == torch.bfloat16
+    np.testing.assert_array_equal(state[key].view(torch.uint16).numpy(),
+                                  _tensors(out)[key].astype(ml_dtypes.bfloat16).view(np.uint16))

@@ -106,15 +106,29 @@ def test_generated_report_equals_transformers_decode_of_its_ids(env):
     the very ids the sampler emitted."""
     hf = hf_tokenizer(env["fixed"])
     g = tasks.Generator.load(env["fixed"], env["vqgan"])
-    emitted: list[list[int]] = []
-    responses = g.responses
-    g.responses = lambda out: emitted.extend(responses(out)) or emitted[-len(out.tokens):]
-    reports = g.report([env["image"]] * 3, tasks.default_sampling("report", False, 40, g.codes_per_image), 5)
+    made = g.report_results([env["image"]] * 3, tasks.default_sampling("report", False, 40, g.codes_per_image), 5)
+    reports, emitted = made.texts, [g.response_of(ids) for ids in made.generated_ids]
     assert len(emitted) == 3 and all(len(r) == 40 for r in emitted)
     assert reports == [hf.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
                        for r in emitted]
     raw = [hf.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip() for r in emitted]
     assert all(" ." in r and len(t) < len(r) for r, t in zip(raw, reports))  # spaces before stops were removed
+
+
+def test_image_ids_in_a_text_response_decode_as_transformers_drops_them(env):
+    """allow_image_tokens_in_text: the fixed LM samples image ids (ids beyond the tokenizer) into a
+    report; transformers' decode (with or without skip_special_tokens, the original's default being
+    without) leaves them out, and so does ours: the same text as the report's text ids alone."""
+    hf = hf_tokenizer(env["fixed"])
+    g = tasks.Generator.load(env["fixed"], env["vqgan"], allow_image_tokens_in_text=True)
+    made = g.report_results([env["image"]] * 3, tasks.default_sampling("report", False, 40, g.codes_per_image), 5)
+    t = g.lm.layout.text_size
+    assert all(sum(i >= t for i in ids) > 3 for ids in made.generated_ids)  # Binomial(40, 16/60) of them
+    for text, ids in zip(made.texts, made.generated_ids):
+        response = g.response_of(ids)
+        for skip in (True, False):
+            assert text == hf.decode(response, skip_special_tokens=skip, clean_up_tokenization_spaces=True).strip()
+        assert text == hf.decode([i for i in response if i < t], clean_up_tokenization_spaces=True).strip()
 
 
 # ------------------------------------------------------------------ report->CXR retries

@@ -219,13 +219,13 @@ def test_instructions_are_drawn_per_image_and_recorded(capsys, env, tmp_path, mo
     base = ["--tasks", "report", "--max-new-tokens", "2", "--greedy", "--ci-samples", "0", "--text-tokenizer",
             "simple", "--seed", "5", "--instructions", str(tmp_path / "report.txt")]
     used, prompted = {}, []
-    real_report = E.tasks.Generator.report
+    real_report = E.tasks.Generator.report_results
 
     def report(self, paths, sampling, seed=0, instruction=None):  # what the prompts were built with
         prompted.extend(instruction)
         return real_report(self, paths, sampling, seed, instruction)
 
-    monkeypatch.setattr(E.tasks.Generator, "report", report)
+    monkeypatch.setattr(E.tasks.Generator, "report_results", report)
     for name, extra in (("a", ["--batch-size", "2"]), ("b", ["--batch-size", "3"]), ("first2", ["--max-images", "2"])):
         code, _, err = _evaluate(capsys, env, tmp_path / name, *base, *extra)
         assert code == 0, err
@@ -349,3 +349,59 @@ def test_eval_list_selects_the_evaluation_images(capsys, env, tmp_path):
     assert not (tmp_path / "SIDE_EFFECT").exists() and not (tmp_path / "b").exists()
     code, _, err = _evaluate(capsys, env, tmp_path / "m", "--tasks", "report", "--eval-list", str(tmp_path / "no"))
     assert code == 2 and "does not exist" in err and "leave out --eval-list" in err, err
+
+
+REPORT_TEXTS = ["No acute cardiopulmonary process.", "Patchy opacity in the left upper lobe. Small left effusion.",
+                "Mild cardiomegaly. Possible right lower lobe consolidation.", "Moderate pulmonary edema.",
+                "Heart size is normal. No pleural effusion or pneumothorax."]
+
+
+def _close_to_the_written(recomputed, written, where):
+    """metrics.json's numbers are the recomputed ones, float for float (JSON keeps a float64 exactly)."""
+    np.testing.assert_equal(json.loads(json.dumps(recomputed, default=float)), written, err_msg=where)
+
+
+def test_metrics_json_is_what_its_written_files_give(capsys, env, tmp_path, monkeypatch):
+    """Label F1/AUROC, BLEU/ROUGE/CIDEr and VQA scores recomputed from reports.csv and vqa.jsonl alone equal
+    metrics.json's. The random LM's reports and answers are swapped for labelled text (as written, with
+    their ids), so the scores are not all zero and a swapped argument or dropped row shows."""
+    from llmcxr_jax.eval import labeler, vqa_metrics
+    from llmcxr_jax.eval.report_metrics import text_metrics
+
+    real_report, real_answer = E.tasks.Generator.report_results, E.tasks.Generator.answer_results
+    made = {"report": 0, "vqa": 0}
+
+    def report(self, paths, *args, **kw):
+        out = real_report(self, paths, *args, **kw)
+        texts = [REPORT_TEXTS[(made["report"] + i) % len(REPORT_TEXTS)] for i in range(len(paths))]
+        made["report"] += len(paths)
+        return out._replace(texts=texts)
+
+    def answer(self, paths, *args, **kw):
+        out = real_answer(self, paths, *args, **kw)
+        texts = [("yes", "no", "left")[(made["vqa"] + i) % 3] for i in range(len(paths))]
+        made["vqa"] += len(paths)
+        return out._replace(texts=texts)
+
+    monkeypatch.setattr(E.tasks.Generator, "report_results", report)
+    monkeypatch.setattr(E.tasks.Generator, "answer_results", answer)
+    code, _, err = _evaluate(capsys, env, tmp_path, "--tasks", "report,vqa", "--max-new-tokens", "2", "--max-vqa",
+                             "6", "--batch-size", "3", "--ci-samples", "0", "--text-tokenizer", "simple")
+    assert code == 0, err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    references, generated = _column(tmp_path / "reports.csv", "reference"), _column(tmp_path / "reports.csv",
+                                                                                     "generated")
+    assert generated == [REPORT_TEXTS[i % len(REPORT_TEXTS)] for i in range(env["n_eval"])]
+    for name, texts in (("reference", references), ("generated", generated)):  # the labeler's input files
+        with open(tmp_path / f"{name}_reports.csv", newline="", encoding="utf-8") as f:
+            assert [row[0] for row in csv.reader(f)] == [" ".join(t.split()) for t in texts], name
+    labels = label_metrics(labeler.label_reports(references), labeler.label_reports(generated), ci_samples=0)
+    assert 0 < labels["f1_micro"] < 1, labels["f1_micro"]
+    _close_to_the_written(labels, m["report"]["labels"], "labels")
+    _close_to_the_written(text_metrics(generated, references, tokenizer="simple"), m["report"]["text"], "text")
+    rows = [json.loads(line) for line in (tmp_path / "vqa.jsonl").read_text().splitlines()]
+    assert len(rows) == m["n_vqa"] == 6
+    vqa = vqa_metrics.vqa_scores([r["generated"] for r in rows], [r["reference"] for r in rows],
+                                 [r["question_type"] for r in rows])
+    assert 0 < vqa["all"]["score"] < 1, rows
+    _close_to_the_written(vqa, m["vqa"], "vqa")

@@ -50,5 +50,5 @@ def test_every_command_is_in_exactly_one_family():
     seen = [name for family in cli_main.FAMILIES for name in family.commands.by_name]
     assert len(seen) == len(set(seen))
     assert {"synth", "train-vqgan", "encode-images", "train", "generate", "evaluate", "import-hf", "export-hf",
-            "import-vqgan", "export-vqgan", "compile-check", "extract-instructions", "demo"} <= set(seen)
+            "import-vqgan", "export-vqgan", "export", "compile-check", "extract-instructions", "demo"} <= set(seen)
     assert "extract-instructions" in cli_main.data.commands.by_name  # a data command: it writes input files

@@ -16,6 +16,7 @@ from flax import nnx
 from lm_run_helpers import STAGE1, make_setup
 
 from llmcxr_jax import checkpoint
+from llmcxr_jax.train import tensorboard
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -62,15 +63,25 @@ def test_two_processes_equal_one(tmp_path):
         detail = "".join(open(os.path.join(logs, f)).read()[-1500:] for f in sorted(os.listdir(logs))) \
             if p is procs[0] and os.path.isdir(logs) else ""
         assert p.returncode == 0, err[-3000:] + detail
+        if p is single:
+            out_single = out
     assert sorted(os.listdir(os.path.join(multi, "logs"))) == ["process_0.log", "process_1.log"]
-    for i in range(2):  # each process ran to the end and printed the train summary
-        assert '"step": 4' in open(os.path.join(multi, "logs", f"process_{i}.log")).read()
+    for i in range(2):  # each process ran to the end in one JAX cluster of 2 processes over a 4-device mesh
+        summary = [json.loads(line) for line in open(os.path.join(multi, "logs", f"process_{i}.log"))
+                   if line.startswith("{") and '"checkpoints"' in line]
+        assert [(s["step"], s["processes"], s["devices"]) for s in summary] == [(4, 2, 4)], i
+    single_summary = json.loads(out_single.strip().splitlines()[-1])
+    assert (single_summary["processes"], single_summary["devices"]) == (1, 4)
     a, b = _params(os.path.join(multi, "checkpoints")), _params(str(tmp_path / "single" / "checkpoints"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         # gloo sums the gradient shards in another order than one process: equal to float rounding
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    with open(os.path.join(multi, "metrics.jsonl")) as f:
-        assert sum(1 for line in f if '"loss"' in line) == 4  # process 0 logs alone
+    with open(os.path.join(multi, "metrics.jsonl")) as f:  # process 0 logs alone: each step once
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
+    boards = os.listdir(os.path.join(multi, "tensorboard"))
+    assert len(boards) == 1, boards  # one event file, not one per process
+    scalars = tensorboard.read_scalars(os.path.join(multi, "tensorboard", boards[0]))
+    assert [s for s, tag, _ in scalars if tag == "loss"] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow  # the stop agreement itself is proven (fast) in tests/test_preemption.py

@@ -1,5 +1,7 @@
 """`llmcxr train` in a subprocess: SIGTERM (TPU preemption) saves a checkpoint and exits 0;
-SIGKILL at an arbitrary step, then resume, equals an uninterrupted run bit for bit."""
+SIGKILL past a checkpoint, or while an asynchronous save is in flight, then resume, replays the lost
+steps and equals an uninterrupted run bit for bit (tests/kill_worker.py freezes the child where the
+kill must land)."""
 import json
 import os
 import signal
@@ -25,10 +27,13 @@ def setup(tmp_path_factory):
     return make_setup(str(tmp_path_factory.mktemp("sigsetup")))
 
 
-def _spawn(setup, workdir, *overrides):
+def _spawn(setup, workdir, *overrides, freeze=None):
+    """freeze: tests/kill_worker.py's environment (KILL_PAUSE_AT_LOG / KILL_HANG_COMMIT, KILL_MARKER)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
-    args = [sys.executable, "-m", "llmcxr_jax.cli", "train", "--config", f"{STAGE1}:tiny", "--workdir", str(workdir),
+               JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+               **(freeze or {}))
+    entry = [os.path.join(os.path.dirname(__file__), "kill_worker.py")] if freeze else ["-m", "llmcxr_jax.cli"]
+    args = [sys.executable, *entry, "train", "--config", f"{STAGE1}:tiny", "--workdir", str(workdir),
             f"--config.data.root={setup['root']}", f"--config.data.codes={setup['codes']}",
             f"--config.data.tokenizer={setup['tokenizer']}", "--config.model.image_codes=64",
             "--config.data.dolly_eval_rows=20", "--config.train.eval_every=0", "--config.train.log_every=1",
@@ -70,21 +75,88 @@ def test_sigterm_saves_and_exits_zero(setup, tmp_path):
         saved.close()
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
-    common = ["--config.train.steps=9", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-              "--config.train.eval_every=0"]
-    lm.train(tiny_config(setup, *common), str(tmp_path / "straight"), echo=False)
-    proc = _spawn(setup, tmp_path / "killed", "--config.train.steps=9", "--config.train.checkpoint_every=2")
-    _wait_for_step(proc, str(tmp_path / "killed"), 5)
+COMMON = ["--config.train.steps=9", "--config.train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """An uninterrupted 9-step run: (final parameters, {step: loss})."""
+    workdir = tmp_path_factory.mktemp("straight")
+    lm.train(tiny_config(setup, *COMMON, "--config.train.log_every=1", "--config.train.eval_every=0"), str(workdir),
+             echo=False)
+    return _params(str(workdir / "checkpoints")), _losses(read_metrics(str(workdir / "metrics.jsonl")))
+
+
+def _losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _latest_complete(ckpt_dir):
+    saved = checkpoint.TrainCheckpointer(ckpt_dir, keep=5)
+    try:
+        return saved.latest_step()
+    finally:
+        saved.close()
+
+
+def _kill_frozen(setup, workdir, freeze, ready, timeout=300):
+    """Run the child until kill_worker.py has frozen it (its marker exists) and ready() holds, then SIGKILL it."""
+    marker = os.path.join(workdir, "frozen")
+    proc = _spawn(setup, workdir, *COMMON, freeze={**freeze, "KILL_MARKER": marker})
+    deadline = time.time() + timeout
+    while not (os.path.isfile(marker) and ready()):
+        if proc.poll() is not None:
+            raise AssertionError(f"train exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("the child never froze where the kill must land")
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    lm.train(tiny_config(setup, *common), str(tmp_path / "killed"), echo=False)
-    a, b = _params(str(tmp_path / "straight" / "checkpoints")), _params(str(tmp_path / "killed" / "checkpoints"))
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _resume_replays_and_matches(setup, straight, workdir):
+    """Before the resume the newest complete checkpoint is older than the step the child had logged;
+    the resume restores it and replays every later step with the uninterrupted run's losses and ends
+    with its parameters, bit for bit. Returns (checkpoint restored, step the child had reached)."""
+    ckpt_dir, path = str(workdir / "checkpoints"), str(workdir / "metrics.jsonl")
+    before = read_metrics(path)
+    reached = max(_losses(before))
+    saved = _latest_complete(ckpt_dir)
+    assert saved is not None and saved < reached, (saved, reached)
+    assert _losses(before) == {s: straight[1][s] for s in _losses(before)}
+    lm.train(tiny_config(setup, *COMMON, "--config.train.log_every=1", "--config.train.eval_every=0"), str(workdir),
+             echo=False)
+    resumed = _losses(read_metrics(path)[len(before):])
+    assert sorted(resumed) == list(range(saved + 1, 10)) and min(resumed) <= reached  # the lost steps re-ran
+    assert resumed == {s: straight[1][s] for s in resumed}
+    a, b = straight[0], _params(ckpt_dir)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    last = {}
-    for r in read_metrics(str(tmp_path / "killed" / "metrics.jsonl")):
-        if "loss" in r:
-            last[r["step"]] = r["loss"]  # re-run steps after the restored checkpoint overwrite
-    straight = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "straight" / "metrics.jsonl")) if "loss" in r}
-    assert last == straight
+    return saved, reached
+
+
+def test_sigkill_past_a_checkpoint_then_resume_equals_an_uninterrupted_run(setup, straight, tmp_path):
+    """Killed at step 5 (after step 4's save committed): the resume restores 4 and replays 5..9."""
+    ckpt_4 = tmp_path / "checkpoints" / "4"
+    _kill_frozen(setup, str(tmp_path), {"KILL_PAUSE_AT_LOG": "5"}, ready=ckpt_4.is_dir)
+    assert _resume_replays_and_matches(setup, straight, tmp_path) == (4, 5)
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_previous_one(setup, straight, tmp_path):
+    """Killed while step 4's asynchronous save has written its files but not committed them: orbax's
+    temporary directory is ignored, the resume restores step 2 and replays 3..9."""
+    ckpt_dir = tmp_path / "checkpoints"
+
+    def step_5_logged():
+        path = tmp_path / "metrics.jsonl"
+        return path.is_file() and max(_losses(read_metrics(str(path))), default=0) >= 5
+
+    _kill_frozen(setup, str(tmp_path), {"KILL_HANG_COMMIT": "4"}, ready=step_5_logged)
+    partial = [p for p in os.listdir(ckpt_dir) if p.startswith("4.") and "tmp" in p]
+    assert partial and not (ckpt_dir / "4").exists(), os.listdir(ckpt_dir)
+    assert os.listdir(ckpt_dir / partial[0])  # the step's files were written, only the commit was missing
+    saved, reached = _resume_replays_and_matches(setup, straight, tmp_path)
+    assert saved == 2 and reached >= 5

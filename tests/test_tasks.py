@@ -58,7 +58,8 @@ def test_image_responses_always_hold_h_times_w_codes(env):
     g = tasks.Generator.load(env["lm"], env["vqgan"])
     sampling = tasks.default_sampling("image", False, None, g.codes_per_image)
     for seed in range(3):
-        images, codes, retries, ok, found = g.image(["Mild cardiomegaly.", "No acute process."], sampling, seed)
+        images, codes, retries, ok, found, _, _ = g.image(["Mild cardiomegaly.", "No acute process."], sampling,
+                                                          seed)
         assert codes.shape == (2, 16) and codes.min() >= 0 and codes.max() < 64
         assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
         assert ok.all() and (retries == 0).all() and (found == 16).all()

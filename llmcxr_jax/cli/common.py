@@ -79,7 +79,8 @@ def add_sampling(p) -> None:
 
 
 def add_decoding(p) -> None:
-    """How report->CXR decodes, the LM's compute dtype and the text clean-up (generate, evaluate)."""
+    """How report->CXR decodes, the LM's compute dtype, the text clean-up and the switches that decode text
+    as LLM-CXR did (generate, evaluate)."""
     p.add_argument("--image-decoding", default="constrained", choices=("constrained", "retry"),
                    help="report->CXR: constrained (the response is forced to exactly h*w image tokens) or retry "
                    "(LLM-CXR's way: sample freely, h*w + 44 new tokens, again until exactly h*w image tokens)")
@@ -90,6 +91,15 @@ def add_decoding(p) -> None:
     p.add_argument("--keep-tokenization-spaces", action="store_true",
                    help="keep spaces before . , ! ? and contractions in text outputs (default: removed, as "
                    "transformers' clean_up_tokenization did for LLM-CXR)")
+    # Our deliberate departures from LLM-CXR's text decoding; each flag turns one off, for a like-for-like run.
+    p.add_argument("--allow-image-tokens-in-text", action="store_true",
+                   help="reports, answers and text responses may sample image tokens, as LLM-CXR's did (default: "
+                   "masked); their text drops them, as the original's decode did")
+    p.add_argument("--stop-at-end-key-only", action="store_true",
+                   help="text responses stop at '### End' only, as LLM-CXR's did (default: at <|endoftext|> too)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="special tokens inside a text response stay in its text, as LLM-CXR's decode kept them "
+                   "(default: left out)")
 
 
 def decoding_settings(args) -> dict:
@@ -97,6 +107,12 @@ def decoding_settings(args) -> dict:
     --max-retries keeps the library's default."""
     given = {"image_decoding": args.image_decoding, "max_retries": args.max_retries}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def text_decoding_settings(args) -> dict:
+    """The departure flags of add_decoding as keyword arguments of tasks.Generator.load / EvalOptions."""
+    return {"allow_image_tokens_in_text": args.allow_image_tokens_in_text,
+            "stop_at_end_key_only": args.stop_at_end_key_only, "keep_special_tokens": args.keep_special_tokens}
 
 
 def add_instructions(p, applies_to: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from llmcxr_jax.cli.common import Commands, add_mesh, byte_size, emit, tensor_progress
+from llmcxr_jax.cli.common import Commands, add_lm_ckpt, add_mesh, add_vqgan_ckpt, byte_size, emit, tensor_progress
 from llmcxr_jax.errors import UsageError
 
 commands = Commands()
@@ -55,32 +55,38 @@ def _export_hf_flags(p) -> None:
     p.add_argument("--ckpt", required=True, help="orbax LM checkpoint directory (or a train WORKDIR)")
     p.add_argument("--out", required=True, help="directory for the HF files")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    p.add_argument("--weights", default="safetensors", choices=("safetensors", "bin", "both"),
+                   help="model.safetensors, pytorch_model.bin (for stacks without safetensors, such as LLM-CXR's "
+                        "transformers 4.28.1), or both")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weight files into shards above this size")
     add_mesh(p, "1,-1,1")
 
 
-@commands.add("export-hf", "orbax checkpoint -> HF GPT-NeoX directory (config, safetensors, tokenizer)",
+@commands.add("export-hf", "orbax checkpoint -> HF GPT-NeoX directory (config, safetensors / .bin, tokenizer)",
               flags=_export_hf_flags)
 def export_hf(args) -> None:
     from llmcxr_jax import checkpoint, sharding
     from llmcxr_jax.convert import hf_gpt_neox
 
     max_shard_bytes = byte_size(args.max_shard_size)
+    hf_gpt_neox.weight_formats(args.weights)  # torch missing for .bin: said before the checkpoint is read
     lm = checkpoint.load_lm(args.ckpt, sharding.make_mesh(args.mesh))
     with tensor_progress(hf_gpt_neox.count_tensors(lm.config), "export") as tick:
         names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),
                                       image_codes=lm.layout.image_codes, tokenizer=lm.tokenizer,
                                       tokenizer_config=lm.tokenizer_config, special=lm.special,
-                                      max_shard_bytes=max_shard_bytes, progress=tick)
+                                      weights=args.weights, max_shard_bytes=max_shard_bytes, progress=tick)
     emit({"out": args.out, "files": names, "vocab_size": lm.config.vocab_size, "dtype": args.dtype})
 
 
 def _import_vqgan_flags(p) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--taming", help="taming / LLM-CXR Lightning .ckpt (or a bare state dict)")
+    source.add_argument("--taming", help="taming / LLM-CXR Lightning .ckpt (or a bare state dict), or a taming "
+                        "folder (configs/*.yaml + checkpoints/last.ckpt, as export-vqgan --format taming writes)")
     source.add_argument("--diffusers", help="diffusers VQModel directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="new directory for the orbax checkpoint")
-    p.add_argument("--taming-config", default=None, help="taming model YAML; default: infer from shapes")
+    p.add_argument("--taming-config", default=None, help="taming model YAML; default: the folder's configs/*.yaml "
+                   "or FILE.yaml beside FILE.ckpt, else infer from shapes")
     p.add_argument("--resolution", type=int, default=None,
                    help="--taming: input size when inferring (weights do not record it; LLM-CXR: 256)")
 
@@ -99,24 +105,29 @@ def import_vqgan(args) -> None:
                              "config.json gives the architecture")
         model = diffusers_vqgan.import_diffusers(args.diffusers)
     else:
-        sd = taming_vqgan.read_ckpt(args.taming)
-        if args.taming_config:
-            cfg = taming_vqgan.config_from_yaml(args.taming_config)
+        files = taming_vqgan.find_taming_files(args.taming, args.taming_config)
+        sd = taming_vqgan.read_ckpt(files.ckpt)
+        if files.config:
+            cfg = taming_vqgan.config_from_yaml(files.config)
+            if args.resolution not in (None, cfg.resolution):
+                raise UsageError(f"--resolution {args.resolution} disagrees with {files.config} "
+                                 f"(resolution {cfg.resolution}); leave it out")
         else:
             cfg = taming_vqgan.config_from_state_dict(sd, resolution=args.resolution or 256)
         model, ignored = taming_vqgan.from_taming_state_dict(sd, cfg)
     checkpoint.save_vqgan(args.out, model, extra_metadata={"source": os.path.abspath(args.diffusers or args.taming)})
     emit({"out": args.out, "config": model.cfg.to_dict(), "codes_per_image": model.cfg.codes_per_image,
-          "ignored_loss_tensors": len(ignored)})
+          "ignored_loss_tensors": len(ignored), **({} if args.diffusers else {"taming_config": files.config})})
 
 
 def _export_vqgan_flags(p) -> None:
     p.add_argument("--ckpt", required=True, help="orbax VQ-GAN checkpoint directory (or a train-vqgan WORKDIR)")
     p.add_argument("--format", required=True, choices=("taming", "diffusers"))
-    p.add_argument("--out", required=True, help="FILE.ckpt for taming, a directory for diffusers")
+    p.add_argument("--out", required=True, help="taming: a folder (configs/model.yaml, checkpoints/last.ckpt) or "
+                   "FILE.ckpt (FILE.yaml beside it); diffusers: a folder")
 
 
-@commands.add("export-vqgan", "orbax VQ-GAN checkpoint -> taming .ckpt or diffusers VQModel directory",
+@commands.add("export-vqgan", "orbax VQ-GAN checkpoint -> taming folder / .ckpt + YAML or diffusers VQModel directory",
               flags=_export_vqgan_flags)
 def export_vqgan(args) -> None:
     from llmcxr_jax import checkpoint, sharding
@@ -124,10 +135,43 @@ def export_vqgan(args) -> None:
 
     model, _ = checkpoint.load_vqgan(args.ckpt, sharding.make_mesh("-1,1,1"))
     if args.format == "taming":
-        taming_vqgan.write_ckpt(model, args.out)
+        files = taming_vqgan.export_taming(model, args.out)
+        emit({"out": args.out, "format": args.format, "ckpt": files.ckpt, "config": files.config})
     else:
         diffusers_vqgan.export_diffusers(model, args.out)
-    emit({"out": args.out, "format": args.format})
+        emit({"out": args.out, "format": args.format})
+
+
+def _export_flags(p) -> None:
+    add_lm_ckpt(p)
+    add_vqgan_ckpt(p)
+    p.add_argument("--out", required=True, help="new directory: hf/, taming/, diffusers/ and README.md")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="the LM's weights")
+    p.add_argument("--weights", default="safetensors", choices=("safetensors", "bin", "both"),
+                   help="the LM's weight files, as export-hf writes them")
+    p.add_argument("--max-shard-size", default="5GB", help="split the LM's weight files into shards above this size")
+    add_mesh(p, "1,-1,1")
+
+
+@commands.add("export", "LM + VQ-GAN -> one folder for PyTorch: HF LM, taming and diffusers VQ-GAN, README",
+              flags=_export_flags)
+def export(args) -> None:
+    from llmcxr_jax import checkpoint, sharding
+    from llmcxr_jax.convert import bundle, hf_gpt_neox
+
+    max_shard_bytes = byte_size(args.max_shard_size)
+    _new_dir(args.out)
+    vqgan, _ = checkpoint.load_vqgan(args.vqgan, sharding.make_mesh("-1,1,1"))
+    # K is checked before the LM's weights are read
+    bundle.check_codebook(checkpoint.read_lm_metadata(checkpoint.model_dir(args.ckpt, "lm")).layout.image_codes,
+                          vqgan.cfg.n_embed)
+    lm = checkpoint.load_lm(args.ckpt, sharding.make_mesh(args.mesh))
+    with tensor_progress(hf_gpt_neox.count_tensors(lm.config), "export") as tick:
+        b = bundle.write_bundle(lm, vqgan, args.out, dtype=args.dtype, weights=args.weights,
+                                max_shard_bytes=max_shard_bytes, progress=tick)
+    emit({"out": b.out, "hf": b.hf, "hf_files": list(b.hf_files), "taming_config": b.taming_config,
+          "taming_ckpt": b.taming_ckpt, "diffusers": b.diffusers, "readme": b.readme, "text_size": b.text_size,
+          "image_codes": b.image_codes})
 
 
 def _convert_weights_flags(p) -> None:

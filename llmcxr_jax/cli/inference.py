@@ -16,6 +16,7 @@ from llmcxr_jax.cli.common import (
     decoding_settings,
     emit,
     sampling_settings,
+    text_decoding_settings,
 )
 from llmcxr_jax.errors import MissingInputError, UsageError
 
@@ -36,7 +37,8 @@ def _generate_flags(p) -> None:
     p.add_argument("--text", default=None, help="plain instruction (text)")
     add_instructions(p, "report, image")
     p.add_argument("--inputs", default=None, help="batch: a file with one input per line, or an image folder")
-    p.add_argument("--out", required=True, help="directory for results.jsonl (and PNGs for --task image)")
+    p.add_argument("--out", required=True, help="directory for results.jsonl (text, prompt / generated token ids, "
+                   "image codes) and PNGs for --task image")
     add_sampling(p)
     add_decoding(p)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -55,7 +57,8 @@ def generate(args) -> None:
     decoding = _decoding(args)
     if args.image_decoding != "constrained" and args.task != "image":
         raise UsageError(f"--image-decoding applies to --task image, not {args.task}")
-    g = tasks.Generator.load(args.ckpt, args.vqgan, dtype=args.dtype, clean_up_spaces=not args.keep_tokenization_spaces)
+    g = tasks.Generator.load(args.ckpt, args.vqgan, dtype=args.dtype, clean_up_spaces=not args.keep_tokenization_spaces,
+                             **text_decoding_settings(args))
     sampling = tasks.default_sampling(args.task, args.greedy, args.max_new_tokens, g.codes_per_image,
                                       **sampling_settings(args), image_decoding=args.image_decoding)
     rows = tasks.run_task(g, args.task, inputs, args.out, sampling, args.seed, chosen, args.question, **decoding)
@@ -110,7 +113,8 @@ def _evaluate_flags(p) -> None:
     add_lm_ckpt(p)
     add_vqgan_ckpt(p)
     add_data_root(p)
-    p.add_argument("--out", required=True, help="directory for metrics.json, metrics.md, reports.csv, grids")
+    p.add_argument("--out", required=True, help="directory for metrics.json, metrics.md, reports.csv, grids and the "
+                   "token ids per row (reports.jsonl, images.jsonl, vqa.jsonl)")
     p.add_argument("--tasks", default="report,image,vqa", help="comma-separated subset of report,image,vqa")
     p.add_argument("--max-images", type=int, default=0, help="first N evaluation images (0: all)")
     p.add_argument("--max-vqa", type=int, default=0, help="first N VQA questions of those images (0: all)")
@@ -159,7 +163,7 @@ def evaluate(args) -> None:
                                 text_tokenizer=args.text_tokenizer,
                                 report_instructions=given.get("report", ()), image_instructions=given.get("image", ()),
                                 **_decoding(args), dtype=args.dtype,
-                                clean_up_spaces=not args.keep_tokenization_spaces)
+                                clean_up_spaces=not args.keep_tokenization_spaces, **text_decoding_settings(args))
     metrics = evaluate.evaluate(args.ckpt, args.vqgan, args.data, args.out, opts)
     with open(os.path.join(args.out, "metrics.md")) as f:
         print(f.read(), file=sys.stderr)

@@ -3,8 +3,9 @@
 Import reads a HF directory tensor by tensor (safetensors, sharded safetensors, or
 pytorch_model.bin) and places each tensor on the mesh, extending the vocabulary by K image
 rows as HF resize_token_embeddings(T + K) would. Export writes config.json, (sharded)
-model.safetensors and the tokenizer, with the table padding sliced off, plus generation_config.json
-and a model card (convert/hf_model_card.py).
+model.safetensors and / or pytorch_model.bin, and the tokenizer, in forms that transformers 4.28 and
+tokenizers 0.13 (LLM-CXR's pins) through today's read, with the table padding sliced off, plus
+generation_config.json and a model card (convert/hf_model_card.py).
 """
 from __future__ import annotations
 
@@ -434,20 +435,73 @@ def _to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
+WEIGHT_FORMATS = ("safetensors", "bin", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How transformers names one format's files: a single file, or numbered shards plus an index."""
+
+    single: str  # model.safetensors / pytorch_model.bin
+    stem: str  # shard N of M is f"{stem}-{N:05d}-of-{M:05d}.{ext}"
+    ext: str
+
+    def names(self, total: int) -> list[str]:
+        if total == 1:
+            return [self.single]
+        return [f"{self.stem}-{n:05d}-of-{total:05d}.{self.ext}" for n in range(1, total + 1)]
+
+    @property
+    def index(self) -> str:
+        return self.single + ".index.json"
+
+
+SAFETENSORS = WeightFormat("model.safetensors", "model", "safetensors")
+TORCH_BIN = WeightFormat("pytorch_model.bin", "pytorch_model", "bin")  # what transformers 4.28 and 5.x name
+
+
+def weight_formats(weights: str) -> list[WeightFormat]:
+    """The formats --weights names; one with .bin files needs torch, checked here."""
+    if weights not in WEIGHT_FORMATS:
+        raise UsageError(f"--weights {weights!r} is not one of {WEIGHT_FORMATS}")
+    formats = {"safetensors": [SAFETENSORS], "bin": [TORCH_BIN], "both": [SAFETENSORS, TORCH_BIN]}[weights]
+    if TORCH_BIN in formats:
+        from llmcxr_jax.convert.torch_files import require_torch
+        require_torch(f"--weights {weights}")
+    return formats
+
+
+def _save_bin(tensors: dict[str, np.ndarray], path: str) -> None:
+    """A state dict of plain torch tensors: torch.load(weights_only=True) reads it, and so does
+    transformers without the safetensors package (LLM-CXR's environment has none)."""
+    import torch  # weight_formats checked that it imports
+
+    state = {}
+    for key, a in tensors.items():
+        if a.dtype == jnp.bfloat16:  # numpy has no bfloat16: hand torch the bits
+            state[key] = torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+        else:
+            state[key] = torch.from_numpy(a)
+    torch.save(state, path)
+
+
 def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32", hf_config: dict | None = None,
               image_codes: int = 0, tokenizer=None, tokenizer_config: dict | None = None,
-              special: SpecialTokens | None = None,
+              special: SpecialTokens | None = None, weights: str = "safetensors",
               max_shard_bytes: int = 5 * 1024 ** 3, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Write a HF GPT-NeoX directory that AutoModelForCausalLM.from_pretrained loads.
+    """Write a HF GPT-NeoX directory that AutoModelForCausalLM.from_pretrained loads; returns its weight files.
 
-    Tensors go to model.safetensors, or to model-0000N-of-0000M.safetensors plus an index when
-    they exceed max_shard_bytes; one shard's tensors are in host memory at a time. Every
-    process must call it (arrays are gathered); only process 0 writes.
+    `weights` picks model.safetensors, pytorch_model.bin (for stacks without safetensors, such as
+    LLM-CXR's transformers 4.28), or both. Past max_shard_bytes tensors go to numbered shards
+    (model-0000N-of-0000M.safetensors, pytorch_model-0000N-of-0000M.bin) plus the format's index;
+    one shard's tensors are in host memory at a time. Every process must call it (arrays are
+    gathered); only process 0 writes.
     """
-    from safetensors.numpy import save_file
-
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    formats = weight_formats(weights)
+    if SAFETENSORS in formats:
+        from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
     shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
     size = 0
@@ -458,24 +512,30 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
         shards[-1].append(item)
         size += item[2]
     total = len(shards)
-    names = ["model.safetensors"] if total == 1 else [
-        f"model-{n:05d}-of-{total:05d}.safetensors" for n in range(1, total + 1)]
-    for name, shard in zip(names, shards):
+    names = {fmt: fmt.names(total) for fmt in formats}
+    for n, shard in enumerate(shards):
         tensors = {}
         for key, load, _ in shard:
             tensors[key] = load()
             if progress:
                 progress(key)
         if jax.process_index() == 0:
-            save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+            for fmt in formats:
+                path = os.path.join(out_dir, names[fmt][n])
+                if fmt is SAFETENSORS:
+                    save_file(tensors, path, metadata={"format": "pt"})
+                else:
+                    _save_bin(tensors, path)
         del tensors
+    files = [name for fmt in formats for name in names[fmt]]
     if jax.process_index() != 0:
-        return names
+        return files
     if total > 1:
-        index = {"metadata": {"total_size": sum(n for shard in shards for _, _, n in shard)},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k, _, _ in shard}}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+        for fmt in formats:
+            index = {"metadata": {"total_size": sum(n for shard in shards for _, _, n in shard)},
+                     "weight_map": {k: name for name, shard in zip(names[fmt], shards) for k, _, _ in shard}}
+            with open(os.path.join(out_dir, fmt.index), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
     config = hf_config_from_model(model.cfg, hf_config, dtype, image_codes)
     if special is not None:
         config.update(eos_token_id=special.eos_id, pad_token_id=special.pad_id)
@@ -483,9 +543,10 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         vocab.save_tokenizer(tokenizer, tokenizer_config or {}, out_dir)
+    listed = [name for fmt in formats for name in names[fmt] + ([fmt.index] if total > 1 else [])]
     hf_model_card.write(out_dir, export_facts(model.cfg, config, dtype=dtype, image_codes=image_codes,
-                                              weight_files=names, special=special, tokenizer=tokenizer))
-    return names
+                                              weight_files=listed, special=special, tokenizer=tokenizer))
+    return files
 
 
 def export_facts(cfg: GPTNeoXConfig, config: dict[str, Any], *, dtype: str, image_codes: int,

@@ -117,13 +117,25 @@ def _front_matter() -> str:
 
 
 def _files(facts: ExportFacts) -> str:
-    files = list(facts.weight_files)
-    if len(files) > 1:
-        files.append("model.safetensors.index.json")
+    files = list(facts.weight_files)  # weight files and their indexes, as written
     files += ["config.json", GENERATION_CONFIG]
     if facts.has_tokenizer:
         files += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     return ", ".join(f"`{f}`" for f in files + [MODEL_CARD])
+
+
+def _weight_formats(facts: ExportFacts) -> str:
+    """Which stacks read which weight files: the .bin files are for those without safetensors."""
+    has_bin = any(f.endswith(".bin") for f in facts.weight_files)
+    has_st = any(f.endswith(".safetensors") for f in facts.weight_files)
+    if has_bin and has_st:
+        return ("- Weights are in both formats, the same tensors: transformers reads the `.safetensors` files when "
+                "the safetensors package is installed, else the `.bin` files (plain tensors, "
+                "`torch.load(weights_only=True)` reads them).\n")
+    if has_bin:
+        return ("- Weights are `pytorch_model*.bin` files of plain tensors (`torch.load(weights_only=True)` reads "
+                "them), for stacks without the safetensors package such as LLM-CXR's transformers 4.28.1.\n")
+    return ""
 
 
 def _summary(facts: ExportFacts) -> str:
@@ -142,6 +154,7 @@ def _summary(facts: ExportFacts) -> str:
         f"- Architecture: `GPTNeoXForCausalLM`, hidden size {facts.hidden_size}, {facts.num_layers} layers, "
         f"{facts.num_heads} heads, {facts.parameters:,} parameters, stored as {facts.dtype}.\n"
         f"- Files: {_files(facts)}.\n"
+        f"{_weight_formats(facts)}"
         f"- `config.json` records {recorded}.\n")
 
 

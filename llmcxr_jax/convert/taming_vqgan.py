@@ -1,11 +1,14 @@
-"""taming-transformers / LLM-CXR VQ-GAN checkpoints <-> our Flax VQModel.
+"""taming-transformers / LLM-CXR VQ-GAN checkpoints and model YAMLs <-> our Flax VQModel.
 
 Our attribute paths ARE taming's key names, so the table is a rename of leaf names plus the
 conv layout change (torch [out, in, kh, kw] <-> ours [kh, kw, in, out]). Lightning .ckpt files
-are read by convert/torch_files.py, which never runs anything in the file.
+are read by convert/torch_files.py, which never runs anything in the file. Exports use taming's
+log layout (DIR/configs/model.yaml + DIR/checkpoints/last.ckpt) or FILE.ckpt with FILE.yaml beside it.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import re
 from typing import Any
@@ -27,6 +30,12 @@ LEAVES = {
 }
 # taming checkpoints carry the training loss (discriminator, LPIPS) under this prefix
 LOSS_PREFIX = "loss."
+# what a taming YAML names; DummyLoss has no parameters and downloads nothing (LPIPS would fetch VGG16)
+VQMODEL_TARGET = "taming.models.vqgan.VQModel"
+DUMMY_LOSS_TARGET = "taming.modules.losses.vqperceptual.DummyLoss"
+# taming's log-folder layout (main.py writes configs/*-project.yaml and checkpoints/last.ckpt)
+LAYOUT_CONFIG = os.path.join("configs", "model.yaml")
+LAYOUT_CKPT = os.path.join("checkpoints", "last.ckpt")
 
 
 def flat_params(model: nnx.Module) -> dict[str, Any]:
@@ -156,3 +165,76 @@ def write_ckpt(model: VQModel, path: str, extra: dict[str, np.ndarray] | None = 
     sd.update({k: torch.from_numpy(np.array(v)) for k, v in (extra or {}).items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"state_dict": sd}, path)
+
+
+def taming_config(cfg: VQGANConfig) -> dict[str, Any]:
+    """The taming YAML document for this architecture: `VQModel(**doc["model"]["params"])` builds it.
+    Training-only settings have no place in it: taming fixes beta at 0.25, DummyLoss stands in for the
+    loss, dtypes are ours; encoding and decoding do not depend on them."""
+    ddconfig = {"double_z": False, "z_channels": cfg.z_channels, "resolution": cfg.resolution,
+                "in_channels": cfg.in_channels, "out_ch": cfg.out_channels, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
+                "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
+                "dropout": float(cfg.dropout)}
+    return {"model": {"target": VQMODEL_TARGET,
+                      "params": {"embed_dim": cfg.embed_dim, "n_embed": cfg.n_embed, "ddconfig": ddconfig,
+                                 "lossconfig": {"target": DUMMY_LOSS_TARGET}}}}
+
+
+def write_yaml(cfg: VQGANConfig, path: str) -> None:
+    import yaml
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(taming_config(cfg), f, sort_keys=False, default_flow_style=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TamingFiles:
+    """Where a taming VQ-GAN lives: its Lightning-style .ckpt and (when known) its model YAML."""
+
+    ckpt: str
+    config: str | None
+
+
+def export_taming(model: VQModel, out: str) -> TamingFiles:
+    """FILE.ckpt -> FILE.ckpt + FILE.yaml; any other path is a folder in taming's log layout
+    (configs/model.yaml, checkpoints/last.ckpt)."""
+    if out.endswith(".ckpt"):
+        files = TamingFiles(ckpt=out, config=out[:-len(".ckpt")] + ".yaml")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; give FILE.ckpt or a folder for the taming layout")
+    else:
+        files = TamingFiles(ckpt=os.path.join(out, LAYOUT_CKPT), config=os.path.join(out, LAYOUT_CONFIG))
+    write_ckpt(model, files.ckpt)
+    write_yaml(model.cfg, files.config)
+    return files
+
+
+def find_taming_files(path: str, config: str | None = None) -> TamingFiles:
+    """A taming source as import-vqgan takes it: a folder in taming's log layout (checkpoints/last.ckpt,
+    the one configs/*.yaml with a model section), or a .ckpt file with FILE.yaml beside it if present.
+    A `config` given explicitly replaces the one found."""
+    import yaml
+
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise MissingInputError(f"taming checkpoint {path} does not exist")
+        beside = os.path.splitext(path)[0] + ".yaml"
+        return TamingFiles(ckpt=path, config=config or (beside if os.path.isfile(beside) else None))
+    ckpt = os.path.join(path, LAYOUT_CKPT)
+    if not os.path.isfile(ckpt):
+        raise MissingInputError(f"{path} has no {LAYOUT_CKPT}; give a taming log folder or a .ckpt file")
+    if config:
+        return TamingFiles(ckpt=ckpt, config=config)
+    models = []
+    for candidate in sorted(glob.glob(os.path.join(path, "configs", "*.yaml"))):
+        with open(candidate) as f:
+            doc = yaml.safe_load(f)
+        if isinstance(doc, dict) and isinstance(doc.get("model"), dict):  # *-lightning.yaml has none
+            models.append(candidate)
+    if len(models) > 1:
+        raise UsageError(f"{path}/configs has {len(models)} model YAMLs ({', '.join(map(os.path.basename, models))}); "
+                         "choose one with --taming-config")
+    if not models:
+        raise MissingInputError(f"{path}/configs has no model YAML; give one with --taming-config")
+    return TamingFiles(ckpt=ckpt, config=models[0])

@@ -19,7 +19,9 @@ frequent VQA answer per type) are written beside every number.
 Outputs in OUT: metrics.json, metrics.md, reports.csv (dicom_id, reference, generated, instruction)
 plus generated_reports.csv / reference_reports.csv (one report per line, the CheXpert labeler's input),
 images/*.png (generated CXRs) and images.csv (dicom_id, instruction, image, retries), grid_*.png
-(real over generated, captioned), vqa.jsonl.
+(real over generated, captioned), vqa.jsonl. The token ids behind each row (prompt_ids, generated_ids,
+image_codes, as generate's results.jsonl) are in reports.jsonl and images.jsonl (dicom_id first, rows
+in the order of the CSV) and in every vqa.jsonl row.
 """
 from __future__ import annotations
 
@@ -79,6 +81,9 @@ class EvalOptions:
     max_retries: int = MAX_RETRIES   # retry decoding: retries before an image counts as failed
     dtype: str = "float32"           # the LM's compute dtype; "bfloat16" as LLM-CXR generated
     clean_up_spaces: bool = True     # reports and answers lose spaces before . , ! ? 's n't ... (transformers')
+    allow_image_tokens_in_text: bool = False  # True: reports and answers may sample image ids (as LLM-CXR)
+    stop_at_end_key_only: bool = False        # True: eos does not end a report or answer (as LLM-CXR)
+    keep_special_tokens: bool = False         # True: special tokens inside a response stay in its text (as LLM-CXR)
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -222,10 +227,14 @@ class Evaluation:
     def reports(self) -> list[str]:
         paths = [r.image_path for r in self.records]
         generated: list[str] = []
+        ids: list[dict] = []
         sampling = self._sampling("report")
         for b, sl in _batches(len(paths), self.opts.batch_size, "CXR->report", self.progress):
-            generated += self.g.report(paths[sl], sampling, self.opts.seed + b, self.instructions["report"][sl])
+            made = self.g.report_results(paths[sl], sampling, self.opts.seed + b, self.instructions["report"][sl])
+            generated += made.texts
+            ids += [made.ids(i) for i in range(len(made.texts))]
         self._write_reports(generated)
+        _write_ids(os.path.join(self.out, "reports.jsonl"), [r.dicom_id for r in self.records], ids)
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
         self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
                                                             ci_samples=self.opts.ci_samples),
@@ -261,6 +270,7 @@ class Evaluation:
         with open(os.path.join(self.out, "images.csv"), "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([["dicom_id", "instruction", "image", "retries"],
                                      *zip(ids, self.instructions["image"], pngs, retries.tolist())])
+        _write_ids(os.path.join(self.out, "images.jsonl"), ids, [d.ids(i) for d in drawn for i in range(len(d.ok))])
         scores: dict = {"n": len(fake), "decoding": o.image_decoding}
         if o.image_decoding == "retry":
             failed = [i for i, made in zip(ids, ok) if not made]
@@ -334,17 +344,26 @@ class Evaluation:
         path_of = {r.dicom_id: r.image_path for r in self.records}
         sampling = self._sampling("vqa")
         answers: list[str] = []
+        ids: list[dict] = []
         for b, sl in _batches(len(examples), self.opts.batch_size, "CXR-VQA", self.progress):
             chunk = examples[sl]
-            answers += self.g.answer([path_of[e.dicom_id] for e in chunk], [e.question for e in chunk],
-                                     sampling, self.opts.seed + b)
+            made = self.g.answer_results([path_of[e.dicom_id] for e in chunk], [e.question for e in chunk],
+                                         sampling, self.opts.seed + b)
+            answers += made.texts
+            ids += [made.ids(i) for i in range(len(chunk))]
         refs, kinds = [e.answer for e in examples], [e.question_type for e in examples]
         self.metrics["vqa"] = vqa_metrics.vqa_scores(answers, refs, kinds)
         self.metrics["baselines"]["vqa"] = vqa_metrics.vqa_scores(_most_frequent(refs, kinds), refs, kinds)
         with open(os.path.join(self.out, "vqa.jsonl"), "w", encoding="utf-8") as f:
-            for e, a in zip(examples, answers):
+            for e, a, more in zip(examples, answers, ids):
                 f.write(json.dumps({"dicom_id": e.dicom_id, "question": e.question, "question_type": e.question_type,
-                                    "reference": e.answer, "generated": a}) + "\n")
+                                    "reference": e.answer, "generated": a} | more) + "\n")
+
+
+def _write_ids(path: str, dicom_ids: Sequence[str], ids: Sequence[dict]) -> None:
+    """One {"dicom_id", "prompt_ids", "generated_ids", "image_codes"} line per row (tasks' *.ids(i))."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"dicom_id": d} | row) + "\n" for d, row in zip(dicom_ids, ids))
 
 
 def _most_frequent(references: Sequence[str], kinds: Sequence[str | None]) -> list[str]:
@@ -380,7 +399,10 @@ def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = Eva
     if not records:
         raise UsageError(f"{data} has no evaluation images (validate/test PA or AP images of each subject's "
                          "earliest study with an impression); check the split CSV")
-    g = tasks.Generator.load(ckpt, vqgan, dtype=opts.dtype, clean_up_spaces=opts.clean_up_spaces)
+    g = tasks.Generator.load(ckpt, vqgan, dtype=opts.dtype, clean_up_spaces=opts.clean_up_spaces,
+                             allow_image_tokens_in_text=opts.allow_image_tokens_in_text,
+                             stop_at_end_key_only=opts.stop_at_end_key_only,
+                             keep_special_tokens=opts.keep_special_tokens)
     os.makedirs(out, exist_ok=True)
     ev = Evaluation(g, records, out, opts, progress)
     ev.metrics |= {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan),

@@ -18,8 +18,10 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-def decode_response(tokenizer, ids: Sequence[int], clean_up_spaces: bool = True) -> str:
-    """Ids of one response (stop id excluded) -> its text; special tokens are left out. The clean-up
-    runs before strip, as transformers' decode did before the original's .strip()."""
-    text = tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+def decode_response(tokenizer, ids: Sequence[int], clean_up_spaces: bool = True,
+                    keep_special_tokens: bool = False) -> str:
+    """Ids of one response (stop id excluded) -> its text; special tokens are left out unless
+    keep_special_tokens (LLM-CXR's decode kept them). The clean-up runs before strip, as
+    transformers' decode did before the original's .strip()."""
+    text = tokenizer.decode([int(i) for i in ids], skip_special_tokens=not keep_special_tokens)
     return (clean_up_tokenization(text) if clean_up_spaces else text).strip()

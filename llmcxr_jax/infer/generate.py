@@ -84,13 +84,20 @@ def generate_with_plan(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, 
                    sampling.max_new_tokens, sampling.greedy)
 
 
+def stop_ids(special: SpecialTokens, stop_at_eos: bool = True) -> tuple[int, ...]:
+    """The ids that end a response: the end key ("### End") and, unless stop_at_eos is False (LLM-CXR
+    hands only the end key to transformers' generate), eos."""
+    return tuple(sorted({special.end_key_id, special.eos_id} if stop_at_eos else {special.end_key_id}))
+
+
 def make_plan(layout: VocabLayout, special: SpecialTokens, mode: str, *, image_tokens: int = 0,
-              open_id: int = -1, close_id: int = -1) -> DecodePlan:
-    """Rows stop after the end key ("### End") or eos; finished rows emit pad. The image-span
-    fields are kept only in image mode, so other modes share one compiled decoder."""
+              open_id: int = -1, close_id: int = -1, stop_at_eos: bool = True) -> DecodePlan:
+    """Rows stop after the end key ("### End") or eos (the end key only when stop_at_eos is False);
+    finished rows emit pad. The image-span fields are kept only in image mode, so other modes share one
+    compiled decoder."""
     image = mode == "image"
     return DecodePlan(mode=mode, text_size=layout.text_size, image_codes=layout.image_codes,
-                      vocab_size=layout.size, stop_ids=tuple(sorted({special.end_key_id, special.eos_id})),
+                      vocab_size=layout.size, stop_ids=stop_ids(special, stop_at_eos),
                       pad_id=special.pad_id, image_tokens=image_tokens if image else 0,
                       open_id=open_id if image else -1, close_id=close_id if image else -1,
                       end_id=special.end_key_id if image else -1)
@@ -98,17 +105,19 @@ def make_plan(layout: VocabLayout, special: SpecialTokens, mode: str, *, image_t
 
 def generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, layout: VocabLayout,
              special: SpecialTokens, mode: str, rng, sampling: SamplingConfig, image_tokens: int = 0,
-             open_id: int = -1, close_id: int = -1) -> GenerateOutput:
+             open_id: int = -1, close_id: int = -1, stop_at_eos: bool = True) -> GenerateOutput:
     """Continue left-padded prompts input_ids [batch, prompt] -> GenerateOutput.
 
     mode "text": image ids and padded rows are never emitted. "image": the response is forced to
     open_id, exactly image_tokens image ids, close_id, the end key (open/close ids are "<" and
     ">" as the tokenizer spells them). "unconstrained": any real id, as LLM-CXR sampled.
+    Rows stop at the end key or eos; stop_at_eos False: at the end key only, as LLM-CXR did.
     rng: one key, or one key per row; position t of row r uses fold_in(key_r, t).
     """
     if layout.padded_size != model.cfg.padded_vocab_size:
         raise UsageError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
-    plan = make_plan(layout, special, mode, image_tokens=image_tokens, open_id=open_id, close_id=close_id)
+    plan = make_plan(layout, special, mode, image_tokens=image_tokens, open_id=open_id, close_id=close_id,
+                     stop_at_eos=stop_at_eos)
     return generate_with_plan(model, input_ids, attention_mask, plan=plan, rng=rng, sampling=sampling)
 
 
@@ -130,12 +139,14 @@ def greedy_generate(model: GPTNeoXForCausalLM, input_ids, attention_mask, max_ne
 class UnconstrainedImages:
     """codes [batch, image_tokens] (-1 where no try succeeded); retries [batch]: tries after the first
     (max_retries for a row that never succeeded); ok [batch]: a try held exactly image_tokens image
-    ids; found [batch]: image ids in the response kept (image_tokens) or, for a failed row, its last try."""
+    ids; found [batch]: image ids in the response kept (image_tokens) or, for a failed row, its last try;
+    responses: per row, the ids that try sampled, its stop id ("### End") included when it emitted one."""
 
     codes: np.ndarray
     retries: np.ndarray
     ok: np.ndarray
     found: np.ndarray
+    responses: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def retry_rate(self) -> float:
@@ -174,13 +185,14 @@ def generate_image_unconstrained(model: GPTNeoXForCausalLM, input_ids, attention
     if layout.padded_size != model.cfg.padded_vocab_size:
         raise UsageError(f"layout has {layout.padded_size} table rows, the model {model.cfg.padded_vocab_size}")
     ids, mask = (np.asarray(a) for a in _check_prompts(input_ids, attention_mask))
-    plan = dataclasses.replace(make_plan(layout, special, "unconstrained"), stop_ids=(special.end_key_id,))
+    plan = make_plan(layout, special, "unconstrained", stop_at_eos=False)
     batch = ids.shape[0]
     keys = row_keys(jnp.asarray(rng), batch)
     codes = np.full((batch, image_tokens), -1, np.int64)
     retries = np.full((batch,), 0 if sampling.greedy else max_retries, np.int64)
     ok = np.zeros((batch,), bool)
     found = np.zeros((batch,), np.int64)
+    responses: list[list[int]] = [[] for _ in range(batch)]
     for attempt in range(1 if sampling.greedy else max_retries + 1):
         pending = np.flatnonzero(~ok)
         rows = np.concatenate([pending, np.full(_bucket(len(pending), batch) - len(pending), pending[0])])
@@ -188,10 +200,11 @@ def generate_image_unconstrained(model: GPTNeoXForCausalLM, input_ids, attention
         out = generate_with_plan(model, ids[rows], mask[rows], plan=plan, rng=keys_t, sampling=sampling)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         for i, r in enumerate(pending):
+            responses[r] = [int(t) for t in tokens[i, :lengths[i]]]
             got = image_codes_in(tokens[i, :lengths[i]], layout)
             found[r] = got.size
             if got.size == image_tokens:
                 codes[r], retries[r], ok[r] = got, attempt, True
         if ok.all():
             break
-    return UnconstrainedImages(codes=codes, retries=retries, ok=ok, found=found)
+    return UnconstrainedImages(codes=codes, retries=retries, ok=ok, found=found, responses=responses)

@@ -1,6 +1,7 @@
 """LLM-CXR's four tasks end to end: CXR -> report, report -> CXR, CXR + question -> answer, and
 plain instructions, with the Dolly generation prompt, the VQ-GAN on both sides and the sampler
 (report->CXR constrained to h*w codes, or LLM-CXR's sample-and-retry). Batches are left padded.
+Every result keeps the ids behind it (prompt, sampled response, image codes) for other runtimes to compare.
 """
 from __future__ import annotations
 
@@ -61,6 +62,20 @@ def check_decoding(image_decoding: str = "constrained", max_retries: int = MAX_R
         raise UsageError(f"dtype {dtype!r} is not one of {', '.join(LM_DTYPES)}")
 
 
+class TextResults(NamedTuple):
+    """What a text task (report, vqa, text) made of n inputs, and the ids behind it."""
+
+    texts: list[str]  # each response decoded (decode_response of generated_ids less a final stop id)
+    prompt_ids: list[list[int]]  # each prompt as fed to the LM, image ids (T + code) in place of "<image>"
+    generated_ids: list[list[int]]  # each response as sampled, up to and including its stop id (if emitted)
+    image_codes: list[list[int]] | None  # report, vqa: each input image's h*w codes; text: None
+
+    def ids(self, i: int) -> dict:
+        """Input i's id fields of results.jsonl (and of evaluate's reports.jsonl, vqa.jsonl)."""
+        codes = None if self.image_codes is None else self.image_codes[i]
+        return {"prompt_ids": self.prompt_ids[i], "generated_ids": self.generated_ids[i], "image_codes": codes}
+
+
 class Drawings(NamedTuple):
     """What report->CXR made of n reports. An input whose every try missed h*w codes (retry
     decoding only) has ok False, codes -1 and a NaN image."""
@@ -70,6 +85,8 @@ class Drawings(NamedTuple):
     retries: np.ndarray  # [n] tries after the first; always 0 when constrained
     ok: np.ndarray  # [n] bool
     found: np.ndarray  # [n] image ids in the response kept (h*w), or in a failed input's last try
+    prompt_ids: list[list[int]]  # each report's prompt as fed to the LM
+    generated_ids: list[list[int]]  # the try kept (a failed input: its last), up to and including "### End"
 
     def failure(self, i: int) -> str:
         """Why input i has no image (empty when it has one)."""
@@ -78,6 +95,12 @@ class Drawings(NamedTuple):
         tries = int(self.retries[i]) + 1
         return (f"no response held exactly {self.codes.shape[1]} image tokens in {tries} "
                 f"{'tries' if tries > 1 else 'try'} (the last held {self.found[i]})")
+
+    def ids(self, i: int) -> dict:
+        """Input i's id fields of results.jsonl (and of evaluate's images.jsonl); a failed input has
+        image_codes None and the ids of its last try."""
+        codes = [int(c) for c in self.codes[i]] if self.ok[i] else None
+        return {"prompt_ids": self.prompt_ids[i], "generated_ids": self.generated_ids[i], "image_codes": codes}
 
 
 @dataclasses.dataclass
@@ -90,6 +113,10 @@ class Generator:
     open_id: int
     close_id: int
     clean_up_spaces: bool = True  # transformers' clean_up_tokenization on text responses, as LLM-CXR's
+    # Our two departures from LLM-CXR's text decoding, each True to decode as the original did:
+    allow_image_tokens_in_text: bool = False  # text responses may sample image ids (the decode drops them)
+    stop_at_end_key_only: bool = False  # eos does not end a response; only "### End" does
+    keep_special_tokens: bool = False  # special tokens inside a response stay in its text (LLM-CXR's decode)
     _encode: object = dataclasses.field(default=None, repr=False)
     _decode: object = dataclasses.field(default=None, repr=False)
 
@@ -99,7 +126,8 @@ class Generator:
 
     @classmethod
     def load(cls, ckpt: str, vqgan_dir: str, mesh_spec: str = "1,-1,1", dtype: str = "float32",
-             clean_up_spaces: bool = True) -> Generator:
+             clean_up_spaces: bool = True, allow_image_tokens_in_text: bool = False,
+             stop_at_end_key_only: bool = False, keep_special_tokens: bool = False) -> Generator:
         """dtype: the LM's compute dtype; its parameters stay in the dtype they were saved in."""
         check_decoding(dtype=dtype)
         mesh = sharding.make_mesh(mesh_spec)
@@ -115,7 +143,8 @@ class Generator:
                              "image rows; use the VQ-GAN its training codes came from")
         encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
         open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_PLACEHOLDER).ids)
-        return cls(lm, vqgan, encoder, open_id, close_id, clean_up_spaces)
+        return cls(lm, vqgan, encoder, open_id, close_id, clean_up_spaces, allow_image_tokens_in_text,
+                   stop_at_end_key_only, keep_special_tokens)
 
     @property
     def codes_per_image(self) -> int:
@@ -139,37 +168,62 @@ class Generator:
             ids[r, width - len(p):], mask[r, width - len(p):] = p, True
         return ids, mask
 
+    @property
+    def text_mode(self) -> str:
+        """The decoding mode of text responses: image ids masked ("text"), or not, as LLM-CXR sampled."""
+        return "unconstrained" if self.allow_image_tokens_in_text else "text"
+
     def _run(self, prompt_ids, mode: str, sampling: SamplingConfig, seed: int):
         ids, mask = self._batch(prompt_ids)
         return gen.generate(self.lm.model, ids, mask, layout=self.lm.layout, special=self.lm.special, mode=mode,
                             rng=jax.random.key(seed), sampling=sampling, image_tokens=self.codes_per_image,
-                            open_id=self.open_id, close_id=self.close_id)
+                            open_id=self.open_id, close_id=self.close_id, stop_at_eos=not self.stop_at_end_key_only)
 
     @property
-    def stop_ids(self) -> tuple[int, int]:
-        return self.lm.special.end_key_id, self.lm.special.eos_id
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a text response: "### End" and eos, or "### End" alone (stop_at_end_key_only)."""
+        return gen.stop_ids(self.lm.special, not self.stop_at_end_key_only)
+
+    @staticmethod
+    def generated(out) -> list[list[int]]:
+        """Each row's ids as sampled: up to and including its stop id, or all it emitted without one."""
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        return [[int(t) for t in tokens[r, :lengths[r]]] for r in range(len(tokens))]
+
+    def response_of(self, generated: Sequence[int]) -> list[int]:
+        """One row's generated ids up to (not including) its first stop id."""
+        row = list(generated)
+        return row[:next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))]
 
     def responses(self, out) -> list[list[int]]:
         """Each row's generated ids up to (not including) its first stop id."""
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        rows = []
-        for r in range(len(tokens)):
-            row = [int(t) for t in tokens[r, :lengths[r]]]
-            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            rows.append(row[:stop])
-        return rows
+        return [self.response_of(row) for row in self.generated(out)]
+
+    def decode(self, generated: Sequence[int]) -> str:
+        """One row's generated ids as text (decode_response of its response: special tokens and ids
+        beyond the tokenizer, i.e. image ids, left out, spaces cleaned up)."""
+        return decode_response(self.lm.tokenizer, self.response_of(generated), self.clean_up_spaces,
+                               self.keep_special_tokens)
 
     def texts(self, out) -> list[str]:
         """Each row's response as text (decode_response: special tokens left out, spaces cleaned up)."""
-        return [decode_response(self.lm.tokenizer, row, self.clean_up_spaces) for row in self.responses(out)]
+        return [self.decode(row) for row in self.generated(out)]
+
+    def _text_results(self, prompt_ids: list[np.ndarray], sampling: SamplingConfig, seed: int,
+                      codes: np.ndarray | None) -> TextResults:
+        generated = self.generated(self._run(prompt_ids, self.text_mode, sampling, seed))
+        return TextResults([self.decode(row) for row in generated], [[int(t) for t in p] for p in prompt_ids],
+                           generated, None if codes is None else [[int(c) for c in row] for row in codes])
 
     # ---- tasks
     def report_prompts(self, image_paths: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
         """The token ids of the CXR->report prompt of each image (its codes in place of "<image>")."""
-        ins = per_input(instruction, len(image_paths), "report")
-        codes = self.encode_images(image_paths)
+        return self._image_input_prompts(per_input(instruction, len(image_paths), "report"),
+                                         self.encode_images(image_paths))
+
+    def _image_input_prompts(self, instructions: Sequence[str], codes: np.ndarray) -> list[np.ndarray]:
         return [self.encoder.encode(prompts.generation_prompt(i, prompts.IMAGE_PLACEHOLDER), c)
-                for i, c in zip(ins, codes)]
+                for i, c in zip(instructions, codes)]
 
     def image_prompts(self, reports: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
         """The token ids of the report->CXR prompt of each report (the report as the prompt's input)."""
@@ -179,27 +233,43 @@ class Generator:
         return [self.encoder.encode(prompts.generation_prompt(i, r)) for i, r in zip(ins, reports)]
 
     def greedy_responses(self, prompt_ids: Sequence[np.ndarray], max_new_tokens: int) -> list[list[int]]:
-        """Argmax text responses (image ids masked) as token ids, for comparison with other runtimes."""
-        return self.responses(self._run(list(prompt_ids), "text", SamplingConfig.greedy_decoding(max_new_tokens), 0))
+        """Argmax text responses as token ids (stop id excluded), for comparison with other runtimes; image
+        ids are masked unless allow_image_tokens_in_text."""
+        greedy = SamplingConfig.greedy_decoding(max_new_tokens)
+        return self.responses(self._run(list(prompt_ids), self.text_mode, greedy, 0))
+
+    def report_results(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
+                       instruction: Instructions = None) -> TextResults:
+        """CXR -> report, with the prompt, response and input-image ids (each image encoded once)."""
+        ins = per_input(instruction, len(image_paths), "report")
+        codes = self.encode_images(image_paths)
+        return self._text_results(self._image_input_prompts(ins, codes), sampling, seed, codes)
 
     def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
                instruction: Instructions = None) -> list[str]:
-        return self.texts(self._run(self.report_prompts(image_paths, instruction), "text", sampling, seed))
+        return self.report_results(image_paths, sampling, seed, instruction).texts
 
-    def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
-               seed: int = 0) -> list[str]:
+    def answer_results(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
+                       seed: int = 0) -> TextResults:
+        """CXR + question -> answer, with the prompt, response and input-image ids."""
         if len(image_paths) != len(questions) or any(not q.strip() for q in questions):
             raise UsageError("vqa needs one non-empty question per image")
         codes = self.encode_images(image_paths)
-        ids = [self.encoder.encode(prompts.generation_prompt(q, prompts.IMAGE_PLACEHOLDER), c)
-               for q, c in zip(questions, codes)]
-        return self.texts(self._run(ids, "text", sampling, seed))
+        return self._text_results(self._image_input_prompts(questions, codes), sampling, seed, codes)
 
-    def text(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> list[str]:
+    def answer(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
+               seed: int = 0) -> list[str]:
+        return self.answer_results(image_paths, questions, sampling, seed).texts
+
+    def text_results(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> TextResults:
+        """Plain instruction -> response, with the prompt and response ids (image_codes None)."""
         if any(not i.strip() for i in instructions):
             raise UsageError("an instruction is empty; give the text to respond to")
         ids = [self.encoder.encode(prompts.generation_prompt(i)) for i in instructions]
-        return self.texts(self._run(ids, "text", sampling, seed))
+        return self._text_results(ids, sampling, seed, None)
+
+    def text(self, instructions: Sequence[str], sampling: SamplingConfig, seed: int = 0) -> list[str]:
+        return self.text_results(instructions, sampling, seed).texts
 
     def image(self, reports: Sequence[str], sampling: SamplingConfig, seed: int = 0,
               instruction: Instructions = None, decoding: str = "constrained",
@@ -210,11 +280,13 @@ class Generator:
         check_decoding(decoding, max_retries)
         prompt_ids = self.image_prompts(reports, instruction)
         n = self.codes_per_image
+        prompt_lists = [[int(t) for t in p] for p in prompt_ids]
         if decoding == "constrained":
-            tokens = np.asarray(self._run(prompt_ids, "image", sampling, seed).tokens)
-            codes = self.lm.layout.image_code(tokens[:, 1:1 + n])
+            out = self._run(prompt_ids, "image", sampling, seed)
+            codes = self.lm.layout.image_code(np.asarray(out.tokens)[:, 1:1 + n])
             zeros = np.zeros(len(codes), np.int64)
-            return Drawings(self.decode_codes(codes), codes, zeros, np.ones(len(codes), bool), zeros + n)
+            return Drawings(self.decode_codes(codes), codes, zeros, np.ones(len(codes), bool), zeros + n,
+                            prompt_lists, self.generated(out))
         ids, mask = self._batch(prompt_ids)
         got = gen.generate_image_unconstrained(self.lm.model, ids, mask, layout=self.lm.layout,
                                                special=self.lm.special, rng=jax.random.key(seed), sampling=sampling,
@@ -222,7 +294,7 @@ class Generator:
         images = np.full((len(ids), *self._image_shape), np.nan, np.float32)
         if got.ok.any():
             images[got.ok] = self.decode_codes(got.codes[got.ok])
-        return Drawings(images, got.codes, got.retries, got.ok, got.found)
+        return Drawings(images, got.codes, got.retries, got.ok, got.found, prompt_lists, got.responses)
 
     @property
     def _image_shape(self) -> tuple[int, int, int]:
@@ -256,8 +328,9 @@ def run_task(g: Generator, task: str, inputs: Sequence[str], out_dir: str, sampl
              instruction: Instructions = None, question: str | None = None, image_decoding: str = "constrained",
              max_retries: int = MAX_RETRIES) -> list[dict]:
     """`llmcxr generate`'s outputs: one task over a batch of inputs, written to OUT/results.jsonl (one
-    {"task", "input", "instruction", "output"} row per input; the instruction of vqa is its question,
-    of text the input itself) and, for report -> CXR, OUT/image_NNNN.png per image. Report->CXR rows
+    {"task", "input", "instruction", "output", "prompt_ids", "generated_ids", "image_codes"} row per
+    input; the instruction of vqa is its question, of text the input itself; the ids as in
+    TextResults / Drawings.ids) and, for report -> CXR, OUT/image_NNNN.png per image. Report->CXR rows
     also carry "image_decoding" and "retries"; an input that ran out of retries has output null and
     an "error" saying so."""
     if task not in TASKS:
@@ -267,22 +340,24 @@ def run_task(g: Generator, task: str, inputs: Sequence[str], out_dir: str, sampl
                          f"({'the question' if task == 'vqa' else 'the text'}) as the instruction")
     check_decoding(image_decoding, max_retries)
     os.makedirs(out_dir, exist_ok=True)
-    extra: list[dict] = [{} for _ in inputs]
-    if task == "report":
-        used = per_input(instruction, len(inputs), task)
-        outputs = g.report(inputs, sampling, seed, used)
-    elif task == "vqa":
-        used = [question or ""] * len(inputs)
-        outputs = g.answer(inputs, used, sampling, seed)
-    elif task == "text":
-        used = list(inputs)
-        outputs = g.text(inputs, sampling, seed)
+    extra: list[dict] = [{} for _ in inputs]  # the ids of each row, and report->CXR's decoding record
+    if task in ("report", "vqa", "text"):
+        if task == "report":
+            used = per_input(instruction, len(inputs), task)
+            made = g.report_results(inputs, sampling, seed, used)
+        elif task == "vqa":
+            used = [question or ""] * len(inputs)
+            made = g.answer_results(inputs, used, sampling, seed)
+        else:
+            used = list(inputs)
+            made = g.text_results(inputs, sampling, seed)
+        outputs, extra = made.texts, [made.ids(i) for i in range(len(inputs))]
     else:
         used = per_input(instruction, len(inputs), task)
         drawn = g.image(inputs, sampling, seed, used, image_decoding, max_retries)
         outputs = [os.path.join(out_dir, f"image_{i:04d}.png") if ok else None for i, ok in enumerate(drawn.ok)]
         for i, (img, path) in enumerate(zip(drawn.images, outputs)):
-            extra[i] = {"image_decoding": image_decoding, "retries": int(drawn.retries[i])}
+            extra[i] = drawn.ids(i) | {"image_decoding": image_decoding, "retries": int(drawn.retries[i])}
             if path is None:
                 extra[i]["error"] = drawn.failure(i)
             else:

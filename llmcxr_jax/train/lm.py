@@ -328,7 +328,8 @@ def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
         if board is not None:
             board.close()
     return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": stop.stopped,
-            "metrics": log.path, "source": run.start.source}
+            "metrics": log.path, "source": run.start.source, "processes": jax.process_count(),
+            "devices": int(run.mesh.size)}
 
 
 def _board(workdir: str):

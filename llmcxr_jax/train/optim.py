@@ -15,6 +15,7 @@ from llmcxr_jax.errors import UsageError
 
 SCHEDULES = ("constant", "cosine", "linear")
 EMBEDDING_PATHS = ("embed_in/embedding", "embed_out/kernel")  # tables that carry image-token rows
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "final_layer_norm")  # models/gpt_neox.py
 
 
 def learning_rate(t: ml_collections.ConfigDict) -> optax.Schedule:
@@ -96,9 +97,13 @@ def scale_by_mask(mask: Any) -> optax.GradientTransformation:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only (not biases, LayerNorm scales, or 1-d leaves)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf.ndim >= 2 and "layer_norm" not in path_name(path), params)
+    """Weight decay where HF Trainer puts it: every parameter but biases and LayerNorm scales / biases
+    (embeddings decay). By name, not ndim: a stacked (scan) bias is [layers, d], a qkv bias 3-d."""
+    def decays(path, leaf):
+        parts = path_name(path).split("/")
+        return parts[-1] != "bias" and not any(p in LAYER_NORMS for p in parts)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(t: ml_collections.ConfigDict, params: Any, layout=None) -> optax.GradientTransformation:
