@@ -54,7 +54,13 @@ def import_hf(args) -> None:
 def _export_hf_flags(p) -> None:
     p.add_argument("--ckpt", required=True, help="orbax LM checkpoint directory (or a train WORKDIR)")
     p.add_argument("--out", required=True, help="directory for the HF files")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    _hf_weight_flags(p)
+
+
+def _hf_weight_flags(p) -> None:
+    """How the LM's HF weights are written (export-hf, export)."""
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the LM's weight files")
     p.add_argument("--weights", default="safetensors", choices=("safetensors", "bin", "both"),
                    help="model.safetensors, pytorch_model.bin (for stacks without safetensors, such as LLM-CXR's "
                         "transformers 4.28.1), or both")
@@ -146,11 +152,7 @@ def _export_flags(p) -> None:
     add_lm_ckpt(p)
     add_vqgan_ckpt(p)
     p.add_argument("--out", required=True, help="new directory: hf/, taming/, diffusers/ and README.md")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="the LM's weights")
-    p.add_argument("--weights", default="safetensors", choices=("safetensors", "bin", "both"),
-                   help="the LM's weight files, as export-hf writes them")
-    p.add_argument("--max-shard-size", default="5GB", help="split the LM's weight files into shards above this size")
-    add_mesh(p, "1,-1,1")
+    _hf_weight_flags(p)
 
 
 @commands.add("export", "LM + VQ-GAN -> one folder for PyTorch: HF LM, taming and diffusers VQ-GAN, README",
