@@ -419,7 +419,7 @@ def _texts():
     texts = list(CORPUS) + [s.lower() for s in CORPUS] + list(vocab.DOLLY_SPECIAL_TOKENS) + ["<image>", "<|endoftext|>"]
     for instruction in ("Write the radiology report for this chest X-ray.", "Generate a chest X-ray image that "
                         "corresponds to the report.", "Is there a pleural effusion?"):
-        texts.append(prompts.generation_prompt(instruction, prompts.IMAGE_PLACEHOLDER))
+        texts.append(prompts.generation_prompt(instruction, prompts.IMAGE_MARKER))
         texts.append(prompts.generation_prompt(instruction, CORPUS[1]))
         texts.append(prompts.format_prompt(instruction, CORPUS[2] + " " + vocab.END_KEY, "<image>"))
     texts += ["  two  spaces\tand a tab\n\nnew lines", "ünïcödé ✓ and émphysema", "### End### Response:\n<image>",

@@ -77,7 +77,7 @@ def chain_export(tmp_path_factory):
 
 def _prompt(lm, codes):
     encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
-    text = prompts.generation_prompt(hf_model_card.REPORT_INSTRUCTION, prompts.IMAGE_PLACEHOLDER)
+    text = prompts.generation_prompt(hf_model_card.REPORT_INSTRUCTION, prompts.IMAGE_MARKER)
     return encoder.encode(text, np.asarray(codes)).astype(np.int64)
 
 
@@ -172,7 +172,7 @@ def test_card_states_this_exports_layout_ids_template_and_terms(chain_export):
 
 def test_card_template_and_settings_agree_with_the_prompt_and_sampler_modules():
     assert hf_model_card.INTRO_BLURB == prompts.INTRO_BLURB
-    assert hf_model_card.IMAGE_PLACEHOLDER == prompts.IMAGE_PLACEHOLDER
+    assert hf_model_card.IMAGE_MARKER == prompts.IMAGE_MARKER
     assert hf_model_card.template() == prompts.format_prompt("{instruction}", "{response}", "{input}")
     assert hf_model_card.REPORT_INSTRUCTION in prompts.REPORT_INSTRUCTIONS
     assert hf_model_card.REPORT_SAMPLING == {

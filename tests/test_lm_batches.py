@@ -109,7 +109,7 @@ def test_task_prompts_and_example_lookup(tok):
         text, codes = p.example(eid)
         counts[ref.task] += 1
         if ref.task == "cxr_to_report":
-            assert prompts.IMAGE_PLACEHOLDER in text.split("Input:\n")[1] and codes is not None
+            assert prompts.IMAGE_MARKER in text.split("Input:\n")[1] and codes is not None
             assert any(f"### Instruction:\n{s}\n" in text for s in prompts.REPORT_INSTRUCTIONS)
         elif ref.task == "report_to_cxr":
             assert text.endswith("### Response:\n<image>\n\n### End")
@@ -184,7 +184,7 @@ def test_bad_codes_are_skipped_and_too_long_examples_dropped(tok):
     p = _pipeline(tok, corpus=(image_text, vqa, text, codes))
     assert p.skipped == {("image_text", "wrong code length"): 1, ("image_text", "code outside codebook"): 1,
                          ("image_text", "missing codes"): 1, ("image_text", "empty report"): 1,
-                         ("image_text", "text contains an image placeholder"): 1,
+                         ("image_text", "text contains an image marker"): 1,
                          ("vqa", "missing codes"): 1, ("vqa", "empty question or answer"): 1,
                          ("text", "empty instruction or response"): 1}
     assert len(p.pools["image_text"]) == 12 and len(p.pools["vqa"]) == 8 and len(p.pools["text"]) == 7

@@ -46,8 +46,8 @@ def test_image_tokens_sit_between_angle_brackets(tok_special, image_in_response)
     tok, special = tok_special
     enc = _encoder(tok, special)
     codes = np.random.default_rng(0).integers(0, K, CODES)
-    text = (prompts.format_prompt("Make it.", prompts.IMAGE_PLACEHOLDER, "Clear lungs.") if image_in_response
-            else prompts.format_prompt("Report it.", "Clear lungs.", prompts.IMAGE_PLACEHOLDER))
+    text = (prompts.format_prompt("Make it.", prompts.IMAGE_MARKER, "Clear lungs.") if image_in_response
+            else prompts.format_prompt("Report it.", "Clear lungs.", prompts.IMAGE_MARKER))
     plain = np.array(tok.encode(text).ids)
     ids = enc.encode(text, codes)
     lt, img, gt = tok.encode("<image>").ids
@@ -66,7 +66,7 @@ def test_image_tokens_sit_between_angle_brackets(tok_special, image_in_response)
 def test_response_only_and_joint_loss_masks(tok_special):
     tok, special = tok_special
     enc = _encoder(tok, special)
-    text = prompts.format_prompt("Report it.", "Clear lungs.", prompts.IMAGE_PLACEHOLDER)
+    text = prompts.format_prompt("Report it.", "Clear lungs.", prompts.IMAGE_MARKER)
     ids = enc.encode(text, np.arange(CODES) % K)
     ex = enc.example(ids, "response")
     r = int(np.flatnonzero(ids == special.response_key_id)[0])
@@ -83,12 +83,12 @@ def test_response_only_and_joint_loss_masks(tok_special):
         enc.example(np.array(tok.encode("no key here").ids), "response")
 
 
-def test_placeholder_absent_or_twice_is_a_clear_error(tok_special):
+def test_marker_absent_or_twice_is_a_clear_error(tok_special):
     tok, special = tok_special
     enc = _encoder(tok, special)
     with pytest.raises(ValueError, match="'<image>' is not in the tokenized prompt"):
         enc.encode(prompts.format_prompt("Report it.", "Clear."), np.zeros(CODES, int))
-    twice = prompts.format_prompt("Compare <image>.", "Clear.", prompts.IMAGE_PLACEHOLDER)
+    twice = prompts.format_prompt("Compare <image>.", "Clear.", prompts.IMAGE_MARKER)
     with pytest.raises(ValueError, match="occurs 2 times"):
         enc.encode(twice, np.zeros(CODES, int))
     with pytest.raises(ValueError, match="outside the codebook"):
@@ -104,7 +104,7 @@ def test_special_delimiters(tok_special, tmp_path):
     enc = _encoder(tok, special, "special")
     begin, end = tok.token_to_id(prompts.IMAGE_BEGIN), tok.token_to_id(prompts.IMAGE_END)
     codes = np.arange(CODES) % K
-    ids = enc.encode(prompts.format_prompt("Report it.", "Clear.", prompts.IMAGE_PLACEHOLDER), codes)
+    ids = enc.encode(prompts.format_prompt("Report it.", "Clear.", prompts.IMAGE_MARKER), codes)
     b = int(np.flatnonzero(ids == begin)[0])
     assert ids[b + 1 + CODES] == end
     np.testing.assert_array_equal(ids[b + 1:b + 1 + CODES], vocab.text_size(tok) + codes)

@@ -1,4 +1,4 @@
-"""A tokenizer trained on corpus text loads in transformers and keeps LLM-CXR's image placeholder."""
+"""A tokenizer trained on corpus text loads in transformers and keeps LLM-CXR's image marker."""
 import pytest
 
 from llmcxr_jax import vocab
@@ -8,9 +8,9 @@ TEXTS = ["The lungs are clear. No pleural effusion or pneumothorax.", "Mild card
          "Small right pleural effusion.", "Is there a pneumothorax? No."] * 50
 
 
-def test_trained_tokenizer_round_trips_and_splits_the_placeholder(tmp_path):
+def test_trained_tokenizer_round_trips_and_splits_the_marker(tmp_path):
     tok, special, _ = text_tokenizer.train_tokenizer(TEXTS, str(tmp_path), vocab_size=400)
-    assert tok.encode(prompts.IMAGE_PLACEHOLDER).tokens == ["<", "image", ">"]
+    assert tok.encode(prompts.IMAGE_MARKER).tokens == ["<", "image", ">"]
     assert special.pad_id == special.eos_id == tok.token_to_id(text_tokenizer.EOS)
     text = prompts.format_prompt("Describe.", "Mild cardiomegaly.")
     ids = tok.encode(text).ids

@@ -117,7 +117,7 @@ a generation prompt ends right after `### Response:` and its newline, and the mo
 {hf_model_card.template()}
 ```
 
-An image in a prompt is the text `{hf_model_card.IMAGE_PLACEHOLDER}`, whose middle token (`image`) is replaced by
+An image in a prompt is the text `{hf_model_card.IMAGE_MARKER}`, whose middle token (`image`) is replaced by
 the image's {n} tokens, so the image sits between `<` and `>`. `{HF}/README.md` shows whole examples.
 
 ## Loading

@@ -17,10 +17,10 @@ from llmcxr_jax.vocab import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY, SpecialToke
 REPORT_SAMPLING: dict[str, Any] = {"do_sample": True, "temperature": 1.0, "top_p": 0.92, "top_k": 0,
                                    "max_new_tokens": 128}
 IMAGE_MAX_NEW_TOKENS = 300  # what LLM-CXR allows an image response (256 codes plus the delimiters)
-# The Dolly template's first line and the image placeholder, as data/prompts.py writes them (a test checks).
+# The Dolly template's first line and the image marker, as data/prompts.py writes them (a test checks).
 INTRO_BLURB = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_MARKER = "<image>"
 REPORT_INSTRUCTION = "Write the radiology report for this chest X-ray."
 TAGS = ("gpt_neox", "chest-x-ray", "llm-cxr", "radiology", "llmcxr-jax")
 GENERATION_CONFIG, MODEL_CARD = "generation_config.json", "README.md"
@@ -59,7 +59,7 @@ def image_marker(tokenizer) -> tuple[int, ...] | None:
         tokenizer = copy.deepcopy(tokenizer)  # padding or truncation would change the count
         tokenizer.no_truncation()
         tokenizer.no_padding()
-    ids = tuple(int(i) for i in tokenizer.encode(IMAGE_PLACEHOLDER).ids)
+    ids = tuple(int(i) for i in tokenizer.encode(IMAGE_MARKER).ids)
     return ids if len(ids) == 3 else None
 
 
@@ -92,7 +92,7 @@ def write(out_dir: str, facts: ExportFacts) -> None:
 
 
 def template() -> str:
-    """The Dolly training text with placeholders, as LLM-CXR trains on it."""
+    """The Dolly training text, as LLM-CXR trains on it, with {instruction}, {input} and {response} fields."""
     return (f"{INTRO_BLURB}\n\n{INSTRUCTION_KEY}\n{{instruction}}\n\nInput:\n{{input}}\n\n{RESPONSE_KEY}"
             f"{{response}}\n\n{END_KEY}")
 
@@ -201,7 +201,7 @@ def _prompt(facts: ExportFacts) -> str:
     marker = facts.image_marker
     where = (f" (ids {marker[0]}, {marker[1]}, {marker[2]} in this tokenizer)" if marker else "")
     return text + (
-        f"\nAn image is written as the text `{IMAGE_PLACEHOLDER}`, which the tokenizer splits into three tokens "
+        f"\nAn image is written as the text `{IMAGE_MARKER}`, which the tokenizer splits into three tokens "
         f"`<`, `image`, `>`{where}; the middle token is replaced by the image's h x w tokens "
         "(T + code, codes in row-major order of the VQ-GAN's latent grid), so the image sits between `<` and "
         "`>`. There are no other image delimiters. The image is the input for CXR -> report and for "
@@ -257,10 +257,10 @@ def _report_snippet(facts: ExportFacts) -> str:
         "model = AutoModelForCausalLM.from_pretrained(export_dir)\n"
         f"instruction = \"{REPORT_INSTRUCTION}\"\n"
         f"prompt = (\"{INTRO_BLURB}\"\n"
-        f"          f\"\\n\\n### Instruction:\\n{{instruction}}\\n\\nInput:\\n{IMAGE_PLACEHOLDER}\\n\\n"
+        f"          f\"\\n\\n### Instruction:\\n{{instruction}}\\n\\nInput:\\n{IMAGE_MARKER}\\n\\n"
         "### Response:\\n\")\n"
         "ids = tokenizer(prompt).input_ids\n"
-        f"marker = tokenizer(\"{IMAGE_PLACEHOLDER}\").input_ids  # \"<\", \"image\", \">\"\n"
+        f"marker = tokenizer(\"{IMAGE_MARKER}\").input_ids  # \"<\", \"image\", \">\"\n"
         "at = next(i for i in range(len(ids)) if ids[i:i + 3] == marker)\n"
         "ids = ids[:at + 1] + [T + c for c in codes] + ids[at + 2:]  # the image between \"<\" and \">\"\n"
         "out = model.generate(torch.tensor([ids]))\n"
@@ -307,7 +307,7 @@ def _data_terms() -> str:
         "weights were trained on MIMIC-CXR, read the agreement for the release you have in mind and ask "
         "PhysioNet when in doubt. This card is not legal advice.\n\n"
         "The exporter does not know which data trained these weights (llmcxr-jax also trains on a synthetic "
-        "corpus) nor under which license you release them; `license: other` above is a placeholder. Name "
+        "corpus) nor under which license you release them; `license: other` above says only that. Name "
         "the training data and the license here, and mind the base model's own license (dolly-v2-3b: MIT; "
         "Pythia: Apache-2.0).\n\n"
         "Not for clinical use: reports and images written by this model can be wrong and must not guide "

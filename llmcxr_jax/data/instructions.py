@@ -22,7 +22,7 @@ ORIGINAL_SOURCE = os.path.join("training", "mimiccxr_vq_dataset.py")
 # LLM-CXR's io_type "input" (the image is the prompt's input: CXR->report) samples the INPUT list;
 # io_type "output" (the image is the response: report->CXR) samples the OUTPUT list.
 ORIGINAL_NAMES = {"report": "CXR_VQ_INPUT_INSTRUCTION_LIST", "image": "CXR_VQ_OUTPUT_INSTRUCTION_LIST"}
-_FORBIDDEN = (prompts.IMAGE_PLACEHOLDER, prompts.IMAGE_BEGIN, prompts.IMAGE_END, INSTRUCTION_KEY,
+_FORBIDDEN = (prompts.IMAGE_MARKER, prompts.IMAGE_BEGIN, prompts.IMAGE_END, INSTRUCTION_KEY,
               RESPONSE_KEY.strip(), END_KEY)  # would move the image injection or the response-only loss
 _FORMAT = "give one instruction per line, or a JSON list of non-empty strings"
 

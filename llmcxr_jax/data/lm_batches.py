@@ -243,7 +243,7 @@ class _ExampleMaker:
         return out
 
     def render(self, task: int, src: int, para: int) -> tuple[str, np.ndarray | None]:
-        name, ph = TASKS[task], prompts.IMAGE_PLACEHOLDER
+        name, ph = TASKS[task], prompts.IMAGE_MARKER
         pool, index = self.pool_index(name, src)
         if name == "text":
             ex = self.pools["text"][index]
@@ -321,7 +321,7 @@ class LmBatches:
             return rows[dicom_id]
 
         def has_marker(*texts):  # a second "<image>" would make the injection ambiguous
-            markers = (prompts.IMAGE_PLACEHOLDER, prompts.IMAGE_BEGIN, prompts.IMAGE_END)
+            markers = (prompts.IMAGE_MARKER, prompts.IMAGE_BEGIN, prompts.IMAGE_END)
             return any(m in t for t in texts for m in markers)
 
         pools = {"image_text": [], "vqa": [], "text": []}
@@ -334,14 +334,14 @@ class LmBatches:
             if not ex.report.strip():
                 self.skipped[("image_text", "empty report")] += 1
             elif has_marker(ex.report):
-                self.skipped[("image_text", "text contains an image placeholder")] += 1
+                self.skipped[("image_text", "text contains an image marker")] += 1
             elif (row := code_row("image_text", ex.dicom_id)) is not None:
                 pools["image_text"].append((ex, row))
         for ex in map(lambda x: _as(_Vqa, x), vqa):
             if not (ex.question.strip() and ex.answer.strip()):
                 self.skipped[("vqa", "empty question or answer")] += 1
             elif has_marker(ex.question, ex.answer):
-                self.skipped[("vqa", "text contains an image placeholder")] += 1
+                self.skipped[("vqa", "text contains an image marker")] += 1
             elif (row := code_row("vqa", ex.dicom_id)) is not None:
                 pools["vqa"].append((ex, row))
         for ex in map(lambda x: _as(TextExample, x), text):

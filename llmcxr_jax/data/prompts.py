@@ -17,7 +17,7 @@ INTRO_BLURB = ("Below is an instruction that describes a task. "
                "Write a response that appropriately completes the request.")
 INPUT_KEY = "Input:"
 # LLM-CXR writes an image as this text; its middle token ("image") is replaced by the image tokens.
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_MARKER = "<image>"
 # Optional dedicated delimiters (image_delimiters="special"): not part of LLM-CXR, so a tokenizer
 # only has them after add_image_delimiters(); adding them grows T by two.
 IMAGE_BEGIN = "<|image|>"
@@ -103,9 +103,9 @@ class PromptTokenizer:
             raise UsageError(f"tokenizer has {size} tokens but the VocabLayout says T = {layout.text_size}; "
                              "build the layout from this tokenizer")
         if image_delimiters == "text":
-            ids = tok.encode(IMAGE_PLACEHOLDER).ids
+            ids = tok.encode(IMAGE_MARKER).ids
             if len(ids) != 3:
-                raise UsageError(f"the tokenizer splits {IMAGE_PLACEHOLDER!r} into {len(ids)} tokens; LLM-CXR's "
+                raise UsageError(f"the tokenizer splits {IMAGE_MARKER!r} into {len(ids)} tokens; LLM-CXR's "
                                  "injection needs 3 ('<', 'image', '>'); use image_delimiters='special'")
             self._marker, self._keep = ids, 1  # keep "<", replace "image", keep ">"
         elif image_delimiters == "special":
@@ -121,14 +121,14 @@ class PromptTokenizer:
     def encode(self, text: str, image_codes: np.ndarray | None = None) -> np.ndarray:
         """Token ids [n] int32; with image_codes, the one "<image>" in text becomes the image tokens."""
         if image_codes is not None and self.image_delimiters == "special":
-            text = text.replace(IMAGE_PLACEHOLDER, IMAGE_BEGIN + IMAGE_END)
+            text = text.replace(IMAGE_MARKER, IMAGE_BEGIN + IMAGE_END)
         ids = np.asarray(self.tok.encode(text).ids, np.int32)
         if image_codes is None:
             return ids
         where = _find_all(ids, self._marker)
         if len(where) != 1:
             found = "is not" if not where else f"occurs {len(where)} times"
-            raise UsageError(f"image placeholder {IMAGE_PLACEHOLDER!r} {found} in the tokenized prompt; an image "
+            raise UsageError(f"image marker {IMAGE_MARKER!r} {found} in the tokenized prompt; an image "
                              f"prompt needs it exactly once: {text[:80]!r}...")
         cut = where[0] + self._keep
         drop = len(self._marker) - 2  # text mode drops "image"; special mode drops nothing

@@ -23,15 +23,15 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096):
 
     if vocab_size < 300:
         raise UsageError(f"vocab_size {vocab_size} is too small for a byte-level BPE; use at least 300")
-    template = [prompts.format_prompt(i, "x", prompts.IMAGE_PLACEHOLDER) for i in prompts.REPORT_INSTRUCTIONS]
-    template += [prompts.format_prompt(i, prompts.IMAGE_PLACEHOLDER, "x") for i in prompts.IMAGE_INSTRUCTIONS]
+    template = [prompts.format_prompt(i, "x", prompts.IMAGE_MARKER) for i in prompts.REPORT_INSTRUCTIONS]
+    template += [prompts.format_prompt(i, prompts.IMAGE_MARKER, "x") for i in prompts.IMAGE_INSTRUCTIONS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_chain(template * 20, texts), trainer)
-    pieces = tok.encode(prompts.IMAGE_PLACEHOLDER).tokens
+    pieces = tok.encode(prompts.IMAGE_MARKER).tokens
     if len(pieces) != 3:
         raise UsageError(f'the trained tokenizer splits "<image>" into {pieces}, not "<", "image", ">"; '
                          "train on more text or a larger vocab_size")

@@ -142,7 +142,7 @@ class Generator:
             raise UsageError(f"the VQ-GAN has {vqgan.cfg.n_embed} codes but the LM has {lm.layout.image_codes} "
                              "image rows; use the VQ-GAN its training codes came from")
         encoder = prompts.PromptTokenizer(lm.tokenizer, lm.layout, lm.special)
-        open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_PLACEHOLDER).ids)
+        open_id, _, close_id = (int(i) for i in lm.tokenizer.encode(prompts.IMAGE_MARKER).ids)
         return cls(lm, vqgan, encoder, open_id, close_id, clean_up_spaces, allow_image_tokens_in_text,
                    stop_at_end_key_only, keep_special_tokens)
 
@@ -222,7 +222,7 @@ class Generator:
                                          self.encode_images(image_paths))
 
     def _image_input_prompts(self, instructions: Sequence[str], codes: np.ndarray) -> list[np.ndarray]:
-        return [self.encoder.encode(prompts.generation_prompt(i, prompts.IMAGE_PLACEHOLDER), c)
+        return [self.encoder.encode(prompts.generation_prompt(i, prompts.IMAGE_MARKER), c)
                 for i, c in zip(instructions, codes)]
 
     def image_prompts(self, reports: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
