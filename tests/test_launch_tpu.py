@@ -439,9 +439,9 @@ def test_supervise_waits_for_a_queued_resource(tmp_path):
     assert "queued resource WAITING_FOR_RESOURCES; waiting" in done.stdout
 
 
-def test_readme_shows_the_dry_run_the_script_prints():
-    """The README's `supervise --dry-run` block is this script's output for the command shown above it."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_docs_show_the_dry_run_the_script_prints():
+    """docs/training.md's `supervise --dry-run` block is this script's output for the command shown above it."""
+    readme = open(os.path.join(ROOT, "docs", "training.md")).read()
     head, tail = readme.split("Here is the output of the same `supervise` command with `--dry-run` added:", 1)
     command = head[head.rindex("python launch/tpu_pod.py supervise"):].split("\n")
     lines = []
