@@ -72,10 +72,10 @@ def _hf_weight_flags(p) -> None:
               flags=_export_hf_flags)
 def export_hf(args) -> None:
     from llmcxr_jax import checkpoint, sharding
-    from llmcxr_jax.convert import hf_gpt_neox
+    from llmcxr_jax.convert import hf_gpt_neox, weight_files
 
     max_shard_bytes = byte_size(args.max_shard_size)
-    hf_gpt_neox.weight_formats(args.weights)  # torch missing for .bin: said before the checkpoint is read
+    weight_files.weight_formats(args.weights)  # torch missing for .bin: said before the checkpoint is read
     lm = checkpoint.load_lm(args.ckpt, sharding.make_mesh(args.mesh))
     with tensor_progress(hf_gpt_neox.count_tensors(lm.config), "export") as tick:
         names = hf_gpt_neox.export_hf(lm.model, args.out, dtype=args.dtype, hf_config=lm.metadata.get("hf_config"),

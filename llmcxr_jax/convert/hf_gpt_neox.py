@@ -5,7 +5,8 @@ pytorch_model.bin) and places each tensor on the mesh, extending the vocabulary 
 rows as HF resize_token_embeddings(T + K) would. Export writes config.json, (sharded)
 model.safetensors and / or pytorch_model.bin, and the tokenizer, in forms that transformers 4.28 and
 tokenizers 0.13 (LLM-CXR's pins) through today's read, with the table padding sliced off, plus
-generation_config.json and a model card (convert/hf_model_card.py).
+generation_config.json and a model card (convert/hf_model_card.py). The weight files themselves are
+read and written by convert/weight_files.py.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from llmcxr_jax import sharding, vocab
-from llmcxr_jax.convert import hf_model_card
+from llmcxr_jax.convert import hf_model_card, weight_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
@@ -133,62 +134,6 @@ def flax_to_hf(rule: Rule, cfg: GPTNeoXConfig, a: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- reading HF directories
-
-
-class HFCheckpointReader:
-    """Tensor-by-tensor access to model.safetensors, sharded safetensors, or pytorch_model.bin."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self._where: dict[str, str] = {}
-        self._torch_cache: tuple[str, dict] | None = None
-        st_index = os.path.join(directory, "model.safetensors.index.json")
-        bin_index = os.path.join(directory, "pytorch_model.bin.index.json")
-        if os.path.isfile(st_index) or os.path.isfile(bin_index):
-            index = st_index if os.path.isfile(st_index) else bin_index
-            with open(index) as f:
-                self._where = {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
-        elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-            self._index_file(os.path.join(directory, "model.safetensors"))
-        elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
-            self._index_file(os.path.join(directory, "pytorch_model.bin"))
-        else:
-            raise MissingInputError(f"{directory} holds no model.safetensors, *.safetensors.index.json or "
-                                    "pytorch_model.bin; give a HF GPT-NeoX directory")
-        for path in set(self._where.values()):
-            if not os.path.isfile(path):
-                raise MissingInputError(f"weight file {path} named by the index is missing")
-
-    def _index_file(self, path: str) -> None:
-        for k in self._file_keys(path):
-            self._where[k] = path
-
-    @staticmethod
-    def _file_keys(path: str) -> list[str]:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="np") as f:
-                return list(f.keys())
-        return list(_torch_load(path).keys())
-
-    def keys(self) -> set[str]:
-        return set(self._where)
-
-    def get(self, key: str) -> np.ndarray:
-        path = self._where[key]
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="np") as f:
-                return np.asarray(f.get_tensor(key))
-        if self._torch_cache is None or self._torch_cache[0] != path:
-            self._torch_cache = (path, _torch_load(path))
-        return self._torch_cache[1][key].float().numpy()
-
-
-def _torch_load(path: str) -> dict:
-    from llmcxr_jax.convert.torch_files import read_torch_tensors  # only .bin checkpoints need torch
-
-    return read_torch_tensors(path, what="HF weight shard", mmap=True)  # runs nothing in the file
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
@@ -304,7 +249,7 @@ def import_hf(directory: str, image_codes: int, *, mesh: Mesh, new_rows: str = "
     if marked is not None and int(marked) != image_codes:
         raise UsageError(f"{directory} is an LLM-CXR export with {marked} image-token rows (config.json "
                          f"{IMAGE_CODES_KEY}); import it with {marked} image codes, not {image_codes}")
-    reader = HFCheckpointReader(directory)
+    reader = weight_files.HFCheckpointReader(directory)
     tok = special = tok_cfg = None
     if vocab.has_tokenizer(directory):
         tok, special, tok_cfg = vocab.load_tokenizer(directory)
@@ -435,56 +380,6 @@ def _to_host(a: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
-WEIGHT_FORMATS = ("safetensors", "bin", "both")
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightFormat:
-    """How transformers names one format's files: a single file, or numbered shards plus an index."""
-
-    single: str  # model.safetensors / pytorch_model.bin
-    stem: str  # shard N of M is f"{stem}-{N:05d}-of-{M:05d}.{ext}"
-    ext: str
-
-    def names(self, total: int) -> list[str]:
-        if total == 1:
-            return [self.single]
-        return [f"{self.stem}-{n:05d}-of-{total:05d}.{self.ext}" for n in range(1, total + 1)]
-
-    @property
-    def index(self) -> str:
-        return self.single + ".index.json"
-
-
-SAFETENSORS = WeightFormat("model.safetensors", "model", "safetensors")
-TORCH_BIN = WeightFormat("pytorch_model.bin", "pytorch_model", "bin")  # what transformers 4.28 and 5.x name
-
-
-def weight_formats(weights: str) -> list[WeightFormat]:
-    """The formats --weights names; one with .bin files needs torch, checked here."""
-    if weights not in WEIGHT_FORMATS:
-        raise UsageError(f"--weights {weights!r} is not one of {WEIGHT_FORMATS}")
-    formats = {"safetensors": [SAFETENSORS], "bin": [TORCH_BIN], "both": [SAFETENSORS, TORCH_BIN]}[weights]
-    if TORCH_BIN in formats:
-        from llmcxr_jax.convert.torch_files import require_torch
-        require_torch(f"--weights {weights}")
-    return formats
-
-
-def _save_bin(tensors: dict[str, np.ndarray], path: str) -> None:
-    """A state dict of plain torch tensors: torch.load(weights_only=True) reads it, and so does
-    transformers without the safetensors package (LLM-CXR's environment has none)."""
-    import torch  # weight_formats checked that it imports
-
-    state = {}
-    for key, a in tensors.items():
-        if a.dtype == jnp.bfloat16:  # numpy has no bfloat16: hand torch the bits
-            state[key] = torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
-        else:
-            state[key] = torch.from_numpy(a)
-    torch.save(state, path)
-
-
 def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32", hf_config: dict | None = None,
               image_codes: int = 0, tokenizer=None, tokenizer_config: dict | None = None,
               special: SpecialTokens | None = None, weights: str = "safetensors",
@@ -499,43 +394,12 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
     """
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"export dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
-    formats = weight_formats(weights)
-    if SAFETENSORS in formats:
-        from safetensors.numpy import save_file
+    formats = weight_files.weight_formats(weights)
     os.makedirs(out_dir, exist_ok=True)
-    shards: list[list[tuple[str, Callable[[], np.ndarray], int]]] = [[]]
-    size = 0
-    for item in hf_tensors(model, dtype):
-        if shards[-1] and size + item[2] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[2]
-    total = len(shards)
-    names = {fmt: fmt.names(total) for fmt in formats}
-    for n, shard in enumerate(shards):
-        tensors = {}
-        for key, load, _ in shard:
-            tensors[key] = load()
-            if progress:
-                progress(key)
-        if jax.process_index() == 0:
-            for fmt in formats:
-                path = os.path.join(out_dir, names[fmt][n])
-                if fmt is SAFETENSORS:
-                    save_file(tensors, path, metadata={"format": "pt"})
-                else:
-                    _save_bin(tensors, path)
-        del tensors
-    files = [name for fmt in formats for name in names[fmt]]
+    files, listed = weight_files.write_shards(hf_tensors(model, dtype), out_dir, formats, max_shard_bytes,
+                                              write=jax.process_index() == 0, progress=progress)
     if jax.process_index() != 0:
         return files
-    if total > 1:
-        for fmt in formats:
-            index = {"metadata": {"total_size": sum(n for shard in shards for _, _, n in shard)},
-                     "weight_map": {k: name for name, shard in zip(names[fmt], shards) for k, _, _ in shard}}
-            with open(os.path.join(out_dir, fmt.index), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
     config = hf_config_from_model(model.cfg, hf_config, dtype, image_codes)
     if special is not None:
         config.update(eos_token_id=special.eos_id, pad_token_id=special.pad_id)
@@ -543,7 +407,6 @@ def export_hf(model: GPTNeoXForCausalLM, out_dir: str, *, dtype: str = "float32"
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer is not None:
         vocab.save_tokenizer(tokenizer, tokenizer_config or {}, out_dir)
-    listed = [name for fmt in formats for name in names[fmt] + ([fmt.index] if total > 1 else [])]
     hf_model_card.write(out_dir, export_facts(model.cfg, config, dtype=dtype, image_codes=image_codes,
                                               weight_files=listed, special=special, tokenizer=tokenizer))
     return files
