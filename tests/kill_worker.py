@@ -50,6 +50,24 @@ def _hang_commit(step_to_hang: int) -> None:
     async_checkpointer._on_commit_callback = hung_commit
 
 
+def kill_when_frozen(proc, marker: str, ready, what: str, timeout: float) -> None:
+    """The test side: wait until the child froze (its marker file) and ready() holds, then SIGKILL it
+    and require return code -9; an early exit or a child that never froze fails the test."""
+    import signal
+
+    deadline = time.time() + timeout
+    while not (os.path.isfile(marker) and ready()):
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what}: the child never froze where the kill must land")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 if __name__ == "__main__":
     if os.environ.get("KILL_PAUSE_AT_LOG"):
         _pause_after_log(int(os.environ["KILL_PAUSE_AT_LOG"]))

@@ -78,17 +78,26 @@ def test_export_reloads_in_transformers_and_matches_on_image_tokens(round_trip):
     lm = checkpoint.load_lm(ckpt, sharding.make_mesh(MESH), dtype="float32")
     hf = load_hf(out)
     assert hf.config.vocab_size == lm.layout.size == 341
-    rng = np.random.default_rng(0)
-    ids, mask, pos = left_padded_batch(rng, 303, [20, 12], 20)
-    ids[:, -8:] = lm.layout.image_token(rng.integers(0, K, (2, 8)))  # image codes inside the text
-    ids[:, -1] = lm.layout.image_token(K - 1)  # the last image id, right at the edge of the real rows
+    got = _assert_logits_match(lm, hf, seed=0, lengths=[20, 12], image_tokens=8, last_image_id=True)
+    assert np.isneginf(got[..., 341:]).all() and got.shape[-1] == 384
+
+
+def _assert_logits_match(lm, hf, *, seed: int, lengths: list[int], image_tokens: int,
+                         last_image_id: bool = False) -> np.ndarray:
+    """Our logits equal transformers' at 1e-4 on left-padded rows ending in `image_tokens` image codes
+    (with last_image_id, the last one is code K - 1, right at the edge of the real rows); -> ours."""
+    rng = np.random.default_rng(seed)
+    ids, mask, pos = left_padded_batch(rng, 303, lengths, max(lengths))
+    ids[:, -image_tokens:] = lm.layout.image_token(rng.integers(0, K, (2, image_tokens)))
+    if last_image_id:
+        ids[:, -1] = lm.layout.image_token(K - 1)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(pos)).logits.numpy()
     got = np.asarray(lm.model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     real = mask.astype(bool)
     np.testing.assert_allclose(got[..., :341][real], ref[real], atol=1e-4, rtol=0)
-    assert np.isneginf(got[..., 341:]).all() and got.shape[-1] == 384
+    return got
 
 
 def test_an_export_imports_back_with_its_own_image_rows(capsys, tmp_path, round_trip):
@@ -505,16 +514,7 @@ def _bin_tensors(directory):
 
 def _logits_match(ckpt, directory):
     lm = checkpoint.load_lm(ckpt, sharding.make_mesh(MESH), dtype="float32")
-    hf = load_hf(directory)
-    rng = np.random.default_rng(4)
-    ids, mask, pos = left_padded_batch(rng, 303, [16, 9], 16)
-    ids[:, -6:] = lm.layout.image_token(rng.integers(0, K, (2, 6)))
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(pos)).logits.numpy()
-    got = np.asarray(lm.model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    real = mask.astype(bool)
-    np.testing.assert_allclose(got[..., :341][real], ref[real], atol=1e-4, rtol=0)
+    _assert_logits_match(lm, load_hf(directory), seed=4, lengths=[16, 9], image_tokens=6)
 
 
 def test_bin_export_loads_with_weights_only_and_in_transformers(tmp_path, round_trip):

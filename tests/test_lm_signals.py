@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from kill_worker import kill_when_frozen
 from lm_run_helpers import STAGE1, make_setup, tiny_config
 
 from llmcxr_jax import checkpoint
@@ -103,17 +104,7 @@ def _kill_frozen(setup, workdir, freeze, ready, timeout=300):
     """Run the child until kill_worker.py has frozen it (its marker exists) and ready() holds, then SIGKILL it."""
     marker = os.path.join(workdir, "frozen")
     proc = _spawn(setup, workdir, *COMMON, freeze={**freeze, "KILL_MARKER": marker})
-    deadline = time.time() + timeout
-    while not (os.path.isfile(marker) and ready()):
-        if proc.poll() is not None:
-            raise AssertionError(f"train exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("the child never froze where the kill must land")
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_frozen(proc, marker, ready, "train", timeout)
 
 
 def _resume_replays_and_matches(setup, straight, workdir):

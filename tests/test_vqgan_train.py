@@ -1,15 +1,14 @@
 """VQ-GAN training: the update runs sharded, the adaptive weight is finite, resume is exact."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from kill_worker import kill_when_frozen
 
 from llmcxr_jax import checkpoint, configs
 from llmcxr_jax.train import vqgan as train_vqgan
@@ -139,17 +138,8 @@ def _kill_at_step_3(workdir: str, timeout: float = 300) -> None:
     args = [sys.executable, os.path.join(os.path.dirname(__file__), "kill_worker.py"), "train-vqgan",
             "--config", f"{CONFIG}:tiny", "--workdir", workdir, *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while not (os.path.isfile(marker) and os.path.isdir(os.path.join(workdir, "checkpoints", "2"))):
-        if proc.poll() is not None:
-            raise AssertionError(f"train-vqgan exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("train-vqgan never reached step 3")
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_frozen(proc, marker, lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")), "train-vqgan",
+                     timeout)
 
 
 def test_sigkill_then_resume_replays_a_reseed_and_equals_an_uninterrupted_run(straight, tmp_path):
