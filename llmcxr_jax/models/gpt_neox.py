@@ -360,6 +360,11 @@ class GPTNeoXForCausalLM(nnx.Module):
         length] (>0 real, 0 pad) packs several sequences per row with no attention across them.
         Positions default to restarting per segment, or counting real tokens.
         """
+        return self.head_logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """What __call__ feeds the LM head: the final layer norm's output [batch, length, embed]
+        in the compute dtype (a chunked loss applies head_logits a slice at a time)."""
         b, s = input_ids.shape
         if attention_mask is None:
             attention_mask = segment_ids > 0 if segment_ids is not None else jnp.ones((b, s), bool)
@@ -372,7 +377,7 @@ class GPTNeoXForCausalLM(nnx.Module):
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x, _ = self._run_layers(input_ids, position_ids, mask, None, causal_blocks(s))
-        return self._logits(x)
+        return x
 
     def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None):
         """Run input_ids [batch, q_len] at cache.index.. over the cache -> (logits, new cache).
@@ -393,7 +398,7 @@ class GPTNeoXForCausalLM(nnx.Module):
         causal = jnp.arange(max_len)[None, :] <= q_idx[:, None]  # [q_len, max_len]
         mask = causal[None] & valid[:, None, :]
         x, new_cache = self._run_layers(input_ids, position_ids, mask, cache)
-        return self._logits(x), new_cache.replace(valid=valid, index=cache.index + s)
+        return self.head_logits(x), new_cache.replace(valid=valid, index=cache.index + s)
 
     def _run_layers(self, input_ids, position_ids, mask, cache: KVCache | None, blocks=1):
         """Embed, every layer, final norm -> (x [batch, q_len, embed], cache or None).
@@ -437,7 +442,8 @@ class GPTNeoXForCausalLM(nnx.Module):
         x = self.final_layer_norm(x, dt)
         return x, cache.with_layers(new_kv) if cache is not None else None
 
-    def _logits(self, x):
+    def head_logits(self, x):
+        """x [..., embed] -> float32 logits [..., padded_vocab]; rows past vocab_size are -inf."""
         logits = _dense(x, self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype),
                         preferred_element_type=jnp.float32)
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
