@@ -34,7 +34,7 @@ EOS, END_KEY, INSTRUCTION_KEY, RESPONSE_KEY = 0, 50277, 50278, 50279  # dolly-v2
 OPEN, CLOSE = 29, 31  # any two text ids stand in for "<" and ">"
 
 
-def build_model(preset: str, dtype: str):
+def build_model(preset: str, dtype: str, param_dtype: str = "float32"):
     from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
     from llmcxr_jax.vocab import VocabLayout
 
@@ -44,8 +44,25 @@ def build_model(preset: str, dtype: str):
                         num_layers=layers, num_heads=heads, intermediate_size=mlp, rotary_pct=0.25,
                         rotary_base=10000.0, max_position_embeddings=2048, layer_norm_eps=1e-5,
                         use_parallel_residual=True, attention_bias=True, hidden_act="gelu", initializer_range=0.02,
-                        dtype=dtype, param_dtype="float32", scan_layers=False, remat_policy="none")
+                        dtype=dtype, param_dtype=param_dtype, scan_layers=False, remat_policy="none")
     return init_model(cfg, 0), layout
+
+
+def load_hf(model, dtype: str):
+    """Our model exported with export_hf and reloaded by transformers: (GPTNeoXForCausalLM in eval mode, device)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    from llmcxr_jax.convert.hf_gpt_neox import export_hf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = tempfile.mkdtemp(prefix="bench_generate_")
+    try:
+        export_hf(model, tmp, dtype=dtype)
+        hf = GPTNeoXForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype)).to(device).eval()
+    finally:
+        shutil.rmtree(tmp)
+    return hf, device
 
 
 def bench_ours(model, layout, prompt, mask, case, sampler, new_tokens, repeats):
@@ -126,18 +143,7 @@ def main():
     if args.preset == "dolly-v2-3b" and jax.default_backend() == "cpu":
         sys.exit("the dolly-v2-3b preset needs a GPU or TPU; use --preset tiny or small on a CPU")
     model, layout = build_model(args.preset, args.dtype)
-    hf = device = None
-    if not args.skip_torch:
-        import torch
-        from transformers import GPTNeoXForCausalLM
-
-        from llmcxr_jax.convert.hf_gpt_neox import export_hf
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        tmp = tempfile.mkdtemp(prefix="bench_generate_")
-        export_hf(model, tmp, dtype=args.dtype)
-        hf = GPTNeoXForCausalLM.from_pretrained(tmp, dtype=getattr(torch, args.dtype)).to(device).eval()
-        shutil.rmtree(tmp)
+    hf, device = (None, None) if args.skip_torch else load_hf(model, args.dtype)
 
     rng = np.random.default_rng(0)
     rows = []

@@ -35,6 +35,7 @@ def bench_jax(args, shape, vocab_size, tokens):
     from flax import nnx
 
     from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, init_model
+    from llmcxr_jax.train.chunked_loss import token_cross_entropy
     from llmcxr_jax.vocab import VocabLayout
 
     hidden, layers, heads, mlp = shape
@@ -49,7 +50,11 @@ def bench_jax(args, shape, vocab_size, tokens):
     graphdef, params = nnx.split(model)
 
     def loss_fn(params, ids):
-        logits = nnx.merge(graphdef, params)(ids[:, :-1])[..., : layout.size]
+        model = nnx.merge(graphdef, params)
+        if args.logits_chunk:  # the same mean cross entropy, the head's logits a slice of positions at a time
+            x = model.hidden_states(ids[:, :-1])
+            return token_cross_entropy(model.head_logits, x, ids[:, 1:], args.logits_chunk).mean()
+        logits = model(ids[:, :-1])[..., : layout.size]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
@@ -108,6 +113,8 @@ def main():
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", default="none", help="our remat policy; torch uses gradient checkpointing when set")
     p.add_argument("--scan", action="store_true", help="scan over layers in the Flax model")
+    p.add_argument("--logits-chunk", type=int, default=0,
+                   help="our loss over this many positions at a time (train.logits_chunk); 0: whole rows")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs/TPUs)")
@@ -122,6 +129,7 @@ def main():
     n_tokens = args.batch * args.seq * args.steps
     result = {"preset": args.preset, "shape": dict(zip(("hidden", "layers", "heads", "intermediate"), shape)),
               "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "dtype": args.dtype, "steps": args.steps,
+              "logits_chunk": args.logits_chunk,
               "cpu_count": os.cpu_count()}
     seconds, loss, kind = bench_jax(args, shape, args.vocab, tokens)
     result.update(jax_tokens_per_s=n_tokens / seconds, jax_loss=loss, jax_device=kind)

@@ -27,16 +27,9 @@ def timed(fn, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="tiny", choices=("tiny", "f16_1024"))
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-
+def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model_overrides: dict | None = None) -> dict:
+    """Encode and decode images/s of one random VQ-GAN (configs/vqgan_f16_1024.py:variant, its model section
+    updated by model_overrides) in both frameworks."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -47,25 +40,25 @@ def main():
     from llmcxr_jax.convert import diffusers_vqgan
     from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
 
-    c = configs.load_config(os.path.join(ROOT, "configs", f"vqgan_f16_1024.py:{args.variant}"))
-    cfg = VQGANConfig(**{**c.model.to_dict(), "dtype": args.dtype})
+    c = configs.load_config(os.path.join(ROOT, "configs", f"vqgan_f16_1024.py:{variant}"))
+    cfg = VQGANConfig(**{**c.model.to_dict(), **(model_overrides or {}), "dtype": dtype})
     ours = init_vqgan(cfg, 0)
     with tempfile.TemporaryDirectory() as d:  # the same weights in both frameworks
         diffusers_vqgan.export_diffusers(ours, d)
         ref = VQModel.from_pretrained(d).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = ref.to(device)
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     r = cfg.resolution
-    x = np.random.default_rng(0).uniform(-1, 1, (args.batch, r, r, cfg.in_channels)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, r, r, cfg.in_channels)).astype(np.float32)
     graphdef, state = nnx.split(ours)
     encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x)[0])
     decode = jax.jit(lambda s, c: nnx.merge(graphdef, s).decode(c))
     xj = jnp.asarray(x)
     codes = encode(state, xj)
-    jax_enc = timed(lambda: jax.block_until_ready(encode(state, xj)), args.steps, args.warmup)
-    jax_dec = timed(lambda: jax.block_until_ready(decode(state, codes)), args.steps, args.warmup)
+    jax_enc = timed(lambda: jax.block_until_ready(encode(state, xj)), steps, warmup)
+    jax_dec = timed(lambda: jax.block_until_ready(decode(state, codes)), steps, warmup)
 
     xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), device=device)
     n = cfg.latent_size
@@ -77,28 +70,39 @@ def main():
 
     @torch.no_grad()
     def t_encode():
-        with torch.autocast(device_type=device, dtype=tdtype, enabled=args.dtype != "float32"):
+        with torch.autocast(device_type=device, dtype=tdtype, enabled=dtype != "float32"):
             h = ref.encode(xt).latents
             ref.quantize(h)
         sync()
 
     @torch.no_grad()
     def t_decode():
-        with torch.autocast(device_type=device, dtype=tdtype, enabled=args.dtype != "float32"):
-            z = ref.quantize.embedding(codes_t).reshape(args.batch, n, n, -1).permute(0, 3, 1, 2)
+        with torch.autocast(device_type=device, dtype=tdtype, enabled=dtype != "float32"):
+            z = ref.quantize.embedding(codes_t).reshape(batch, n, n, -1).permute(0, 3, 1, 2)
             ref.decode(z, force_not_quantize=True)
         sync()
 
-    torch_enc = timed(t_encode, args.steps, args.warmup)
-    torch_dec = timed(t_decode, args.steps, args.warmup)
-    result = {
-        "variant": args.variant, "resolution": r, "batch": args.batch, "dtype": args.dtype,
+    torch_enc = timed(t_encode, steps, warmup)
+    torch_dec = timed(t_decode, steps, warmup)
+    return {
+        "variant": variant, "resolution": r, "batch": batch, "dtype": dtype,
         "jax_device": jax.devices()[0].device_kind, "torch_device": device, "cpu_count": os.cpu_count(),
-        "encode_images_per_s": {"jax": args.batch / jax_enc, "torch": args.batch / torch_enc,
-                                "ratio": torch_enc / jax_enc},
-        "decode_images_per_s": {"jax": args.batch / jax_dec, "torch": args.batch / torch_dec,
-                                "ratio": torch_dec / jax_dec},
+        "encode_images_per_s": {"jax": batch / jax_enc, "torch": batch / torch_enc, "ratio": torch_enc / jax_enc},
+        "decode_images_per_s": {"jax": batch / jax_dec, "torch": batch / torch_dec, "ratio": torch_dec / jax_dec},
     }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="tiny", choices=("tiny", "f16_1024"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    result = measure(args.variant, args.batch, args.dtype, args.steps, args.warmup)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

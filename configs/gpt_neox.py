@@ -43,4 +43,10 @@ def get_config(variant=None):
     c.param_dtype = "float32"
     c.scan_layers = variant != "tiny"
     c.remat_policy = "none" if variant == "tiny" else "dots_no_batch"
+    # Self-attention kernel, same numbers either way: "auto" (splash on TPU, cudnn on NVIDIA GPUs, xla on CPU),
+    # "xla", "splash" (TPU Pallas kernel) or "cudnn" (cuDNN flash attention; Pallas flash for packed/padded rows).
+    c.attention = "auto"
+    c.splash_block_q = 512  # splash tiles: multiples of 128, clipped to the sequence length
+    c.splash_block_kv = 512
+    c.attention_interpret = False  # fused kernels in Pallas interpret mode, so they run on any platform (slow; tests)
     return c

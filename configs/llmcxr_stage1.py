@@ -77,8 +77,11 @@ def get_config(variant=None, stage: int = 1):
     t = c.train = ml_collections.ConfigDict()
     t.seed = 0
     t.mesh = MESH[size]
+    # TPU slices of a multi-slice job (launch/tpu_pod.py --num-slices): the data axis of train.mesh spans them
+    t.num_slices = 1
     t.batch_size = 16  # global rows per step (LLM-CXR: 2 per GPU x 8)
     t.grad_accum = 1  # micro-batches per step (batch_size / grad_accum rows each)
+    t.logits_chunk = 0 if size == "tiny" else 512  # LM-head logits this many positions at a time; 0: whole rows
     t.steps = STAGE1_STEPS if stage == 1 else 9_000
     t.learning_rate = 5e-6
     t.warmup_steps = 50
@@ -100,6 +103,9 @@ def get_config(variant=None, stage: int = 1):
     t.checkpoint_every = 1000
     t.keep_checkpoints = 5
     t.peak_flops = 0.0  # per device, for MFU; 0 = from the device table when known
+    # "A:B": a jax.profiler trace of steps A..B-1 (B excluded; step numbers as in metrics.jsonl) in WORKDIR/profile,
+    # from process 0; "" = no trace
+    t.profile_steps = ""
 
     if size == "tiny":
         c.model.scan_layers = False

@@ -44,6 +44,7 @@ def get_config(variant=None):
     t.seed = 0
     t.data = "shapes"  # generated images until the CXR pipeline lands
     t.mesh = "-1,1,1"  # data parallel
+    t.num_slices = 1  # TPU slices of a multi-slice job (launch/tpu_pod.py --num-slices)
     t.learning_rate = 4.5e-6  # LLM-CXR / taming (Adam, betas 0.5, 0.9)
     t.adam_b1 = 0.5
     t.adam_b2 = 0.9

@@ -6,6 +6,7 @@ silent replicate.
 """
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax.errors import UsageError
@@ -85,10 +87,51 @@ def fit_batch(spec: str | Sequence[int], batch_size: int, num_devices: int) -> s
     return ",".join(map(str, (*shape, num_devices // g)))
 
 
-def make_mesh(spec: str | Sequence[int] = "1,-1,1", devices: Sequence[jax.Device] | None = None) -> Mesh:
+def device_slices(devices: Sequence[jax.Device]) -> tuple[str, int]:
+    """What splits `devices` into slices, and into how many: on TPUs their `slice_index` (a multi-slice
+    job's slices talk over the data-center network, DCN); elsewhere the process (CPU and GPU devices
+    carry no meaningful slice_index: each process stands for a slice, so a multi-process CPU run can
+    rehearse a multi-slice one)."""
+    attr = "slice_index" if devices[0].platform == "tpu" and hasattr(devices[0], "slice_index") else "process_index"
+    return attr, len({getattr(d, attr) for d in devices})
+
+
+def make_mesh(spec: str | Sequence[int] = "1,-1,1", devices: Sequence[jax.Device] | None = None,
+              num_slices: int = 1) -> Mesh:
+    """('data','fsdp','tensor') mesh over `devices` (default: every device) with Auto axis types.
+
+    num_slices > 1 makes a hybrid mesh: each slice holds whole fsdp x tensor blocks and
+    data / num_slices rows of the data axis, so only data parallelism (one gradient all-reduce per
+    step) crosses the slow links between slices. Slices are device_slices(); their count must
+    equal num_slices. With num_slices 1 the devices must lie in one TPU slice.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = parse_mesh_shape(spec, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    if not isinstance(num_slices, int) or num_slices < 1:
+        raise UsageError(f"train.num_slices must be a positive integer, got {num_slices!r}")
+    attr, found = device_slices(devices)
+    what = "TPU slices" if attr == "slice_index" else "processes (each process is a slice here)"
+    if num_slices == 1:
+        if attr == "slice_index" and found > 1:
+            raise UsageError(f"the {len(devices)} devices span {found} TPU slices but train.num_slices is 1; "
+                             f"set train.num_slices={found} (and a train.mesh data axis that is a multiple of it)")
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    if found != num_slices:
+        raise UsageError(f"train.num_slices={num_slices} but the {len(devices)} devices span {found} {what}; "
+                         f"set train.num_slices={found}")
+    data, fsdp, tensor = shape
+    if data % num_slices:
+        raise UsageError(f"train.mesh {','.join(map(str, shape))} over train.num_slices={num_slices}: the data axis "
+                         f"({data}) must be a multiple of the slice count, as only data parallelism crosses slices; "
+                         f"e.g. train.mesh={num_slices},-1,1")
+    counts = sorted(collections.Counter(getattr(d, attr) for d in devices).values())
+    if counts[0] != counts[-1]:
+        raise UsageError(f"the {found} {what} hold unequal device counts {counts}; every slice must hold "
+                         "the same number of devices")
+    ici = (data // num_slices, fsdp, tensor)  # one slice's block: its devices talk over the fast interconnect
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices,
+                                                process_is_granule=attr == "process_index")
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:

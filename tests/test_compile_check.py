@@ -1,8 +1,10 @@
 """compile-check: topology names -> chips and slice shapes, the report's arithmetic, and real
 ahead-of-time compiles of a GPT-NeoX train step: CPU stand-ins for gpu:2x4 always, TPU v4-16
-(fits) and v5e-4 (pythia-12b without fsdp: does not fit) with `-m tpu` when libtpu is installed."""
+(fits), v5e-4 (pythia-12b without fsdp: does not fit) and the trainer's step on 2 x v5p-8 slices
+with `-m tpu` when libtpu is installed."""
 import importlib.util
 import json
+import os
 import types
 
 import jax
@@ -14,12 +16,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import gpt_neox as gpt_neox_configs
+from llmcxr_jax import configs, sharding
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, count_params, model_flops_per_token
 from llmcxr_jax.sharding import param_shardings
 from llmcxr_jax.train import compile_check as cc
-from llmcxr_jax.train import topologies
+from llmcxr_jax.train import lm, topologies
 from llmcxr_jax.train.topologies import GiB
 from llmcxr_jax.vocab import VocabLayout
+
+STAGE1 = os.path.join(os.path.dirname(__file__), "..", "configs", "llmcxr_stage1.py")
 
 _no_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install 'llmcxr-jax[tpu]'): no TPU topologies")
@@ -249,7 +254,8 @@ def test_tpu_v4_16_compiles_on_cpu_and_fits():
 
 @needs_libtpu
 def test_pythia_12b_without_fsdp_does_not_fit_a_v5e_4():
-    cfg = model_config("pythia-12b")
+    # xla attention: splash's mask tables would add a few KiB of constant arguments to the exact count below
+    cfg = model_config("pythia-12b").replace(attention="xla")
     step = StandInStep(cfg, batch=4, length=2048)
     r = cc.compile_check(step, "v5e-4", mesh_shape="4,1,1", tokens_per_step=4 * 2048,
                          model_flops_per_step=model_flops(cfg, 4, 2048))
@@ -284,6 +290,31 @@ def test_multislice_mesh_puts_slices_on_the_data_axis():
         cc.topology_mesh(devices, "1,8,1", num_slices=2)
 
 
+@needs_libtpu
+def test_tiny_lm_step_compiles_for_two_v5p_slices():
+    """The trainer's own step (lm.lower_train_step) on 2 x v5p-8 over the mesh training builds
+    (sharding.make_mesh with num_slices=2): slices along 'data', each a whole fsdp block."""
+    config = configs.load_config(STAGE1 + ":tiny", ["--config.train.mesh=2,-1,1", "--config.train.num_slices=2"])
+    tokens, flops = lm.step_flops(config)
+    meshes = []
+
+    def lower(mesh):
+        meshes.append(mesh)
+        return lm.lower_train_step(config, mesh)
+
+    r = cc.compile_check(lower, "v5p-8", num_slices=config.train.num_slices, mesh_shape=config.train.mesh,
+                         tokens_per_step=tokens, model_flops_per_step=flops)
+    print(r.format())
+    assert r.fits and (r.num_chips, r.num_slices, r.mesh) == (8, 2, {"data": 2, "fsdp": 4, "tensor": 1})
+    assert "2 slices" in r.description and r.argument_bytes > 0
+    slice_of = np.vectorize(lambda d: d.slice_index)(meshes[0].devices)
+    assert (slice_of == np.arange(2)[:, None, None]).all()  # data row i = slice i: only 'data' crosses DCN
+    with pytest.raises(ValueError, match=r"data axis \(1\) must be a multiple of the slice count"):
+        cc.compile_check(lower, "v5p-8", num_slices=2, mesh_shape="1,-1,1", tokens_per_step=tokens)
+    with pytest.raises(ValueError, match="span 2 TPU slices but train.num_slices is 1"):
+        sharding.make_mesh("2,-1,1", devices=list(meshes[0].devices.ravel()))
+
+
 def test_missing_libtpu_says_how_to_install_it(monkeypatch):
     from jax.experimental import topologies as jax_topologies
 
@@ -314,3 +345,60 @@ def test_loops_in_the_step_are_flagged():
     r = cc.compile_check(lower, "gpu:1x2", tokens_per_step=8)
     assert r.step_has_loops and "lower bound" in r.format()
     assert r.fits and r.argument_bytes == 4 * 128 * 4  # each of 2 devices holds 4 rows
+
+
+# ---------------------------------------------------------------- XLA's cost model and comparing settings
+
+def test_cost_model_line_says_what_it_leaves_out():
+    r = _report(argument_bytes=GiB, output_bytes=GiB, alias_bytes=GiB, temp_bytes=GiB, generated_code_bytes=0,
+                xla_optimal_seconds=0.25, custom_kernels=("Pallas/Mosaic (e.g. splash attention) x64",),
+                step_has_loops=True)
+    line = next(x for x in r.format().splitlines() if "XLA cost model" in x)
+    assert "step 250 ms (optimal_seconds); a lower bound: custom kernels it does not cost: Pallas/Mosaic" in line
+    assert line.endswith("x64; loop bodies counted once")
+    assert "XLA cost model" not in _report().format()  # no estimate, no line
+    assert _report(xla_optimal_seconds=1.0).cost_caveat() == ""
+
+
+def test_custom_kernels_are_counted_by_target():
+    hlo = ('%a = custom-call(%x), custom_call_target="tpu_custom_call", backend_config="..."\n'
+           '%b = custom-call(%y), custom_call_target="tpu_custom_call"\n'
+           '%c = custom-call(%z), custom_call_target="__cudnn$fmha"\n'
+           '%d = custom-call(%w), custom_call_target="SliceToDynamic"\n')
+    compiled = types.SimpleNamespace(as_text=lambda: hlo)
+    assert cc.custom_kernels(compiled) == ("Pallas/Mosaic (e.g. splash attention) x2", "cuDNN attention x1")
+    plain = jax.jit(lambda x: x * 2).lower(np.ones(4, np.float32)).compile()
+    assert cc.custom_kernels(plain) == ()
+
+
+def test_variant_grid_and_table():
+    grid = cc.variant_grid(["model.attention=xla,splash", "train.logits_chunk=0,512"])
+    assert grid == [["model.attention=xla", "train.logits_chunk=0"], ["model.attention=xla", "train.logits_chunk=512"],
+                    ["model.attention=splash", "train.logits_chunk=0"],
+                    ["model.attention=splash", "train.logits_chunk=512"]]
+    assert cc.variant_grid([]) == [[]]
+    for bad in ("model.attention", "=xla", "model.attention="):
+        with pytest.raises(ValueError, match="is not KEY=V1,V2"):
+            cc.variant_grid([bad])
+    big = _report(argument_bytes=GiB, output_bytes=GiB, alias_bytes=GiB, temp_bytes=40 * GiB, generated_code_bytes=0,
+                  model_flops_per_step=3e16, xla_optimal_seconds=0.5)
+    small = _report(argument_bytes=GiB, output_bytes=GiB, alias_bytes=GiB, temp_bytes=7 * GiB, generated_code_bytes=0)
+    rows = cc.comparison_table([(grid[0], big), (grid[3], small)]).splitlines()
+    assert rows[2] == "| model.attention=xla train.logits_chunk=0 | 41.0 GiB | 128% | no | 500 ms | 34.1 s |"
+    assert rows[3] == "| model.attention=splash train.logits_chunk=512 | 8.0 GiB | 25% | yes | - | - |"
+
+
+@needs_libtpu
+def test_splash_step_reports_its_kernels_and_the_cost_model(capsys):
+    from llmcxr_jax import cli
+
+    stage1 = os.path.join(os.path.dirname(__file__), "..", "configs", "llmcxr_stage1.py")
+    code = cli.main(["compile-check", "--config", f"{stage1}:tiny", "--topology", "v5p-8",
+                     "--compare", "model.attention=xla,splash"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    xla, splash = json.loads(out.strip().splitlines()[-1])
+    assert xla["overrides"] == ["model.attention=xla"] and xla["custom_kernels"] == []
+    assert splash["custom_kernels"] == ["Pallas/Mosaic (e.g. splash attention) x4"]  # 2 layers, forward + backward
+    assert xla["xla_optimal_seconds"] > 0 and splash["xla_optimal_seconds"] > 0
+    assert "| model.attention=splash | " in err

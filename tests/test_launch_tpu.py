@@ -1,6 +1,7 @@
-"""launch/tpu_pod.py: slice sizes, the exact gcloud commands of --dry-run, the worker-side scripts run
-for real under bash (detached launch, state file, SIGTERM stop), and `supervise` against a fake
-gcloud first on PATH that preempts the slice once."""
+"""launch/tpu_pod.py: slice sizes, the exact gcloud commands of --dry-run (one slice, and a 2-slice
+queued resource), the worker-side scripts run for real under bash (detached launch, state file,
+SIGTERM stop), and `supervise` against a fake gcloud first on PATH that preempts the slice (or one
+of two slices) once."""
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ SCRIPT = os.path.join(ROOT, "launch", "tpu_pod.py")
 _spec = importlib.util.spec_from_file_location("tpu_pod", SCRIPT)
 tpu_pod = sys.modules["tpu_pod"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tpu_pod)
+scripts = sys.modules["tpu_worker_scripts"]  # loaded by tpu_pod from launch/: the shell run on each worker
 
 POD = ["--name", "llmcxr-v4", "--zone", "us-central2-b"]
 SOURCE = ["--repo", "https://github.com/example/llmcxr-jax.git", "--commit", "0123abc"]
@@ -182,6 +184,63 @@ def test_missing_options_are_one_line():
     assert done.returncode == 2 and "must be a commit SHA" in done.stderr
 
 
+MULTI = ["--name", "llmcxr-ms", "--zone", "us-east5-a", "--accelerator-type", "v5p-128", "--provisioning",
+         "queued-spot", "--num-slices", "2"]
+
+
+def test_dry_run_two_slices():
+    """One queued resource of 2 nodes named by its prefix; every other step runs on each node in turn."""
+    def out(*args):
+        cut = args.index("--") if "--" in args else len(args)
+        done = _cli(*args[:cut], "--dry-run", *args[cut:])
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    assert out("create", *MULTI) == [
+        "gcloud compute tpus queued-resources create llmcxr-ms --node-count=2 --node-prefix=llmcxr-ms "
+        "--zone=us-east5-a --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 --spot"]
+    assert out("delete", *MULTI) == [
+        "gcloud compute tpus queued-resources delete llmcxr-ms --zone=us-east5-a --force --quiet"]
+    assert out("status", *MULTI) == [
+        f"gcloud compute tpus tpu-vm describe llmcxr-ms-{i} --zone=us-east5-a '--format=value(state)'" for i in (0, 1)]
+    assert out("logs", *MULTI, "--slice", "1", "--worker", "3") == [
+        "gcloud compute tpus tpu-vm ssh llmcxr-ms-1 --zone=us-east5-a --worker=3 "
+        "'--command=tail -n 100 $HOME/llmcxr_logs/train_worker3.log'"]
+    lines = out("supervise", *MULTI, *SOURCE, "--workdir", WORKDIR, *TRAIN)
+    argv = [shlex.split(line) for line in lines if line.startswith("gcloud")]
+    assert [(a[3], a[4]) for a in argv] == [("queued-resources", "create")] + [("tpu-vm", "ssh")] * 4 + \
+        [("tpu-vm", "describe")] * 2 + [("tpu-vm", "ssh")] * 2 + [("queued-resources", "delete")]
+    setup, run, poll = argv[1:3], argv[3:5], argv[7:9]
+    assert [a[5] for a in setup + run + argv[5:7] + poll] == ["llmcxr-ms-0", "llmcxr-ms-1"] * 4
+    assert all(a[7] == "--worker=all" for a in setup + run + poll)
+    assert setup[0][6:] == setup[1][6:] and run[0][6:] == run[1][6:]  # every slice runs the same command
+    train = f"--config.data.root=/data/mimic --config.train.num_slices=2 --workdir {WORKDIR} &"
+    assert train in run[0][-1]  # the trainer's mesh spans both slices
+    assert lines[5] == "# then every 60 s until all 32 workers of 2 slices are DONE:"
+    assert lines[10].startswith("# when any node is PREEMPTED / TERMINATED or gone (at most 10 times), delete and "
+                                "recreate the whole queued resource")
+    # an override that already says 2 is kept as it is, not added twice
+    again = out("run", *MULTI, "--workdir", WORKDIR, *TRAIN, "--config.train.num_slices=2")
+    assert [line.count("--config.train.num_slices=2") for line in again] == [1, 1]
+    done = _cli("logs", *MULTI, "--slice", "2", "--worker", "0", "--dry-run")
+    assert (done.returncode, done.stderr) == (2, "tpu_pod.py: error: --slice 2 is not a slice of this job: give 0 "
+                                                 "to 1\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--provisioning", "spot", "--num-slices", "2"], "--num-slices 2 needs --provisioning queued or queued-spot"),
+    (["--provisioning", "queued", "--num-slices", "0"], "--num-slices must be at least 1, got 0"),
+    (["--provisioning", "queued", "--num-slices", "2", *TRAIN, "--config.train.num_slices=4"],
+     "the command's --config.train.num_slices=4 differs from --num-slices 2"),
+    ([*TRAIN, "--config.train.num_slices=2"], "the command's --config.train.num_slices=2 differs from --num-slices 1"),
+])
+def test_bad_slice_counts_are_one_line(args, message):
+    cut = args.index("--") if "--" in args else len(args)
+    done = _cli("run", *POD, "--workdir", WORKDIR, *args[:cut], "--dry-run", *(args[cut:] or TRAIN))
+    assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"tpu_pod.py: error: {message}")
+
+
 # ---------------------------------------------------------------- worker-side scripts under bash
 
 FAKE_LLMCXR = """#!/usr/bin/env bash
@@ -217,7 +276,7 @@ def _wait_running(home):
     is set would kill it at once, as it would a real trainer that is still importing)."""
     for _ in range(400):
         if (home / "trap_set").exists() and \
-                _bash(tpu_pod.poll_script(), home).stdout.strip() == "llmcxr-state worker=2 RUNNING":
+                _bash(scripts.poll_script(), home).stdout.strip() == "llmcxr-state worker=2 RUNNING":
             return
         time.sleep(0.05)
     raise AssertionError("the detached trainer never reported RUNNING")
@@ -225,7 +284,7 @@ def _wait_running(home):
 
 def _settled(home):
     for _ in range(400):
-        out = _bash(tpu_pod.poll_script(), home).stdout.strip()
+        out = _bash(scripts.poll_script(), home).stdout.strip()
         if " RUNNING" not in out and " STARTING" not in out:
             return out
         time.sleep(0.05)
@@ -234,7 +293,7 @@ def _settled(home):
 
 def test_worker_run_records_done(tmp_path):
     home = _worker_home(tmp_path)
-    run = tpu_pod.run_script("train", ["--config", "c.py:tiny"], "/runs/a b")
+    run = scripts.run_script("train", ["--config", "c.py:tiny"], "/runs/a b")
     done = _bash(run, home, FAKE_MODE="done")
     assert done.returncode == 0 and "llmcxr run worker=2" in done.stdout, done.stderr
     assert _settled(home) == "llmcxr-state worker=2 DONE rc=0"
@@ -245,38 +304,38 @@ def test_worker_run_records_done(tmp_path):
 
 def test_worker_stop_failure_and_lost(tmp_path):
     home = _worker_home(tmp_path)
-    run = tpu_pod.run_script("train", ["--config", "c.py:tiny"], "/runs/a")
+    run = scripts.run_script("train", ["--config", "c.py:tiny"], "/runs/a")
     assert _bash(run, home, FAKE_MODE="wait").returncode == 0
     _wait_running(home)
     again = _bash(run, home, FAKE_MODE="wait")  # never two trainers on one worker
     assert again.returncode == 3 and "training already runs" in again.stderr
-    stop = _bash(tpu_pod.stop_script(20), home)
+    stop = _bash(scripts.stop_script(20), home)
     assert stop.returncode == 0 and "llmcxr stop worker=2 pid=" in stop.stdout
     assert _settled(home) == "llmcxr-state worker=2 STOPPED rc=0"  # SIGTERM: saved early, not done
     assert _bash(run, home, FAKE_MODE="fail").returncode == 0
     assert _settled(home) == "llmcxr-state worker=2 FAILED rc=2"
     (home / "llmcxr_logs" / "state_worker2").write_text(f"RUNNING {2**22 + 12345}\n")  # the pid died with the VM
-    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
-    assert "nothing running" in _bash(tpu_pod.stop_script(1), home).stdout
+    assert _bash(scripts.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
+    assert "nothing running" in _bash(scripts.stop_script(1), home).stdout
     (home / "llmcxr_logs" / "state_worker2").write_text(f"RUNNING {os.getpid()}\n")  # a pid, but not a trainer
-    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
-    assert "nothing running" in _bash(tpu_pod.stop_script(1), home).stdout
+    assert _bash(scripts.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
+    assert "nothing running" in _bash(scripts.stop_script(1), home).stdout
     # the trainer has exited but its wrapper is still recording why: RUNNING for a moment more, not LOST
     wrapper = subprocess.Popen(["bash", "-c", "sleep 30; exit 0 # llmcxr wrapper"])
     try:
         (home / "llmcxr_logs" / "state_worker2").write_text(f"RUNNING {2**22 + 12345} {wrapper.pid}\n")
-        assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 RUNNING\n"
+        assert _bash(scripts.poll_script(), home).stdout == "llmcxr-state worker=2 RUNNING\n"
     finally:
         wrapper.kill()
         wrapper.wait()
-    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
+    assert _bash(scripts.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
 
 
 def test_worker_stop_kills_a_trainer_that_ignores_sigterm(tmp_path):
     home = _worker_home(tmp_path)
-    assert _bash(tpu_pod.run_script("train", ["--config", "c.py"], "/runs/a"), home, FAKE_MODE="stuck").returncode == 0
+    assert _bash(scripts.run_script("train", ["--config", "c.py"], "/runs/a"), home, FAKE_MODE="stuck").returncode == 0
     _wait_running(home)
-    stop = _bash(tpu_pod.stop_script(1), home)
+    stop = _bash(scripts.stop_script(1), home)
     assert stop.returncode == 0 and "killed after 1 s" in stop.stdout
     assert _settled(home) == "llmcxr-state worker=2 FAILED rc=137"
 
@@ -285,10 +344,9 @@ def test_a_poll_never_reads_a_half_written_state(tmp_path):
     """Every state change renames a finished file into place. `echo ... >state` truncates first, and a
     poll in that moment printed a bare `llmcxr-state worker=2` (once in CI): 2000 writes against 2000
     reads of the poll's own `read` must give no empty state."""
-    scripts = sys.modules["tpu_worker_scripts"]
     state = f"{scripts.LOG_DIR}/state_worker$wid"
     wrapper_state = state.replace("$wid", "$WID")  # the detached wrapper's name for the same file
-    run = tpu_pod.run_script("train", [], "/w")
+    run = scripts.run_script("train", [], "/w")
     inner = shlex.split(run.split("bash -c ", 1)[1])[0]  # the detached wrapper's own script
     assert scripts._write_state("STARTING", state) in run and f'>"{state}"' not in run
     for text in ("RUNNING $pid $$", "$s $pid $rc"):
@@ -314,9 +372,9 @@ def test_a_poll_between_the_wrappers_last_write_and_its_exit_is_not_lost(tmp_pat
     state.write_text("RUNNING 4194305 4194306\n")  # neither pid exists
     wrapper_exits = (f'kill() {{ [ -e "{state}.done" ] || '
                      f'{{ echo "FAILED 4194305 137" >"{state}"; : >"{state}.done"; }}; return 1; }}; ')
-    assert _bash(wrapper_exits + tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 FAILED rc=137\n"
+    assert _bash(wrapper_exits + scripts.poll_script(), home).stdout == "llmcxr-state worker=2 FAILED rc=137\n"
     state.write_text("RUNNING 4194305 4194306\n")  # nobody changes it: LOST
-    assert _bash(tpu_pod.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
+    assert _bash(scripts.poll_script(), home).stdout == "llmcxr-state worker=2 LOST\n"
 
 
 # ---------------------------------------------------------------- supervise against a fake gcloud
@@ -328,34 +386,38 @@ args = sys.argv[1:]
 with open(os.path.join(d, "calls.jsonl"), "a") as f:
     f.write(json.dumps(args) + "\\n")
 
-def pop(name):  # the next answer; the last one repeats
-    path = os.path.join(d, name)
+def pop(name, node):  # the next answer (the node's own list when it has one); the last one repeats
+    path = os.path.join(d, f"{{name}}.{{node}}")
+    if not os.path.exists(path):
+        path = os.path.join(d, name)
     lines = open(path).read().splitlines()
     if len(lines) > 1:
         open(path, "w").write("\\n".join(lines[1:]) + "\\n")
     return lines[0]
 
 if args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
-    state = pop("states")
+    state = pop("states", args[4])
     if state == "NOT_FOUND":
         print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource was not found", file=sys.stderr)
         sys.exit(1)
     print(state)
 elif args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
-    state = pop("qr_states")
+    state = pop("qr_states", args[4])
     if state == "NOT_FOUND":
         print("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND", file=sys.stderr)
         sys.exit(1)
     print(state)
 elif args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "llmcxr-state" in args[-1]:
-    state = pop("workers")
+    state = pop("workers", args[4])
     for w in range(int(os.environ["FAKE_HOSTS"])):
         rc = {{"DONE": " rc=0", "FAILED": " rc=1"}}.get(state, "")
         print(f"llmcxr-state worker={{w}} {{state}}{{rc}}")
 """
 
 
-def _fake_gcloud(tmp_path, states, workers, hosts, qr_states=("NOT_FOUND",)):
+def _fake_gcloud(tmp_path, states, workers, hosts, qr_states=("NOT_FOUND",), nodes=None):
+    """A gcloud first on PATH answering describe / queued-resources describe / poll from these lists in
+    turn (per node: `nodes` maps a node name to its own (states, workers)); `hosts` workers per node."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     gcloud = bin_dir / "gcloud"
@@ -364,6 +426,9 @@ def _fake_gcloud(tmp_path, states, workers, hosts, qr_states=("NOT_FOUND",)):
     (tmp_path / "states").write_text("\n".join(states) + "\n")
     (tmp_path / "workers").write_text("\n".join(workers) + "\n")
     (tmp_path / "qr_states").write_text("\n".join(qr_states) + "\n")
+    for node, (node_states, node_workers) in (nodes or {}).items():
+        (tmp_path / f"states.{node}").write_text("\n".join(node_states) + "\n")
+        (tmp_path / f"workers.{node}").write_text("\n".join(node_workers) + "\n")
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_DIR=str(tmp_path),
                 FAKE_HOSTS=str(hosts))
 
@@ -437,6 +502,59 @@ def test_supervise_waits_for_a_queued_resource(tmp_path):
                         "--zone=us-central2-b", "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
                         "--spot"]
     assert "queued resource WAITING_FOR_RESOURCES; waiting" in done.stdout
+
+
+def test_supervise_two_slices_recreates_the_queued_resource_when_one_is_preempted(tmp_path):
+    ms = ["llmcxr-ms-0", "llmcxr-ms-1"]
+    env = _fake_gcloud(tmp_path, [], [], hosts=2, nodes={
+        ms[0]: (["NOT_FOUND", "READY"], ["RUNNING", "DONE"]),
+        ms[1]: (["NOT_FOUND", "READY", "READY", "PREEMPTED", "READY"], ["RUNNING", "DONE"])})
+    done = _cli("supervise", "--name", "llmcxr-ms", "--zone", "us-east5-a", "--accelerator-type", "v4-16",
+                "--provisioning", "queued-spot", "--num-slices", "2", *SOURCE, "--workdir", WORKDIR, "--poll", "0",
+                *TRAIN, env=env)
+    assert done.returncode == 0, done.stderr
+    labels, calls = _calls(tmp_path)
+    each = lambda step: [step, step]  # noqa: E731 (one call per node)
+    assert labels == [*each("describe"), "qr-describe", "qr-create",  # no nodes, no request: queue one
+                      *each("describe"), *each("setup"), *each("run"),  # both READY: set up, start
+                      *each("describe"), *each("poll"),  # running
+                      *each("describe"), "qr-delete", "qr-create",  # slice 1 PREEMPTED: recreate all of it
+                      *each("describe"), *each("setup"), *each("run"),
+                      *each("describe"), *each("poll")]  # all DONE
+    nodes = [c[4] for c, lab in zip(calls, labels) if lab in ("describe", "setup", "run", "poll")]
+    assert nodes == ms * (len(nodes) // 2)
+    creates = [c for c, lab in zip(calls, labels) if lab == "qr-create"]
+    assert creates[0] == creates[1] == [
+        "compute", "tpus", "queued-resources", "create", "llmcxr-ms", "--node-count=2", "--node-prefix=llmcxr-ms",
+        "--zone=us-east5-a", "--accelerator-type=v4-16", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+    runs = [c for c, lab in zip(calls, labels) if lab == "run"]
+    assert all(r[-1] == runs[0][-1] and "--config.train.num_slices=2" in r[-1] for r in runs)
+    assert "node PREEMPTED; restart 1/10" in done.stdout
+    assert "finished: all 4 workers of 2 slices DONE" in done.stdout
+
+
+def test_supervise_restarts_every_slice_when_one_worker_fails(tmp_path):
+    env = _fake_gcloud(tmp_path, ["READY"], ["RUNNING"], hosts=2,
+                       nodes={"p-1": (["READY"], ["RUNNING", "FAILED", "RUNNING", "DONE"]), "p-0": (["READY"],
+                              ["RUNNING", "RUNNING", "RUNNING", "DONE"])})
+    done = _cli("supervise", "--name", "p", "--zone", "z", "--accelerator-type", "v4-16", "--provisioning", "queued",
+                "--num-slices", "2", *SOURCE, "--workdir", WORKDIR, "--poll", "0", *TRAIN, env=env)
+    assert done.returncode == 0, done.stderr
+    labels, _ = _calls(tmp_path)
+    assert labels == ["describe", "describe", "poll", "poll",  # attached to a running job
+                      "describe", "describe", "poll", "poll", "stop", "stop", "run", "run",  # slice 1 failed
+                      "describe", "describe", "poll", "poll", "describe", "describe", "poll", "poll"]
+    assert "slice 1 worker 0 FAILED (exit 1); see `tpu_pod.py logs --slice 1 --worker 0`; restart 1/10" in done.stdout
+
+
+def test_status_of_two_slices_names_each_node_and_worker(tmp_path):
+    env = _fake_gcloud(tmp_path, [], [], hosts=2, nodes={"p-0": (["READY"], ["RUNNING"]), "p-1": (["READY"], ["DONE"])})
+    done = _cli("status", "--name", "p", "--zone", "z", "--provisioning", "queued", "--num-slices", "2", "--workers",
+                env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["p-0: READY", "p-1: READY", "slice 0 worker 0: RUNNING",
+                                        "slice 0 worker 1: RUNNING", "slice 1 worker 0: DONE (exit 0)",
+                                        "slice 1 worker 1: DONE (exit 0)"]
 
 
 def test_docs_show_the_dry_run_the_script_prints():

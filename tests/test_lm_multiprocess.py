@@ -1,5 +1,6 @@
-"""Two JAX processes on localhost (gloo CPU collectives, 2 devices each) train the tiny LM to the
-same parameters as one process with 4 devices, given the same logical data shards; SIGTERM to one of
+"""Two JAX processes on localhost (gloo CPU collectives, 2 devices each) train the tiny LM as two
+slices (train.num_slices=2: each process is a slice, the data axis spans both) to the same parameters
+as one process with 4 devices in one slice, given the same logical data shards; SIGTERM to one of
 them stops both at the same step with one checkpoint."""
 import json
 import os
@@ -42,12 +43,14 @@ def _params(ckpt_dir):
 
 def test_two_processes_equal_one(tmp_path):
     """The two processes start through launch/local_multiprocess.sh, so this also shows the launcher
-    training the tiny config on two processes."""
+    training the tiny config on two processes. They run as two slices (sharding.make_mesh's hybrid
+    mesh, as a multi-slice TPU job): the equal parameters show the data axis crossing the processes
+    trains like one slice."""
     setup = make_setup(str(tmp_path / "setup"))
     multi = str(tmp_path / "multi")
     launcher = os.path.join(ROOT, "launch", "local_multiprocess.sh")
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]  # the venv's `llmcxr`
-    procs = [subprocess.Popen(["bash", launcher, "2", *_args(setup, multi)[4:]],
+    procs = [subprocess.Popen(["bash", launcher, "2", *_args(setup, multi)[4:], "--config.train.num_slices=2"],
                               env=_env(2, PATH=path, LLMCXR_DEVICES_PER_PROCESS="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     single = subprocess.Popen(_args(setup, str(tmp_path / "single")), env=_env(4), stdout=subprocess.PIPE,
@@ -72,6 +75,8 @@ def test_two_processes_equal_one(tmp_path):
         assert [(s["step"], s["processes"], s["devices"]) for s in summary] == [(4, 2, 4)], i
     single_summary = json.loads(out_single.strip().splitlines()[-1])
     assert (single_summary["processes"], single_summary["devices"]) == (1, 4)
+    # the whole mesh is the data axis (4 = 2 slices x 2 devices), so it spans both processes
+    assert checkpoint.read_metadata(os.path.join(multi, "checkpoints"))["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     a, b = _params(os.path.join(multi, "checkpoints")), _params(str(tmp_path / "single" / "checkpoints"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         # gloo sums the gradient shards in another order than one process: equal to float rounding

@@ -1,5 +1,8 @@
-"""Mesh construction and the logical-axis rules table."""
+"""Mesh construction (multi-slice meshes too, over two real processes) and the logical-axis rules table."""
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -73,3 +76,69 @@ def test_every_large_parameter_of_dolly_3b_is_sharded():
         shards = np.prod([mesh.shape[a] for a in axes])
         if size >= 1_000_000:
             assert shards == 8, (jax.tree_util.keystr(path), sh.spec)
+
+
+def test_multislice_mesh_in_one_process_is_refused_with_what_to_set():
+    """Without TPU slice_index each process is a slice: one process cannot hold two."""
+    with pytest.raises(UsageError, match=r"train.num_slices=2 but the 8 devices span 1 processes .*; set "
+                                         r"train.num_slices=1"):
+        sharding.make_mesh("2,-1,1", num_slices=2)
+    with pytest.raises(UsageError, match="train.num_slices must be a positive integer, got 0"):
+        sharding.make_mesh("1,-1,1", num_slices=0)
+    assert dict(sharding.make_mesh("2,-1,1", num_slices=1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+# Each of two processes (2 CPU devices each, no collectives needed) builds meshes with num_slices=2 and prints,
+# per mesh, the process that owns each device along each axis; then the refusals.
+_TWO_PROCESS_MESHES = """
+import json, os, sys
+import jax
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]), cluster_detection_method="deactivate")
+import numpy as np
+from llmcxr_jax import sharding
+from llmcxr_jax.errors import UsageError
+out = {}
+for spec in ("4,1,1", "2,2,1", "2,1,2", "-1,1,1"):
+    mesh = sharding.make_mesh(spec, num_slices=2)
+    out[spec] = {"shape": dict(mesh.shape), "process": np.vectorize(lambda d: d.process_index)(mesh.devices).tolist()}
+for spec, n in (("1,4,1", 2), ("4,1,1", 4), ("4,1,1", 1)):
+    try:
+        out[f"{spec} x{n}"] = sharding.make_mesh(spec, num_slices=n).shape["data"]
+    except UsageError as e:
+        out[f"{spec} x{n}"] = str(e)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_two_processes_are_two_slices_on_the_data_axis(tmp_path):
+    """CPU/GPU devices have no slice_index: each process is a slice, and only 'data' crosses them."""
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMCXR_", "SLURM_", "TPU_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_MESHES, str(port), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    assert outs[0] == outs[1]  # both processes build the same global mesh
+    got = outs[0]
+    assert got["4,1,1"] == {"shape": {"data": 4, "fsdp": 1, "tensor": 1},
+                            "process": [[[0]], [[0]], [[1]], [[1]]]}
+    assert got["-1,1,1"] == got["4,1,1"]
+    # each slice (process) holds a whole fsdp / tensor block; the data axis runs across the two
+    assert got["2,2,1"] == {"shape": {"data": 2, "fsdp": 2, "tensor": 1}, "process": [[[0], [0]], [[1], [1]]]}
+    assert got["2,1,2"] == {"shape": {"data": 2, "fsdp": 1, "tensor": 2}, "process": [[[0, 0]], [[1, 1]]]}
+    assert got["1,4,1 x2"] == ("train.mesh 1,4,1 over train.num_slices=2: the data axis (1) must be a multiple of "
+                               "the slice count, as only data parallelism crosses slices; e.g. train.mesh=2,-1,1")
+    assert got["4,1,1 x4"].startswith("train.num_slices=4 but the 4 devices span 2 processes")
+    assert got["4,1,1 x1"] == 4  # one slice over both processes: an ordinary multi-host mesh

@@ -1,5 +1,6 @@
 """GPT-NeoX causal LM in Flax NNX, computing exactly what HF GPTNeoXForCausalLM computes; `decode`
-carries a KVCache through the layers, each layer reading and writing its own LayerKV.
+carries a KVCache through the layers, each layer reading and writing its own LayerKV. Self-attention
+runs on the kernel model.attention picks (models/attention.py); a cache step always in XLA.
 
 Module attribute names follow HF (embed_in, layers, attention.query_key_value, mlp.dense_h_to_4h,
 final_layer_norm, embed_out) so convert/hf_gpt_neox.py is one declarative table. Every Param
@@ -19,6 +20,8 @@ from flax import nnx, struct
 
 from llmcxr_jax.configs import dataclass_from_dict
 from llmcxr_jax.errors import UsageError
+from llmcxr_jax.models import attention as attn
+from llmcxr_jax.models.attention import SelfAttentionMask, causal_blocks
 from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
 from llmcxr_jax.sharding import constrain
 
@@ -60,6 +63,12 @@ class GPTNeoXConfig:
     param_dtype: str
     scan_layers: bool
     remat_policy: str
+    # How self-attention is computed (same numbers): "auto" | "xla" | "splash" (TPU) | "cudnn" (NVIDIA GPU);
+    # see models/attention.py. The defaults are what a checkpoint saved before these keys existed gets.
+    attention: str = "auto"
+    splash_block_q: int = attn.DEFAULT_SPLASH_BLOCK  # splash query tile (a multiple of 128; clipped to the length)
+    splash_block_kv: int = attn.DEFAULT_SPLASH_BLOCK  # splash key/value tile
+    attention_interpret: bool = False  # fused kernels in Pallas interpret mode: they run anywhere (slow; tests)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -70,6 +79,7 @@ class GPTNeoXConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise UsageError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         check_dtypes(self)
+        attn.check_kernel_settings(self.attention, self.splash_block_q, self.splash_block_kv)
         if self.padded_vocab_size < self.vocab_size:
             raise UsageError(f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
 
@@ -80,6 +90,10 @@ class GPTNeoXConfig:
     @property
     def rotary_ndims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def attention_kernel(self) -> attn.KernelSettings:
+        return attn.KernelSettings(self.attention, self.splash_block_q, self.splash_block_kv, self.attention_interpret)
 
     @property
     def compute_dtype(self):
@@ -103,7 +117,14 @@ class GPTNeoXConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTNeoXConfig:
-        return dataclass_from_dict(cls, d, "model config")
+        """From to_dict()'s output; a dict saved before the attention keys existed gets their defaults."""
+        added = {f.name: f.default for f in dataclasses.fields(cls) if f.name in ATTENTION_KEYS}
+        return dataclass_from_dict(cls, {**added, **d}, "model config")
+
+
+# How a model computes attention, not what it learned: a training run takes them from its own config
+# (train/state.py); added after the first checkpoints were written, so from_dict fills in their defaults.
+ATTENTION_KEYS = ("attention", "splash_block_q", "splash_block_kv", "attention_interpret")
 
 
 @struct.dataclass
@@ -200,25 +221,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
 
-ATTENTION_BLOCK = 128
-
-
-def causal_blocks(length: int) -> int:
-    """Query blocks for causal self-attention over `length` tokens: blocks of ATTENTION_BLOCK when
-    it divides the length into two or more, else one. Block i computes scores against keys
-    [0, its end) only: ~(n + 1) / 2n of the full score matrix, and each block's scores fit in
-    cache (a 2-layer, 512-token CPU training step: 230 -> 172 ms)."""
-    return length // ATTENTION_BLOCK if length % ATTENTION_BLOCK == 0 and length >= 2 * ATTENTION_BLOCK else 1
-
-
-def _attend(q, k, v, mask, dt):
-    """Softmax attention of q [b, q, heads, d] over k, v [b, k, heads, d] where mask [b, q, k]."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: GPTNeoXConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -233,11 +235,12 @@ class Attention(nnx.Module):
             self.dense["bias"] = _param(rngs, _zeros, (e,), w, ("norm",))
 
     def __call__(self, x, cos, sin, mask, cache: LayerKV | None = None, cache_index=None, blocks=1):
-        """x [batch, q_len, embed]; mask [batch, q_len, kv_len] bool.
+        """x [batch, q_len, embed]; mask: a SelfAttentionMask (self-attention over x, on the kernel
+        cfg.attention picks) or a dense [batch, q_len, kv_len] bool (computed in XLA).
 
         Without a cache, keys are x's own; with this layer's LayerKV, this step's keys and values
         are written into it at cache_index (int32 scalar) and attention runs over the whole cache.
-        blocks > 1 (self-attention whose mask is causal): the queries in that many equal blocks,
+        blocks > 1 (XLA self-attention whose mask is causal): the queries in that many equal blocks,
         each against the keys up to its end, which skips the all-masked part of the score matrix
         (same result; see causal_blocks()). Returns (out, the updated LayerKV or None).
         """
@@ -249,19 +252,16 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new_cache = None
         if cache is not None:  # k, v become the whole cache: [batch, max_len, heads, head_dim]
+            if isinstance(mask, SelfAttentionMask) or blocks > 1:
+                raise UsageError(f"a KV-cache step takes a dense mask and blocks=1, not blocks={blocks}")
             k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=1)
             new_cache = LayerKV(key=k, value=v)
         k, v = k.astype(dt), v.astype(dt)
-        if blocks > 1:  # query block i sees keys up to its own end only; the rest are masked
-            if cache is not None or q.shape[1] % blocks:
-                raise UsageError(f"blocks={blocks} needs causal self-attention over a length it divides")
-            size = q.shape[1] // blocks
-            out = jnp.concatenate([_attend(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
-                                           v[:, :(i + 1) * size], mask[:, i * size:(i + 1) * size, :(i + 1) * size], dt)
-                                   for i in range(blocks)], axis=1)
+        if isinstance(mask, SelfAttentionMask):
+            out = attn.self_attention(q, k, v, mask, cfg.attention_kernel, dt, blocks)
         else:
-            out = _attend(q, k, v, mask, dt)
+            out = attn.xla_attention(q, k, v, mask, dt, blocks)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
         kernel = self.dense["kernel"].get_value().astype(dt)  # [heads, head_dim, embed]
         out = _dense(out.reshape(*out.shape[:2], -1), kernel.reshape(-1, kernel.shape[-1]))
@@ -366,16 +366,14 @@ class GPTNeoXForCausalLM(nnx.Module):
         """What __call__ feeds the LM head: the final layer norm's output [batch, length, embed]
         in the compute dtype (a chunked loss applies head_logits a slice at a time)."""
         b, s = input_ids.shape
+        layout = "packed" if segment_ids is not None else "padded" if attention_mask is not None else "causal"
         if attention_mask is None:
             attention_mask = segment_ids > 0 if segment_ids is not None else jnp.ones((b, s), bool)
         attention_mask = attention_mask.astype(bool)
         if position_ids is None:
             position_ids = (positions_from_segments(segment_ids) if segment_ids is not None
                             else positions_from_mask(attention_mask))
-        causal = jnp.tril(jnp.ones((s, s), bool))[None]
-        mask = causal & attention_mask[:, None, :]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = SelfAttentionMask.create(attention_mask, segment_ids, layout)
         x, _ = self._run_layers(input_ids, position_ids, mask, None, causal_blocks(s))
         return x
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import itertools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -15,8 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from llmcxr_jax import sharding
 from llmcxr_jax.errors import UsageError
@@ -50,6 +50,8 @@ class CompileReport:
     xla_flops_per_chip: float | None = None
     step_has_loops: bool = False  # XLA's cost analysis counts a while-loop (scan) body only once
     model_flops_per_step: float | None = None
+    xla_optimal_seconds: float | None = None  # XLA's cost-model step time (TPU); custom kernels not costed
+    custom_kernels: tuple[str, ...] = ()  # custom-call targets in the compiled step (Pallas, cuDNN, ...)
     oom_message: str | None = None  # the compiler refused: it ran out of HBM
     oom_needed_bytes: int | None = None  # what that message says the step needs, arguments included
 
@@ -95,6 +97,15 @@ class CompileReport:
     def tokens_per_second(self) -> float | None:
         step = self.step_seconds
         return None if not step else self.tokens_per_step / step
+
+    def cost_caveat(self) -> str:
+        """What XLA's cost model leaves out of optimal_seconds (and of its FLOP count)."""
+        notes = []
+        if self.custom_kernels:
+            notes.append(f"custom kernels it does not cost: {', '.join(self.custom_kernels)}")
+        if self.step_has_loops:
+            notes.append("loop bodies counted once")
+        return f"; a lower bound: {'; '.join(notes)}" if notes else ""
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -146,6 +157,9 @@ class CompileReport:
                              "figure is a lower bound)")
         elif self.model_flops_per_step:
             lines.append(f"  FLOPs per step: model {self.model_flops_per_step:.4g} (no XLA cost analysis)")
+        if self.xla_optimal_seconds is not None:
+            lines.append(f"  XLA cost model: step {_seconds(self.xla_optimal_seconds)} "
+                         f"(optimal_seconds){self.cost_caveat()}")
         if self.step_seconds is not None:
             basis = "model FLOPs" if self.model_flops_per_step else "XLA FLOPs (no model FLOPs given)"
             lines.append(f"  at {100 * self.mfu:.0f}% MFU on {self.num_chips} x {self.peak_flops_per_chip / 1e12:.0f} "
@@ -188,19 +202,13 @@ def _version(package: str) -> str:
 
 def topology_mesh(devices: Sequence[jax.Device], mesh_shape: str | Sequence[int] | None,
                   num_slices: int = 1) -> Mesh:
-    """('data','fsdp','tensor') mesh over the devices; across TPU slices only 'data' may span
-    the data-center network, so each slice holds a whole fsdp x tensor block."""
+    """The mesh training builds (sharding.make_mesh) over the topology's devices. TPU slices are
+    hybrid: only 'data' spans the data-center network, each slice holds whole fsdp x tensor blocks.
+    GPU hosts (real GPUs of this machine, or CPU stand-ins, all in one process) only set the default
+    data axis (one row per host)."""
     spec = mesh_shape if mesh_shape is not None else f"{num_slices},-1,1"
-    shape = sharding.parse_mesh_shape(spec, len(devices))
-    slice_ids = {getattr(d, "slice_index", 0) for d in devices}
-    if num_slices == 1 or len(slice_ids) == 1:
-        return sharding.make_mesh(shape, devices=devices)
-    if shape[0] % num_slices:
-        raise UsageError(f"mesh {','.join(map(str, shape))} over {num_slices} slices: the data axis ({shape[0]}) "
-                         "must be a multiple of the slice count; only data parallelism crosses slices")
-    ici = (shape[0] // num_slices, shape[1], shape[2])
-    arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), list(devices), process_is_granule=False)
-    return Mesh(arr, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+    slices = num_slices if devices[0].platform == "tpu" else 1
+    return sharding.make_mesh(spec, devices=devices, num_slices=slices)
 
 
 # ---------------------------------------------------------------- the check
@@ -273,7 +281,11 @@ def compile_check(lower: Callable[[Mesh], jax.stages.Lowered], topology: str, *,
                                  oom_needed_bytes=_oom_bytes(text))
     seconds = time.perf_counter() - start
     mem = _memory(compiled)
-    return CompileReport(**base, compile_seconds=seconds, **mem, xla_flops_per_chip=_flops(compiled),
+    cost = _cost(compiled)
+    flops = cost.get("flops")
+    return CompileReport(**base, compile_seconds=seconds, **mem,
+                         xla_flops_per_chip=None if flops is None else float(flops),
+                         xla_optimal_seconds=cost.get("optimal_seconds"), custom_kernels=custom_kernels(compiled),
                          step_has_loops="stablehlo.while" in lowered.as_text())
 
 
@@ -290,14 +302,63 @@ def _memory(compiled: jax.stages.Compiled) -> dict[str, int | None]:
             "generated_code_bytes": m.generated_code_size_in_bytes, "peak_bytes": peak}
 
 
-def _flops(compiled: jax.stages.Compiled) -> float | None:
-    """FLOPs of one device's program (SPMD: every device runs the same one)."""
+def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
+    """XLA's cost analysis of one device's program (SPMD: every device runs the same one): "flops",
+    and on TPU "optimal_seconds", its cost model's step time."""
     try:
         cost = compiled.cost_analysis()
     except NotImplementedError:
-        return None
+        return {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
+    return {k: float(cost[k]) for k in ("flops", "optimal_seconds") if cost and k in cost}
+
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+_KERNEL_NAMES = {"tpu_custom_call": "Pallas/Mosaic (e.g. splash attention)",
+                 "__gpu$xla.gpu.triton": "Pallas/Triton", "__cudnn$fmha": "cuDNN attention"}
+
+
+def custom_kernels(compiled: jax.stages.Compiled) -> tuple[str, ...]:
+    """The kernels the compiled step calls outside XLA's own ops ("Pallas/Mosaic (e.g. splash
+    attention) x64"), which its cost analysis does not cost."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - some backends cannot print a compiled program; then none is known
+        return ()
+    counts: dict[str, int] = {}
+    for target in _CUSTOM_CALL.findall(text):
+        name = _KERNEL_NAMES.get(target, target if target.startswith(("__cudnn", "__gpu")) else None)
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return tuple(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- comparing settings
+
+def variant_grid(specs: Sequence[str]) -> list[list[str]]:
+    """["model.attention=xla,splash", "train.logits_chunk=0,512"] -> every combination as override
+    lists ([["model.attention=xla", "train.logits_chunk=0"], ...]); no specs -> [[]]."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        choices = [v for v in values.split(",") if v]
+        if not sep or not key or not choices:
+            raise UsageError(f"--compare {spec!r} is not KEY=V1,V2,...")
+        axes.append([f"{key}={v}" for v in choices])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def comparison_table(reports: Sequence[tuple[Sequence[str], CompileReport]]) -> str:
+    """A markdown table of compiled variants: memory per chip, whether it fits, XLA's cost-model
+    step time and the step time at the stated MFU."""
+    lines = ["| settings | memory per chip | of HBM | fits | XLA cost model step | est. step at MFU |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for variant, r in reports:
+        needed = r.needed_bytes
+        share = f"{100 * needed / r.hbm_bytes:.0f}%" if needed is not None else "?"
+        optimal = _seconds(r.xla_optimal_seconds) if r.xla_optimal_seconds is not None else "-"
+        step = _seconds(r.step_seconds) if r.step_seconds is not None else "-"
+        lines.append(f"| {' '.join(variant) or '(config)'} | {_gib(needed)} | {share} | "
+                     f"{'yes' if r.fits else 'no'} | {optimal} | {step} |")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from llmcxr_jax import checkpoint, sharding, vocab
 from llmcxr_jax.data import lm_batches, packing
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, model_flops_per_token
-from llmcxr_jax.train import lm_data, optim, preemption, topologies
+from llmcxr_jax.train import chunked_loss, lm_data, optim, preemption, profiling, topologies
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
@@ -35,13 +35,12 @@ class NonFiniteLoss(UsageError):
 
 # ---------------------------------------------------------------- the step
 
-def token_losses(params, graphdef, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Sum of masked next-token cross entropies and the sums behind the text / image split."""
+def token_losses(params, graphdef, batch, logits_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum of masked next-token cross entropies and the sums behind the text / image split.
+    logits_chunk (train.logits_chunk): 0 = the whole rows' logits at once; N = N positions at a time."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["positions"])
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [rows, length]
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    ce = logz - target_logit
+    x = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["positions"])
+    ce = chunked_loss.token_cross_entropy(model.head_logits, x, batch["targets"], logits_chunk)  # [rows, length]
     mask = batch["loss_mask"].astype(jnp.float32)
     image = (batch["modality"] == 1).astype(jnp.float32) * mask
     text = mask - image
@@ -57,10 +56,10 @@ def _ratio(num, den):
 SUM_KEYS = ("tokens", "text_tokens", "image_tokens", "text_loss_sum", "image_loss_sum")
 
 
-def accumulate_gradients(params, graphdef, batch, grad_accum: int):
+def accumulate_gradients(params, graphdef, batch, grad_accum: int, logits_chunk: int = 0):
     """Gradient of the summed masked loss over grad_accum micro-batches (a lax.scan), divided by
     the total token count: the same mean-over-tokens gradient as one batch of all the rows."""
-    grad_fn = jax.value_and_grad(token_losses, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, g, b: token_losses(p, g, b, logits_chunk), has_aux=True)
     if grad_accum == 1:
         (_, sums), grads = grad_fn(params, graphdef, batch)
     else:
@@ -80,12 +79,12 @@ def accumulate_gradients(params, graphdef, batch, grad_accum: int):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, logits_chunk: int = 0) -> Callable:
     """(state, batch) -> (state, metrics); loss = mean over every loss_mask token of the batch."""
 
     def train_step(state, batch):
         params = state["params"]
-        grads, sums = accumulate_gradients(params, graphdef, batch, grad_accum)
+        grads, sums = accumulate_gradients(params, graphdef, batch, grad_accum, logits_chunk)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         loss = _ratio(sums["text_loss_sum"] + sums["image_loss_sum"], sums["tokens"])
@@ -101,9 +100,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int,
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, logits_chunk: int = 0) -> Callable:
     def eval_step(params, batch):
-        _, sums = token_losses(params, graphdef, batch)
+        _, sums = token_losses(params, graphdef, batch, logits_chunk)
         return sums
 
     return eval_step
@@ -132,7 +131,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model_config: GPTNeoXConfi
     abstract, state_sh = state_lib.state_shardings(model_config, tx, mesh)
     batch_sh = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     graphdef = nnx.graphdef(abstract_model(model_config))
-    fn = jax.jit(make_train_step(graphdef, tx, int(t.grad_accum), optim.learning_rate(t)),
+    fn = jax.jit(make_train_step(graphdef, tx, int(t.grad_accum), optim.learning_rate(t), int(t.logits_chunk)),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
     return TrainStep(fn, tx, abstract, state_sh, batch_sh, graphdef)
 
@@ -170,6 +169,7 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise UsageError(f"train.batch_size {t.batch_size} does not split into train.grad_accum {t.grad_accum} "
                          "micro-batches; make it a multiple")
+    chunked_loss.check_chunk(int(config.data.seq_len), int(t.logits_chunk))
     micro = t.batch_size // t.grad_accum
     if micro % data or t.batch_size % jax.process_count():
         raise UsageError(f"micro-batch of {micro} rows (train.batch_size / grad_accum) does not divide over {data} "
@@ -214,8 +214,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     """Train (or resume) in `workdir` until train.steps. stop_after simulates an interruption
     after that many steps of this call. Returns a summary dict."""
     t, d = config.train, config.data
-    mesh = sharding.make_mesh(t.mesh)
+    mesh = sharding.make_mesh(t.mesh, num_slices=t.num_slices)
     _check_batch(config, mesh)
+    profiling.parse_profile_steps(t.profile_steps, t.steps)  # a bad spec fails before any work
     sources = lm_data.read_sources(d)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     source = state_lib.start_source(config, ckpt_dir)
@@ -247,8 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if jax.process_index() == 0:
             vocab.save_tokenizer(start.tokenizer, start.tokenizer_config or {},
                                  os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
-        eval_fn = jax.jit(make_eval_step(step.graphdef), in_shardings=(step.state_shardings["params"],
-                                                                       step.batch_sharding))
+        eval_fn = jax.jit(make_eval_step(step.graphdef, int(t.logits_chunk)),
+                          in_shardings=(step.state_shardings["params"], step.batch_sharding))
         run = TrainRun(config=config, workdir=workdir, start=start, data_iter=data_iter,
                        pipe=pipes[0],  # any shard's pipeline maps example ids back to examples
                        eval_pipe=eval_pipe, step_fn=step.fn, eval_fn=eval_fn, ckpt=ckpt, metadata=metadata,
@@ -275,54 +276,87 @@ def _evaluate(pipe, eval_batches: int, eval_fn, params, mesh: Mesh) -> dict[str,
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Unchecked:
+    """A step run since the host last read the device: its metrics (device arrays) and its batch's example ids."""
+
+    step: int
+    metrics: dict[str, jax.Array]
+    example_ids: np.ndarray  # this host's [rows, examples per row] ids, -1 = none
+
+
+def _sync(run: TrainRun, unchecked: list[_Unchecked], last_saved: int | None) -> tuple[float, dict[str, float]]:
+    """One device->host read of the steps since the last one: NonFiniteLoss naming the FIRST of them whose loss is
+    NaN/Inf and its batch; else (their summed token count, the newest step's metrics), and `unchecked` is emptied."""
+    losses, tokens, newest = jax.device_get(([u.metrics["loss"] for u in unchecked],
+                                             [u.metrics["tokens"] for u in unchecked], unchecked[-1].metrics))
+    for u, loss in zip(unchecked, losses):
+        if not np.isfinite(loss):
+            good = os.path.join(run.ckpt.manager.directory, str(last_saved)) if last_saved is not None else "none"
+            raise NonFiniteLoss(
+                f"loss is {float(loss)} at step {u.step}; batch examples {_describe(run.pipe, u.example_ids)[:8]}; "
+                f"last good checkpoint: {good}")
+    unchecked.clear()
+    return float(np.sum(tokens)), {k: float(v) for k, v in newest.items()}
+
+
 def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
+    """Run steps until train.steps, stop_after or a preemption. The host reads the device's results only at log,
+    eval and checkpoint steps and the last step, not every step (a read stalls the dispatch queue); each read
+    checks every step since the previous one, so a NaN/Inf loss stops the run before any later checkpoint."""
     t, d = run.config.train, run.config.data
     data_iter, ckpt = run.data_iter, run.ckpt
+    profiler = profiling.StepProfiler.from_config(t, run.workdir)
     log = MetricsLog(run.workdir, t.steps)
     board = _board(run.workdir)
     flops_token = model_flops_per_token(run.start.config, d.seq_len)
     peak = (float(t.peak_flops) or topologies.peak_flops(jax.devices()[0])) * jax.device_count()
     step = int(jax.device_get(state["step"]))
     last_saved = ckpt.latest_step()
-    done_here, t_last, tokens_since = 0, time.perf_counter(), 0.0
+    unchecked: list[_Unchecked] = []  # the steps since the last host read
+    done_here, steps_since, t_last, tokens_since = 0, 0, time.perf_counter(), 0.0  # the last three: this log window
     stop = preemption.StopAgreement(step)
     try:
         while step < t.steps:
-            host = next(data_iter)
-            state, metrics = run.step_fn(state, global_batch(host, run.mesh))
+            profiler.before_step(step + 1)
+            with profiler.annotate(step + 1):  # the step's marker in a trace: its batch and its dispatch
+                host = next(data_iter)
+                state, metrics = run.step_fn(state, global_batch(host, run.mesh))
             step += 1
             done_here += 1
-            loss = float(metrics["loss"])  # one sync per step: a bad step never reaches a checkpoint
-            if not np.isfinite(loss):
-                good = os.path.join(ckpt.manager.directory, str(last_saved)) if last_saved is not None else "none"
-                raise NonFiniteLoss(
-                    f"loss is {loss} at step {step}; batch examples {_describe(run.pipe, host['example_ids'])[:8]}; "
-                    f"last good checkpoint: {good}")
-            tokens_since += float(metrics["tokens"])
+            steps_since += 1
+            unchecked.append(_Unchecked(step, metrics, np.array(host["example_ids"])))
             preempted = stop.reached(step)  # the same step in every process: the save below is collective
             last = step == t.steps or (run.stop_after is not None and done_here >= run.stop_after) or preempted
-            if step % t.log_every == 0 or step == 1 or last:
+            profiler.after_step(step, (state, metrics), last)
+            log_now = step % t.log_every == 0 or step == 1 or last
+            eval_now = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
+            save_now = step % t.checkpoint_every == 0 or last
+            if log_now or eval_now or save_now:  # read (and check) before anything is logged, evaluated or saved
+                tokens, values = _sync(run, unchecked, last_saved)
+                tokens_since += tokens
+            if log_now:
                 now = time.perf_counter()
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 values["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                values["step_time_s"] = (now - t_last) / max(step % t.log_every or t.log_every, 1)
+                values["step_time_s"] = (now - t_last) / steps_since
                 if peak:
                     values["mfu"] = values["tokens_per_s"] * flops_token / peak
                 values["dropped_too_long"] = float(sum(data_iter.dropped.values()))
                 log.write(step, values, echo=run.echo)
                 _board_write(board, step, values)
-                t_last, tokens_since = time.perf_counter(), 0.0
-            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+                t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
+            if eval_now:
                 values = _evaluate(run.eval_pipe, t.eval_batches, run.eval_fn, state["params"], run.mesh)
                 if values:
                     log.write(step, values, echo=run.echo)
                     _board_write(board, step, values)
-            if step % t.checkpoint_every == 0 or last:
+            if save_now:
                 ckpt.save(step, state, lm_batches.checkpoint_args(data_iter), run.metadata)
                 last_saved = step
             if last:
                 break
     finally:
+        profiler.stop()
         ckpt.close()
         stop.close()
         if board is not None:

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llmcxr_jax import checkpoint, sharding, storage, vocab
 from llmcxr_jax.errors import MissingInputError, UsageError
-from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, init_model
+from llmcxr_jax.models.gpt_neox import ATTENTION_KEYS, GPTNeoXConfig, abstract_model, init_model
 from llmcxr_jax.train import optim
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
@@ -64,8 +64,12 @@ def resolve_start(config: ml_collections.ConfigDict, mesh: Mesh, image_codes: in
     """The model shape, vocabulary and tokenizer (and, for init_from, the weights) of `start_source`'s choice."""
     kind, directory = source
     if kind == "run":
-        return _from_run(config, directory)
-    return _from_init(config, mesh, image_codes) if kind == "init" else _from_scratch(config, mesh, image_codes)
+        start = _from_run(config, directory)
+    else:
+        start = _from_init(config, mesh, image_codes) if kind == "init" else _from_scratch(config, mesh, image_codes)
+    # the attention kernel is how this run computes, not part of the weights: this run's model config decides
+    kernel = {key: config.model[key] for key in ATTENTION_KEYS}
+    return dataclasses.replace(start, config=start.config.replace(**kernel))
 
 
 def _from_run(config: ml_collections.ConfigDict, ckpt_dir: str) -> Start:

@@ -244,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     """Train (or resume) in `workdir` until config.train.steps; stop_after simulates an
     interruption after that many steps of this call. Returns the final host state."""
     t = config.train
-    mesh = sharding.make_mesh(t.mesh)
+    mesh = sharding.make_mesh(t.mesh, num_slices=t.num_slices)
     _check(config, mesh, given=(lpips_model is not None, cip_model is not None))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     # read (and check) the starting weights before the workdir is claimed: a mismatch changes nothing
