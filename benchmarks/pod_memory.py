@@ -94,13 +94,59 @@ def batch_table(record):
         record({"model": "3b", "topology": topology, "largest_rows_per_chip": best})
 
 
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "?"
+
+
+def _ms(s) -> str:
+    return f"{s * 1e3:.1f} ms" if s and s > 0 else "-"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The three tables from a results file (the last result of each compile wins)."""
+    runs = {(r["model"], r["topology"], r["mesh"], r["batch"], r["attention"], r["logits_chunk"]): r
+            for r in rows if "needed_bytes" in r or "error" in r}
+    out = ["| model | topology (mesh) | attention | logits_chunk | memory per chip | of HBM | XLA cost model | "
+           "est. step at 40% MFU |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (model, topo, mesh, batch, att, chunk), r in runs.items():
+        if batch == GLOBAL_ROWS and mesh == stage1_mesh(r.get("num_chips", 0)) and topo.startswith("v5p-64"):
+            out.append(f"| {model} | {topo} ({mesh}) | {att} | {chunk} | {_gib(r['needed_bytes'])} | "
+                       f"{100 * r['needed_bytes'] / r['hbm_bytes']:.0f}% | {_ms(r['xla_optimal_seconds'])} | "
+                       f"{_ms(r['step_seconds_at_40pct'])} |")
+    out += ["", "| model | smallest v4 slice | memory per chip | smallest v5p slice | memory per chip |",
+            "| --- | --- | --- | --- | --- |"]
+    for model in dict.fromkeys(k[0] for k in runs):
+        cells = []
+        for names in SLICES.values():
+            fit = [r for k, r in runs.items() if k[0] == model and k[1] in names and k[3] == GLOBAL_ROWS
+                   and (k[4], k[5]) == ("splash", 512) and r.get("fits")]
+            best = min(fit, key=lambda r: r["num_chips"], default=None)
+            memory = f"{_gib(best['needed_bytes'])} of {_gib(best['hbm_bytes'])}" if best else ""
+            cells += [f"{best['topology']} ({best['num_chips']} chips)" if best else "none tried fits", memory]
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    out += ["", "| model | topology (mesh) | attention, logits_chunk | rows per chip | global batch | "
+            "memory per chip | fits |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (model, topo, mesh, batch, att, chunk), r in runs.items():
+        chips = r.get("num_chips", 0)
+        if model == "3b" and chips and mesh == f"1,{chips},1" and topo in ("v4-32", "v5p-64"):
+            need = _gib(r["needed_bytes"]) if r.get("needed_bytes") else "?"
+            out.append(f"| {model} | {topo} ({mesh}) | {att}, {chunk} | {batch // chips} | {batch} x 2048 | {need} | "
+                       f"{'yes' if r.get('fits') else 'no'} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="pod_memory.json", help="JSON lines, appended as results come")
     p.add_argument("--only", default="settings,smallest,batch", help="comma list of tables")
     p.add_argument("--models", default="3b,7b,12b")
     p.add_argument("--topology", default="v5p-64", help="topology of the settings table")
+    p.add_argument("--markdown", action="store_true", help="print the tables of --out's results and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.out) as f:
+            print(markdown([json.loads(line) for line in f if line.strip()]))
+        return 0
 
     def record(row: dict) -> dict:
         with open(args.out, "a") as f:

@@ -110,15 +110,57 @@ def _stats_sd(ours, stats):
     return {k: v for k, v in disc_lib.to_taming_state_dict(model).items() if "running" in k or "num_batches" in k}
 
 
-LPIPS_JIT_GAP = pytest.mark.xfail(strict=True, reason=(
-    "open: under jax.jit our LPIPS gradient differs from eager JAX and from taming (d_weight off by 4.4e-4 "
-    "relative) on the DISC_START - 1 batch; eager generator_loss matches taming to 1e-6"))
+# The images of each case. Seed 2 (the batch step DISC_START - 1 once used) sits within float32 noise of a
+# kink of the LPIPS gradient (a VGG ReLU or max-pool switching): taming's own d_weight moves by 4.4e-4
+# relative when the images move by 1e-6, so any two float32 programs (eager and jitted JAX among them) could
+# land on either side. Every case now checks its batch is clear of such a kink before comparing at 1e-5.
+IMAGE_SEED = 10
+ILL_CONDITIONED_SEED = 2
+
+
+def _images(seed):
+    return np.random.default_rng(seed).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+
+
+def _taming_d_weight(taming, ours, images, step):
+    """taming's adaptive weight for these images, the reconstruction made as in the test below."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = nnx.merge(ours["gen_gd"], ours["gen"])
+    zq, _, qlosses = gen.quantize(gen.encode_latents(jnp.asarray(images)))
+    features = gen.decoder.features(gen.post_quant_conv(zq))
+    last = gen.decoder.conv_out
+    kernel = torch.from_numpy(np.asarray(last.kernel.get_value()).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    rec = F.conv2d(_nchw(features), kernel, torch.from_numpy(np.asarray(last.bias.get_value()).copy()), padding=1)
+    _, log = copy.deepcopy(taming)(torch.tensor(float(qlosses["quant_loss"])), _nchw(images), rec, 0, step,
+                                   last_layer=kernel)
+    return float(log["train/d_weight"])
+
+
+def _d_weight_spread(taming, ours, images, step) -> float:
+    """Relative spread of taming's d_weight over four 1e-6 relative perturbations of the images."""
+    rng = np.random.default_rng(0)
+    values = [_taming_d_weight(taming, ours, (images * (1 + 1e-6 * rng.standard_normal(images.shape))).astype(
+        np.float32), step) for _ in range(4)]
+    return (max(values) - min(values)) / abs(np.mean(values))
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_the_ill_conditioned_batch_is_detected(setup):
+    """The conditioning check below can fail: on seed 2's batch with LPIPS on, taming's own adaptive weight
+    jumps under a 1e-6 change of the images, far beyond the 1e-5 the comparison uses."""
+    taming, ours = setup
+    taming = copy.deepcopy(taming)
+    taming.perceptual_weight = 0.9
+    assert _d_weight_spread(taming, ours, _images(ILL_CONDITIONED_SEED), DISC_START - 1) > 10 * TOL
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize(("step", "perceptual_weight"), [
     (DISC_START - 1, 0.0), (DISC_START, 0.0), pytest.param(DISC_START, 0.9, marks=pytest.mark.slow),
-    pytest.param(DISC_START - 1, 0.9, marks=[pytest.mark.slow, LPIPS_JIT_GAP])])  # the gap shows on this batch
+    pytest.param(DISC_START - 1, 0.9, marks=pytest.mark.slow)])
 def test_losses_and_adaptive_weight_match_taming(setup, step, perceptual_weight):
     """Optimizer 0 (generator) and 1 (discriminator) of taming's module on our decoder's last-layer
     input, with the reconstruction a function of the decoder's last conv kernel on both sides; the
@@ -131,7 +173,9 @@ def test_losses_and_adaptive_weight_match_taming(setup, step, perceptual_weight)
     taming = copy.deepcopy(taming)  # each case starts from the same running statistics
     taming.perceptual_weight = perceptual_weight
     weights = dataclasses.replace(WEIGHTS, perceptual_weight=perceptual_weight)
-    images = np.random.default_rng(step).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    images = _images(IMAGE_SEED + step)
+    if perceptual_weight:  # clear of a kink of the LPIPS gradient, so float32 rounding cannot flip the answer
+        assert _d_weight_spread(taming, ours, images, step) < TOL / 4
     gen = nnx.merge(ours["gen_gd"], ours["gen"])
     zq, _, qlosses = gen.quantize(gen.encode_latents(jnp.asarray(images)))
     features = gen.decoder.features(gen.post_quant_conv(zq))

@@ -311,7 +311,10 @@ def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
         return {}
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    return {k: float(cost[k]) for k in ("flops", "optimal_seconds") if cost and k in cost}
+    out = {k: float(cost[k]) for k in ("flops", "optimal_seconds") if cost and k in cost}
+    if out.get("optimal_seconds", 1.0) <= 0:  # v4's cost model gives negative times for steps with Pallas kernels
+        del out["optimal_seconds"]
+    return out
 
 
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
