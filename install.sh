@@ -29,3 +29,6 @@ python -m pip install --quiet -c requirements-lock.txt -e ".[test]"
 python -m pip install --quiet --no-deps -c requirements-lock.txt taming-transformers-rom1504==0.0.6
 # torchxrayvision's DenseNet code (CIP parity test); its torchvision import is stood in for by the test
 python -m pip install --quiet --no-deps -c requirements-lock.txt torchxrayvision==1.5.7
+# torch-fidelity's FID Inception (Inception FID parity test): it requires torchvision, which does not
+# install beside this torch; the test loads its feature_extractor_inceptionv3.py by path
+python -m pip install --quiet --no-deps -c requirements-lock.txt torch-fidelity==0.4.0

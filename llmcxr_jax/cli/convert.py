@@ -183,17 +183,26 @@ def _convert_weights_flags(p) -> None:
     p.add_argument("--taming", default=None,
                    help="taming / LLM-CXR VQ-GAN .ckpt carrying loss.perceptual_loss.* (instead of --vgg16/--lin)")
     p.add_argument("--state-dict", default=None,
-                   help="torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH)")
+                   help="txv: torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), PATH), "
+                        "or a whole pickled xrv DenseNet (the .pt files xrv downloads); read without running it")
+    p.add_argument("--classifier", action="store_true",
+                   help="txv: keep the classifier head and op_threshs too (for evaluate --txv-weights); the file "
+                        "still serves FID / CIP")
+    p.add_argument("--xrv-weights", default=None,
+                   help="txv --classifier: the xrv weights name (e.g. densenet121-res224-all); its pathology names "
+                        "and op_threshs, as xrv sets them, for a file that lacks op_threshs")
     p.add_argument("--out", required=True, help="safetensors file to write")
 
 
 @commands.add("convert-weights", "PyTorch LPIPS-VGG16 / torchxrayvision DenseNet weights -> safetensors for "
-              "train-vqgan", flags=_convert_weights_flags)
+              "train-vqgan and evaluate", flags=_convert_weights_flags)
 def convert_weights(args) -> None:
     from llmcxr_jax.convert import perceptual_weights as W
     from llmcxr_jax.convert.torch_files import read_torch_state_dict
 
     if args.net == "lpips":
+        if args.classifier or args.xrv_weights:
+            raise UsageError("--classifier and --xrv-weights are for txv")
         if args.taming and not (args.vgg16 or args.lin):
             vgg, lin = W.split_taming_lpips(read_torch_state_dict(args.taming, what="taming checkpoint"))
         elif args.vgg16 and args.lin and not args.taming:
@@ -205,7 +214,15 @@ def convert_weights(args) -> None:
     else:
         if not args.state_dict:
             raise UsageError("txv needs --state-dict DENSENET.pth (a torchxrayvision DenseNet state dict)")
-        arrays = W.convert_txv_densenet(read_torch_state_dict(args.state_dict,
-                                                              what="torchxrayvision DenseNet state dict"))
+        if args.xrv_weights and not args.classifier:
+            raise UsageError("--xrv-weights names the classifier's pathologies and op_threshs; add --classifier")
+        sd = W.read_txv_weights(args.state_dict)
+        if args.classifier:
+            weights = W.convert_txv_classifier(sd, xrv_weights=args.xrv_weights, what=args.state_dict)
+            W.save_txv_classifier(weights, args.out)
+            emit({"out": args.out, "net": "txv classifier", "tensors": len(weights.arrays),
+                  "targets": [t for t in weights.targets if t]})
+            return
+        arrays = W.convert_txv_densenet(sd)
     W.save_weights(arrays, args.out)
     emit({"out": args.out, "net": args.net, "tensors": len(arrays)})
