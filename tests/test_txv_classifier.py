@@ -4,7 +4,6 @@ conversion from state dicts and whole pickled models, and conversion / loading e
 import ast
 import importlib.util
 import os
-import sys
 import types
 
 import jax.numpy as jnp
@@ -203,18 +202,12 @@ class NotAModule:
 
 def _save_whole_model(models, model, path):
     """torch.save(model) as xrv's released .pt files are: the class must import by its name to pickle."""
+    import perceptual_refs as refs
     import torch
 
-    saved = {n: sys.modules.get(n) for n in ("torchxrayvision", "torchxrayvision.models")}
-    sys.modules["torchxrayvision"], sys.modules["torchxrayvision.models"] = types.ModuleType("torchxrayvision"), models
-    try:
+    with refs._stand_in_modules({"torchxrayvision": types.ModuleType("torchxrayvision"),
+                                 "torchxrayvision.models": models}):
         torch.save(model, path)
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
 
 
 @pytest.mark.torch
