@@ -15,7 +15,7 @@ from llmcxr_jax import checkpoint, cli
 from llmcxr_jax.data import instructions, mimic_cxr, prompts
 from llmcxr_jax.eval import cxr_classifier as C
 from llmcxr_jax.eval import evaluate as E
-from llmcxr_jax.eval import report_card
+from llmcxr_jax.eval import image_scores, report_card, scores
 from llmcxr_jax.eval.report_metrics import label_metrics
 from llmcxr_jax.models.vqgan import init_vqgan
 
@@ -58,7 +58,10 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert (m["options"]["temperature"], m["options"]["top_p"], m["options"]["greedy"]) == (0.7, 0.92, False)
     assert m["options"]["image_temperature"] == 0.9
     assert m["report"]["labels"]["n_reports"] == n and 0 <= m["report"]["labels"]["f1_micro"] <= 1
-    assert set(m["report"]["text"]) >= {"bleu_4", "rouge_l", "cider_d"}
+    assert set(m["report"]["text"]) >= {"bleu_4", "rouge_l", "cider_d", "rouge_l_ci", "cider_d_ci"}
+    assert "meteor" not in m["report"]["text"] and m["protocol"]["name"] == "as given"
+    lo, hi = m["report"]["labels"]["f1_micro_ci"]
+    assert lo <= m["report"]["labels"]["f1_micro"] <= hi
     assert m["image"]["n"] == n and np.isfinite(m["image"]["fid_classifier"])
     assert set(m["image"]["classifier"]["per_class"]) == set(LABELS)
     assert m["n_vqa"] == 5 and m["vqa"]["all"]["count"] == 5 and "all" in m["baselines"]["vqa"]
@@ -74,6 +77,8 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert len((tmp_path / "vqa.jsonl").read_text().splitlines()) == 5
     md = (tmp_path / "metrics.md").read_text()
     assert "| CXR->report | label F1 micro (14 obs.) |" in md and "0.360" in md and "44.8%" in md
+    assert "| CXR->report | METEOR | missing: --meteor (Java) |" in md
+    assert "Protocol: the options as given" in md
     assert "Decoding: sampled at temperature 0.7 (drawings 0.9), top_p 0.92, top_k 0 (0: off)." in md
     assert "LLM-CXR (paper)" in err  # the table is printed too
 
@@ -154,7 +159,7 @@ def test_chance_baseline_matches_random_reports():
     prevalence = np.linspace(0.05, 0.6, len(LABELS))
     ref = (rng.random((20000, len(LABELS))) < prevalence).astype(float)
     gen = (rng.random(ref.shape) < prevalence).astype(float)
-    measured, chance = label_metrics(ref, gen), E.chance_label_metrics(ref)
+    measured, chance = label_metrics(ref, gen), scores.chance_label_metrics(ref)
     for key in ("f1_micro", "f1_macro", "auroc_micro"):
         assert abs(measured[key] - chance[key]) < 0.01, key
     assert abs(measured["per_class"]["Cardiomegaly"]["f1"] - chance["per_class"]["Cardiomegaly"]["f1"]) < 0.02
@@ -165,20 +170,34 @@ def test_classifier_scores_and_vqa_baseline():
     ref[:3, LABELS.index("Pneumothorax")] = 1
     probs = np.full(ref.shape, 0.5)
     probs[:, LABELS.index("Pneumothorax")] = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3]
-    s = E.classifier_scores(probs, ref)
+    s = scores.classifier_scores(probs, ref)
     assert s["per_class"]["Pneumothorax"]["auroc"] == 1.0 and np.isnan(s["per_class"]["Edema"]["auroc"])
-    ci = E.classifier_scores(probs, ref, ci_samples=200)["per_class"]
+    ci = scores.classifier_scores(probs, ref, ci_samples=200)["per_class"]
     assert ci["Pneumothorax"]["auroc_ci"] == [1.0, 1.0] and np.isnan(ci["Edema"]["auroc_ci"]).all()
-    chance = E.chance_classifier_scores(ref)
+    chance = scores.chance_classifier_scores(ref)
     assert chance["per_class"]["Pneumothorax"]["auroc"] == 0.5 and chance["auroc_micro"] > 0.5
     refs, kinds = ["Yes.", "yes", "no", "left", "right", "left"], ["presence"] * 3 + ["location"] * 3
-    assert E._most_frequent(refs, kinds) == ["yes"] * 3 + ["left"] * 3
+    assert scores.most_frequent_answers(refs, kinds) == ["yes"] * 3 + ["left"] * 3
 
 
 def test_markdown_lists_paper_numbers_and_missing_parts():
-    md = report_card.markdown({"n_images": 2, "report": {"labels": {"f1_micro": 0.5}}, "baselines": {}})
-    assert "| CXR->report | label F1 micro (14 obs.) | 0.500 | not run | 0.360 | UniXGen-512 0.413 |" in md
-    assert "| report->CXR | classifier AUROC micro | not run |" in md
+    md = report_card.markdown({"n_images": 2, "report": {"labels": {"f1_micro": 0.5, "f1_micro_ci": [0.4, 0.6]},
+                                                         "text": {"meteor_not_computed": "Java is not on PATH"}},
+                               "image": {"n": 2, "fid_txv": 1.714}, "vqa": {"all": {"score": 0.5, "count": 4}},
+                               "baselines": {}})
+    assert "| CXR->report | label F1 micro (14 obs.) | 0.500 (0.400-0.600) | - | 0.360 | +0.140 | UniXGen-512 0.413 |" \
+        in md
+    assert "| CXR->report | METEOR | not computed: Java is not on PATH | - | - | - | - |" in md
+    assert "| report->CXR | FID, txv DenseNet features | 1.714 | - | 0.714 | +1.000 | RoentGen 6.04 |" in md
+    assert "| report->CXR | txv classifier AUROC micro | missing: --txv-weights FILE holding the whole" in md
+    assert "| report->CXR | our classifier AUROC micro | missing: --classifier DIR |" in md
+    assert "| CXR-VQA | score, all questions | 50.0% | - | 44.8% | +5.2 pts | ELIXR 54.8% |" in md
+    assert "| VQ-GAN | reconstruction SSIM | not run |" in md
+    md = report_card.markdown({"image": {"n": 3, "txv_classifier": {"auroc_micro": 0.85}}})
+    assert "| CXR->report | BLEU-4 | not run (--tasks report) |" in md
+    assert "| report->CXR | txv classifier AUROC micro | 0.850 | - | 0.79-0.81 | +0.040 (to 0.81) |" in md
+    md = report_card.markdown({"image": {"n": 3, "txv_classifier": {"auroc_micro": 0.8}}})
+    assert "| 0.800 | - | 0.79-0.81 | within |" in md
 
 
 def test_markdown_shows_per_finding_intervals_when_computed():
@@ -202,9 +221,16 @@ def test_ptb_tokenizer_without_java_fails_before_generating(capsys, env, tmp_pat
     assert code == 2 and len(err.strip().splitlines()) == 1 and "needs Java" in err, err
     assert not (tmp_path / "o").exists()
     code, _, err = _evaluate(capsys, env, tmp_path / "simple", "--tasks", "report", "--max-images", "2",
-                             "--max-new-tokens", "4", "--greedy", "--ci-samples", "0", "--text-tokenizer", "simple")
+                             "--max-new-tokens", "4", "--greedy", "--ci-samples", "0", "--text-tokenizer", "simple",
+                             "--meteor")
     assert code == 0, err
-    assert json.loads((tmp_path / "simple" / "metrics.json").read_text())["options"]["text_tokenizer"] == "simple"
+    m = json.loads((tmp_path / "simple" / "metrics.json").read_text())
+    assert m["options"]["text_tokenizer"] == "simple"
+    # METEOR is a Java program too: asked for, it is stated as not computed, with the reason, not a crash
+    assert "Java is not on PATH" in m["report"]["text"]["meteor_not_computed"] and "meteor" not in m["report"]["text"]
+    assert "| CXR->report | METEOR | not computed: METEOR cannot run: Java is not on PATH" in \
+        (tmp_path / "simple" / "metrics.md").read_text()
+    assert "METEOR not computed" in err
 
 
 def _column(path, name):
@@ -288,9 +314,10 @@ def test_retry_decoding_records_retries_and_leaves_failures_out(capsys, env, tmp
 
     monkeypatch.setattr(E.tasks.Generator, "image", image)
     scored = {}
-    real_scores = E.classifier_scores
-    monkeypatch.setattr(E, "classifier_scores", lambda p, ref, ci=0: scored.setdefault(len(scored), (p, ref))
-                        and real_scores(p, ref, ci))
+    real_scores = scores.classifier_scores
+    record = lambda p, ref, ci=0: scored.setdefault(len(scored), (p, ref)) and real_scores(p, ref, ci)  # noqa: E731
+    monkeypatch.setattr(image_scores, "classifier_scores", record)
+    monkeypatch.setattr(scores, "classifier_scores", record)  # the chance baseline's
     code, _, err = _evaluate(capsys, env, tmp_path / "all", *base, "--max-retries", "80", "--classifier",
                              env["classifier"])
     assert code == 0, err

@@ -155,6 +155,40 @@ def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
         rm.bootstrap_interval(lambda i: [0.0], 5, level=1.0)
 
 
+def test_vectorised_bootstrap_equals_sklearn_on_each_resample():
+    """score_draws scores every resample at once from draw counts; on each resample it must equal
+    sklearn on the resampled rows (ties in the scores, a finding that loses its positives, one
+    class only), and label_metrics' intervals must be the percentiles of those sklearn values."""
+    import sklearn.metrics as skm
+
+    from llmcxr_jax.eval import bootstrap
+
+    rng = np.random.default_rng(3)
+    y = rng.random((30, 3)) < [0.4, 0.1, 0.5]
+    s = np.round(rng.random((30, 3)) + 0.3 * y, 1)  # many ties
+    draws = bootstrap.score_draws(y, s, s >= 0.7, bootstrap.resample_counts(30, 40, seed=2))
+    idx = np.random.default_rng(2).integers(0, 30, size=(40, 30))  # bootstrap_interval's draws for seed 2
+    one_class = 0
+    for r, i in enumerate(idx):
+        yi, si, pi = y[i], s[i], s[i] >= 0.7
+        want = [skm.roc_auc_score(yi[:, j], si[:, j]) if 0 < yi[:, j].sum() < 30 else np.nan for j in range(3)]
+        one_class += np.isnan(want).sum()
+        np.testing.assert_allclose(draws["auroc"][r], want, atol=1e-12)
+        assert draws["auroc_micro"][r] == pytest.approx(skm.roc_auc_score(yi.ravel(), si.ravel()), abs=1e-12)
+        np.testing.assert_allclose(draws["f1"][r], skm.f1_score(yi, pi, average=None, zero_division=0), atol=1e-12)
+        for avg in ("micro", "macro"):
+            assert draws[f"f1_{avg}"][r] == pytest.approx(skm.f1_score(yi, pi, average=avg, zero_division=0), abs=1e-12)
+    assert one_class > 0  # a resample without a positive of the rare finding was covered
+    ref, gen = y.astype(float), (rng.random((30, 3)) < 0.3).astype(float)
+    m = rm.label_metrics(ref, gen, names="abc", ci_samples=200)
+    stat = lambda i: [skm.f1_score(ref[i], gen[i], average="micro", zero_division=0),  # noqa: E731
+                      *(rm.auroc(ref[i][:, j], gen[i][:, j]) for j in range(3))]
+    want = rm.bootstrap_interval(stat, 30, samples=200)
+    assert m["f1_micro_ci"] == pytest.approx(want[0].tolist(), abs=1e-12)
+    for j, name in enumerate("abc"):
+        np.testing.assert_allclose(m["per_class"][name]["auroc_ci"], want[j + 1], atol=1e-12)
+
+
 def test_label_metrics_intervals_bracket_the_scores_and_skip_one_valued_classes():
     rng = np.random.default_rng(0)
     ref = (rng.random((300, 3)) < [0.3, 0.2, 0.0]).astype(float)
@@ -164,6 +198,8 @@ def test_label_metrics_intervals_bracket_the_scores_and_skip_one_valued_classes(
         c = m["per_class"][name]
         assert c["f1_ci"][0] < c["f1"] < c["f1_ci"][1] and c["auroc_ci"][0] < c["auroc"] < c["auroc_ci"][1]
         assert 0.02 < c["f1_ci"][1] - c["f1_ci"][0] < 0.3
+    for key in ("f1_micro", "f1_macro", "auroc_micro"):  # the headline scores get intervals too
+        assert m[f"{key}_ci"][0] < m[key] < m[f"{key}_ci"][1] and m[f"{key}_ci"][1] - m[f"{key}_ci"][0] < 0.2
     assert np.isnan(m["per_class"]["c"]["auroc_ci"]).all()  # no reference positives
     assert "f1_ci" not in rm.label_metrics(ref, gen, names="abc")["per_class"]["a"]
 
@@ -324,3 +360,74 @@ def test_text_metric_inputs_are_checked_before_tokenizing(monkeypatch):
     monkeypatch.setattr(rm.shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="needs Java"):
         rm.text_metrics(["a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- METEOR
+
+METEOR_PAIRS = [("Small left pleural effusion.", "small left pleural effusion."),  # identical words
+                ("Moderate cardiomegaly with pulmonary edema.", "No acute cardiopulmonary process."),  # unrelated
+                ("No pneumothorax is seen.", ["There is no pneumothorax.", "No pleural effusion."])]  # two refs
+
+
+class _Recorded:
+    """Every pycocoevalcap Meteor made during a test, to check its JVM was closed."""
+
+    def __init__(self, monkeypatch, make):
+        self.made = []
+        monkeypatch.setattr(rm.coco_meteor, "Meteor", lambda: self.made.append(make()) or self.made[-1])
+
+    def all_closed(self):
+        return self.made and all(m.meteor_p.returncode is not None and m.meteor_p.stdout.closed for m in self.made)
+
+
+def test_meteor_is_pycocoevalcaps_scorer_on_our_tokens_and_closes_its_jvm(monkeypatch):
+    """METEOR 1.5 (Java): identical text scores high, unrelated text low, and every number equals a
+    direct pycocoevalcap Meteor call on the same tokens; no JVM is left running. The direct scorer
+    starts first so that the two JVMs load their paraphrase tables side by side."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    direct = Meteor()
+    try:
+        real = _Recorded(monkeypatch, Meteor)
+        cands, refs = [c for c, _ in METEOR_PAIRS], [r for _, r in METEOR_PAIRS]
+        score, each = rm.meteor(cands, refs, tokenizer="simple", per_report=True)
+        assert real.all_closed() and len(real.made) == 1
+        gts = {i: [" ".join(rm.tokenize(r)) for r in ([r] if isinstance(r, str) else r)] for i, r in enumerate(refs)}
+        res = {i: [" ".join(rm.tokenize(c))] for i, c in enumerate(cands)}
+        assert (score, each) == direct.compute_score(gts, res)
+    finally:
+        rm._stop_meteor(direct)
+    assert each[0] > 0.9 and each[1] < 0.1 and 0.2 < each[2] < each[0]
+    assert direct.meteor_p.returncode is not None
+
+
+def test_meteor_not_computed_is_stated_not_raised(monkeypatch):
+    """Without Java, or when the jar dies, text_metrics states why METEOR is missing and scores the
+    rest; the dead process is reaped and the wrapper's lock left free (its __del__ would wait on it)."""
+    import gc
+    import subprocess
+    import sys
+    import threading
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    class Dying(Meteor):  # pycocoevalcap's __init__ with a program that fails as a JVM short of memory does
+        def __init__(self):
+            self.meteor_cmd = [sys.executable, "-c", "import sys; sys.stderr.write('Error: Could not reserve heap\\n')"]
+            self.meteor_p = subprocess.Popen(self.meteor_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE)
+            self.lock = threading.Lock()
+
+    dying = _Recorded(monkeypatch, Dying)
+    out = rm.text_metrics(["a b c"], ["a b d"], tokenizer="simple", meteor=True)
+    assert out["meteor_not_computed"] == "METEOR 1.5 failed: Error: Could not reserve heap" and "meteor" not in out
+    assert out["rouge_l"] > 0 and dying.all_closed() and not dying.made[0].lock.locked()
+    dying.made.clear()
+    gc.collect()  # pycocoevalcap's __del__ runs on a closed scorer without blocking
+    with pytest.raises(RuntimeError, match="METEOR 1.5 failed"):
+        rm.meteor(["a"], ["a"], tokenizer="simple")
+    monkeypatch.setattr(rm.shutil, "which", lambda name: None)
+    out = rm.text_metrics(["a b c"], ["a b d"], tokenizer="simple", meteor=True)
+    assert out["meteor_not_computed"].startswith("METEOR cannot run: Java is not on PATH")
+    assert len(dying.made) == 1  # no scorer started without Java
+    assert "meteor" not in rm.text_metrics(["a"], ["a"], tokenizer="simple")  # off unless asked for

@@ -128,7 +128,21 @@ def _evaluate_flags(p) -> None:
     p.add_argument("--report-part", default="impression", choices=("impression", "findings+impression"),
                    help="reference text: the impression (stage 2) or findings + impression (stage 1)")
     p.add_argument("--classifier", default="", help="CXR classifier directory (AUROC and FID on its features)")
-    p.add_argument("--txv-weights", default="", help="`llmcxr convert-weights txv` output, for FID (txv)")
+    p.add_argument("--txv-weights", default="", help="`llmcxr convert-weights txv` output: FID on its DenseNet "
+                   "features; converted with --classifier, also the paper's report->CXR AUROC / F1 of its classifier")
+    p.add_argument("--inception-weights", default="", metavar="FILE",
+                   help="torch-fidelity's FID Inception weights (weights-inception-2015-12-05-6726825d.pth): FID on "
+                   "Inception features, as the paper's; nothing is downloaded")
+    p.add_argument("--protocol", default="", choices=("paper",),
+                   help="paper: LLM-CXR's evaluation (its eval_dicom_ids.pickle from --eval-list or DATA, impression "
+                   "text, top_p 0.92 / top_k 0 / temperature 1, every metric) with the paper's numbers beside ours; "
+                   "options that contradict it are refused")
+    p.add_argument("--require-all-metrics", action="store_true",
+                   help="with --protocol paper: fail before generating when a paper metric cannot be computed "
+                   "(default: metrics.md names the missing columns and the flag that fills each)")
+    p.add_argument("--meteor", action="store_true",
+                   help="METEOR too, by pycocoevalcap's METEOR 1.5 jar (Java, ~10 s; --protocol paper turns it on); "
+                   "without Java metrics.md states it was not computed")
     p.add_argument("--reference-labels", default="",
                    help="CheXpert labeler / CheXbert CSV over OUT/reference_reports.csv (default: ours)")
     p.add_argument("--generated-labels", default="",
@@ -141,7 +155,7 @@ def _evaluate_flags(p) -> None:
                    help="LLM-CXR's eval_dicom_ids.pickle (read without running it) or a .txt of dicom ids: evaluate "
                    "these images instead of rebuilding the selection")
     p.add_argument("--ci-samples", type=int, default=1000,
-                   help="bootstrap resamples for per-finding 95%% intervals (0: none)")
+                   help="bootstrap resamples for 95%% intervals, per finding and on the headline scores (0: none)")
 
 
 @commands.add("evaluate", "score a trained LLM-CXR on a data root's evaluation images (metrics.json, metrics.md, "
@@ -157,6 +171,8 @@ def evaluate(args) -> None:
                                 **sampling_settings(args),
                                 max_new_tokens=args.max_new_tokens, report_part=args.report_part,
                                 classifier=args.classifier, txv_weights=args.txv_weights,
+                                inception_weights=args.inception_weights, protocol=args.protocol,
+                                require_all_metrics=args.require_all_metrics, meteor=args.meteor,
                                 reference_labels=args.reference_labels, generated_labels=args.generated_labels,
                                 grid_images=args.grid_images, reports_root=args.reports_root, eval_list=args.eval_list,
                                 ci_samples=args.ci_samples, image_temperature=args.image_temperature,

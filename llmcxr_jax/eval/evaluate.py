@@ -4,17 +4,19 @@ present; `mimic_cxr.evaluation_records`).
 
 - CXR->report: a report per image (LLM-CXR sampling: top_p 0.92, or greedy), CheXpert labels of
   reference and generated text (the rule-based labeler, or CSVs written by the official CheXpert
-  labeler / CheXbert over reports.csv), label F1/Jaccard/AUROC and BLEU/ROUGE-L/CIDEr-D.
+  labeler / CheXbert over reports.csv), label F1/Jaccard/AUROC and BLEU/METEOR/ROUGE-L/CIDEr-D.
 - report->CXR: an image per reference report (exactly h*w codes: constrained, or LLM-CXR's
-  sample-and-retry, where an input out of retries is left out of the scores), scored by a CXR
-  classifier (AUROC of its outputs on generated images against the reference report's labels,
-  beside the same on the real images and on their VQ-GAN reconstructions, the ceiling for an LM
-  that draws in the VQ-GAN's codes), FID on its feature layer, and FID on the
-  torchxrayvision DenseNet's features when its converted weights are given.
+  sample-and-retry, where an input out of retries is left out of the scores), scored by CXR
+  classifiers (AUROC / F1 of their outputs on generated images against the reference report's
+  labels, beside the same on the real images and on their VQ-GAN reconstructions, the ceiling for
+  an LM that draws in the VQ-GAN's codes): ours (--classifier) and torchxrayvision's, the paper's
+  (--txv-weights holding the whole classifier); FID on our classifier's features, on the
+  torchxrayvision DenseNet's (--txv-weights) and on the FID Inception's (--inception-weights).
 - CXR-VQA: answers to the VQA questions of those images, scored by question type.
 - VQ-GAN: PSNR / SSIM of the reconstructions of the real evaluation images.
 Chance baselines (a random report with the reference prevalence, a constant classifier, the most
-frequent VQA answer per type) are written beside every number.
+frequent VQA answer per type) are written beside every number. protocol="paper" (eval/protocol.py)
+runs LLM-CXR's evaluation and states in metrics.md what ran, what departs and what is missing.
 
 Outputs in OUT: metrics.json, metrics.md, reports.csv (dicom_id, reference, generated, instruction)
 plus generated_reports.csv / reference_reports.csv (one report per line, the CheXpert labeler's input),
@@ -30,19 +32,19 @@ import dataclasses
 import json
 import os
 import sys
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import instructions, mimic_cxr, original_recipe, text_corpora
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.eval import cxr_classifier, image_metrics, labeler, report_card, vqa_metrics
-from llmcxr_jax.eval.report_metrics import check_tokenizer, label_metrics, text_metrics
+from llmcxr_jax.eval import image_metrics, labeler, protocol, report_card, vqa_metrics
+from llmcxr_jax.eval.image_scores import ImageNetworks, score_images
+from llmcxr_jax.eval.image_scores import gray as gray  # demo/pipeline.py imports it from here
+from llmcxr_jax.eval.report_metrics import bootstrap_interval, check_tokenizer, label_metrics, text_metrics
+from llmcxr_jax.eval.scores import chance_label_metrics, most_frequent_answers
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
 from llmcxr_jax.infer.tasks import MAX_RETRIES
@@ -65,13 +67,18 @@ class EvalOptions:
     seed: int = 0
     report_part: str = "impression"  # reference text: "impression" (stage 2) or "findings+impression"
     classifier: str = ""             # directory from cxr_classifier.save_classifier
-    txv_weights: str = ""            # `llmcxr convert-weights txv` output, for FID on DenseNet features
+    txv_weights: str = ""            # `llmcxr convert-weights txv` output: FID on its features; with --classifier
+    #                                  the whole torchxrayvision classifier, whose AUROC / F1 the paper reports
+    inception_weights: str = ""      # torch-fidelity's FID Inception weights file: FID on Inception features
+    protocol: str = ""               # "paper": LLM-CXR's evaluation (eval/protocol.py); "": the options as given
+    require_all_metrics: bool = False  # with protocol "paper": fail up front when a paper metric cannot be computed
+    meteor: bool = False             # METEOR too (Java, ~10 s; protocol "paper" turns it on); without Java: stated
     reference_labels: str = ""       # CheXpert labeler / CheXbert CSV over reference_reports.csv
     generated_labels: str = ""       # ... over generated_reports.csv
     grid_images: int = 8
     reports_root: str | None = None
     eval_list: str = ""             # LLM-CXR's eval_dicom_ids.pickle (or a .txt of ids): these images, not ours
-    ci_samples: int = 1000           # bootstrap resamples for per-class intervals; 0: none
+    ci_samples: int = 1000           # bootstrap resamples for intervals (per finding, headline scores); 0: none
     text_tokenizer: str = "ptb"      # feeds BLEU / ROUGE-L / CIDEr-D: pycocoevalcap's PTB (Java) or "simple"
     # CXR->report / report->CXR instructions: () = our first paraphrase for every image; otherwise one
     # is drawn per image from (seed, task), the same for a seed whatever batch_size or max_images
@@ -111,6 +118,13 @@ class EvalOptions:
         if self.image_temperature is not None and not self.image_temperature > 0.0:
             raise UsageError(f"image_temperature must be > 0 (or unset: the report temperature), "
                              f"got {self.image_temperature}")
+        if self.protocol not in protocol.PROTOCOLS:
+            raise UsageError(f"protocol must be 'paper' or '' (the options as given), got {self.protocol!r}")
+        if self.protocol == "paper":
+            protocol.check_paper(self)
+            object.__setattr__(self, "meteor", True)
+        elif self.require_all_metrics:
+            raise UsageError("--require-all-metrics applies with --protocol paper")
 
 
 def task_sampling(o: EvalOptions, task: str, codes_per_image: int):
@@ -146,71 +160,13 @@ def _labels(texts: Sequence[str], csv_path: str, what: str) -> np.ndarray:
     return np.stack([by_text[" ".join(t.split())] for t in texts])
 
 
-def chance_label_metrics(reference: np.ndarray) -> dict:
-    """Expected label scores of a random report whose labels are positive with the reference
-    prevalence p_k, independently of the image: per class F1 = precision = recall = p_k and AUROC
-    0.5; pooled over classes (micro) TPR = F1 = sum p_k^2 / sum p_k and FPR = sum p_k (1 - p_k) /
-    sum (1 - p_k), so micro AUROC = (1 + TPR - FPR) / 2, above 0.5 when prevalences differ."""
-    from llmcxr_jax.eval.report_metrics import binarize
-
-    p = binarize(reference).mean(0) if len(reference) else np.zeros(reference.shape[1])
-    names = mimic_cxr.CHEXPERT_LABELS
-    tpr = float((p ** 2).sum() / p.sum()) if p.sum() > 0 else 0.0
-    fpr = float((p * (1 - p)).sum() / (1 - p).sum()) if (1 - p).sum() > 0 else 0.0
-    return {"f1_micro": tpr, "f1_macro": float(p.mean()), "auroc_micro": (1 + tpr - fpr) / 2, "auroc_macro": 0.5,
-            "per_class": {n: {"f1": float(p[k]), "auroc": 0.5, "prevalence": float(p[k])} for k, n in enumerate(names)}}
-
-
-def classifier_scores(probs: np.ndarray, reference: np.ndarray, ci_samples: int = 0) -> dict:
-    """AUROC of classifier probabilities [n, 14] against reference labels (positive = 1); with
-    ci_samples > 0 each class also gets "auroc_ci", a bootstrap interval over images
-    (report_metrics.bootstrap_interval)."""
-    from llmcxr_jax.eval.report_metrics import auroc, auroc_columns, binarize, bootstrap_interval
-
-    y = binarize(reference)
-    per = {name: {"auroc": auroc(y[:, k], probs[:, k]), "support": int(y[:, k].sum())}
-           for k, name in enumerate(mimic_cxr.CHEXPERT_LABELS)}
-    if ci_samples:
-        ci = bootstrap_interval(lambda i: auroc_columns(y[i], probs[i]), len(y), samples=ci_samples)
-        for k, name in enumerate(mimic_cxr.CHEXPERT_LABELS):
-            per[name]["auroc_ci"] = ci[k].tolist()
-    valid = [v["auroc"] for v in per.values() if not np.isnan(v["auroc"])]
-    return {"auroc_micro": auroc(y.ravel(), probs.ravel()),
-            "auroc_macro": float(np.mean(valid)) if valid else float("nan"), "per_class": per}
-
-
-def chance_classifier_scores(reference: np.ndarray) -> dict:
-    """Scores of a classifier that ignores the image and outputs each class's reference prevalence:
-    AUROC 0.5 per class, micro AUROC above 0.5 when prevalences differ (classes are pooled)."""
-    from llmcxr_jax.eval.report_metrics import binarize
-
-    prevalence = binarize(reference).mean(0)
-    return classifier_scores(np.broadcast_to(prevalence, reference.shape), reference)
-
-
-def gray(images: np.ndarray, size: int) -> np.ndarray:
-    """[n, H, W, C] images in [-1, 1] -> [n, size, size, 1] (channel mean, antialiased resize)."""
-    x = jnp.asarray(images, jnp.float32).mean(axis=-1, keepdims=True)
-    if x.shape[1] != size:
-        x = jax.image.resize(x, (x.shape[0], size, size, 1), "bilinear", antialias=True)
-    return np.asarray(x)
-
-
-def _txv_features(path: str) -> Callable[[np.ndarray], np.ndarray]:
-    from llmcxr_jax.convert import perceptual_weights
-    from llmcxr_jax.models.perceptual import cip_preprocess
-
-    net = perceptual_weights.load_txv_densenet(path, dtype="float32", param_dtype="float32")
-    fn = jax.jit(lambda x: net.features(cip_preprocess(x)))
-    return lambda x: np.asarray(fn(jnp.asarray(x)))
-
-
 class Evaluation:
     """One evaluation run: the generator, the selected records and what each task produced."""
 
     def __init__(self, generator: tasks.Generator, records: Sequence[mimic_cxr.CxrRecord], out: str,
-                 opts: EvalOptions, progress: bool = True):
+                 opts: EvalOptions, progress: bool = True, networks: ImageNetworks | None = None):
         self.g, self.records, self.out, self.opts, self.progress = generator, list(records), out, opts, progress
+        self.networks = networks or ImageNetworks()
         self.references = [_reference_text(r, opts.report_part) for r in self.records]
         self.instructions = {task: instructions.sample(given, len(self.records), opts.seed, task) if given else
                              [tasks.DEFAULT_INSTRUCTION[task]] * len(self.records)
@@ -238,8 +194,11 @@ class Evaluation:
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
         self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
                                                             ci_samples=self.opts.ci_samples),
-                                  "text": text_metrics(generated, self.references,
-                                                       tokenizer=self.opts.text_tokenizer)}
+                                  "text": text_metrics(generated, self.references, tokenizer=self.opts.text_tokenizer,
+                                                       meteor=self.opts.meteor, ci_samples=self.opts.ci_samples)}
+        if "meteor_not_computed" in self.metrics["report"]["text"]:
+            print(f"evaluate: METEOR not computed: {self.metrics['report']['text']['meteor_not_computed']}",
+                  file=sys.stderr)
         self.metrics["baselines"]["report"] = {"labels": chance_label_metrics(self.reference_labels)}
         return generated
 
@@ -286,21 +245,11 @@ class Evaluation:
             return fake
         real, labels, refs = self.real_images()[ok], self.reference_labels[ok], np.asarray(self.references)[ok]
         self._grids(real, fake, list(refs))
-        if self.opts.classifier:
-            model, ccfg = cxr_classifier.load_classifier(self.opts.classifier)
-            p_fake, f_fake = cxr_classifier.predict(model, gray(fake, ccfg.image_size))
-            p_real, f_real = cxr_classifier.predict(model, gray(real, ccfg.image_size))
-            p_recon, _ = cxr_classifier.predict(model, gray(self.reconstructions()[ok], ccfg.image_size))
-            ci = self.opts.ci_samples
-            scores["classifier"] = classifier_scores(p_fake, labels, ci)
-            scores["classifier_real"] = classifier_scores(p_real, labels, ci)
-            scores["classifier_reconstructed"] = classifier_scores(p_recon, labels, ci)
-            scores["fid_classifier"] = image_metrics.fid(f_real, f_fake)
-            self.metrics["baselines"]["image"] = {"classifier": chance_classifier_scores(labels)}
-        if self.opts.txv_weights:
-            feats = _txv_features(self.opts.txv_weights)
-            scores["fid_txv"] = image_metrics.fid(image_metrics.features_in_batches(feats, real, 8),
-                                                  image_metrics.features_in_batches(feats, fake, 8))
+        made, chance = score_images(self.networks, real, fake, lambda: self.reconstructions()[ok], labels,
+                                    o.ci_samples, self.progress)
+        scores |= made
+        if chance:
+            self.metrics["baselines"]["image"] = chance
         return fake
 
     def _grids(self, real: np.ndarray, fake: np.ndarray, captions: list[str]) -> None:
@@ -353,7 +302,11 @@ class Evaluation:
             ids += [made.ids(i) for i in range(len(chunk))]
         refs, kinds = [e.answer for e in examples], [e.question_type for e in examples]
         self.metrics["vqa"] = vqa_metrics.vqa_scores(answers, refs, kinds)
-        self.metrics["baselines"]["vqa"] = vqa_metrics.vqa_scores(_most_frequent(refs, kinds), refs, kinds)
+        if self.opts.ci_samples:  # the score is a mean over questions: resample the questions
+            right = np.asarray([vqa_metrics.answer_is_right(a, r, k) for a, r, k in zip(answers, refs, kinds)], float)
+            ci = bootstrap_interval(lambda i: right[i].mean(keepdims=True), len(right), samples=self.opts.ci_samples)
+            self.metrics["vqa"]["all"]["score_ci"] = ci[0].tolist()
+        self.metrics["baselines"]["vqa"] = vqa_metrics.vqa_scores(most_frequent_answers(refs, kinds), refs, kinds)
         with open(os.path.join(self.out, "vqa.jsonl"), "w", encoding="utf-8") as f:
             for e, a, more in zip(examples, answers, ids):
                 f.write(json.dumps({"dicom_id": e.dicom_id, "question": e.question, "question_type": e.question_type,
@@ -366,34 +319,32 @@ def _write_ids(path: str, dicom_ids: Sequence[str], ids: Sequence[dict]) -> None
         f.writelines(json.dumps({"dicom_id": d} | row) + "\n" for d, row in zip(dicom_ids, ids))
 
 
-def _most_frequent(references: Sequence[str], kinds: Sequence[str | None]) -> list[str]:
-    """Per question type, its most frequent normalised reference answer (the chance baseline)."""
-    counts: dict = {}
-    for r, k in zip(references, kinds):
-        counts.setdefault(k, Counter())[" ".join(vqa_metrics.normalise(r))] += 1
-    top = {k: c.most_common(1)[0][0] for k, c in counts.items()}
-    return [top[k] for k in kinds]
-
-
 def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = EvalOptions(),
              progress: bool = True) -> dict:
     """Run the selected tasks and write every output; returns metrics.json's content."""
     if "report" in opts.tasks:
         check_tokenizer(opts.text_tokenizer)  # Java for PTB: fail before reading or generating anything
-    if opts.classifier:
-        cxr_classifier.load_classifier(opts.classifier)
+    networks = (ImageNetworks.load(opts.classifier, opts.txv_weights, opts.inception_weights)
+                if "image" in opts.tasks else ImageNetworks())
+    missing = protocol.missing_inputs(opts, networks.txv_classifier is not None if opts.txv_weights else None) \
+        if opts.protocol == "paper" else []
+    if opts.require_all_metrics:
+        protocol.require(missing)
     for path in (opts.reference_labels, opts.generated_labels):
         if path:
             labeler.read_label_csv(path)
-    evaluation_ids = original_recipe.read_id_list(opts.eval_list, "eval_list", "--eval-list") if opts.eval_list \
-        else None
+    eval_list = protocol.paper_eval_list(opts, data) if opts.protocol == "paper" else opts.eval_list
+    evaluation_ids = original_recipe.read_id_list(eval_list, "eval_list", "--eval-list") if eval_list else None
     corpus = mimic_cxr.load_corpus(data, reports_root=opts.reports_root, progress=progress,
                                    evaluation_ids=evaluation_ids)
+    selection: dict = {"eval_list": os.path.abspath(eval_list) if eval_list else ""}
     if evaluation_ids is not None:
         listed = corpus.list_report()["eval_list"]
-        print(f"evaluate: --eval-list {opts.eval_list}: {listed['listed']} ids, {listed['not_in_corpus']} not in "
+        selection |= {"listed": listed["listed"], "not_in_corpus": listed["not_in_corpus"]}
+        print(f"evaluate: evaluation list {eval_list}: {listed['listed']} ids, {listed['not_in_corpus']} not in "
               f"{data}'s split csv", file=sys.stderr)
     records = mimic_cxr.evaluation_records(corpus)
+    selection["n"] = len(records)
     if opts.max_images:
         records = records[: opts.max_images]
     if not records:
@@ -404,11 +355,12 @@ def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = Eva
                              stop_at_end_key_only=opts.stop_at_end_key_only,
                              keep_special_tokens=opts.keep_special_tokens)
     os.makedirs(out, exist_ok=True)
-    ev = Evaluation(g, records, out, opts, progress)
+    ev = Evaluation(g, records, out, opts, progress, networks)
     ev.metrics |= {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan),
                    "data": os.path.abspath(data), "options": dataclasses.asdict(opts),
                    "labels_from": ("CSV: " + opts.generated_labels) if opts.generated_labels else
-                   "the rule-based CheXpert-style labeler (llmcxr_jax.eval.labeler)"}
+                   "the rule-based CheXpert-style labeler (llmcxr_jax.eval.labeler)",
+                   "protocol": protocol.describe(opts, selection, missing)}
     if "report" in opts.tasks:
         ev.reports()
     if "image" in opts.tasks:

@@ -1,7 +1,7 @@
 """Report-generation metrics, computed by the libraries the field uses: CheXpert-label agreement
 between reference and generated reports by scikit-learn (F1, precision, recall, Jaccard, AUROC;
 micro / macro / weighted) and text overlap by pycocoevalcap, the COCO caption toolkit (BLEU-1..4,
-ROUGE-L, CIDEr-D). This module only states the label semantics and feeds the libraries.
+METEOR, ROUGE-L, CIDEr-D). This module only states the label semantics and feeds the libraries.
 
 Label semantics. Inputs are [n_reports, n_classes] arrays with 1 (positive), 0 (negative), -1
 (uncertain) and nan (not mentioned), columns in CHEXPERT_LABELS order (all 14, No Finding included,
@@ -18,11 +18,13 @@ unless `names` says otherwise). LLM-CXR scores "positive = 1": -1 and blank coun
     class whose reference column has one value only gets nan (sklearn raises) and is left out of
     the macro mean and of the support-weighted mean; micro pools all (report, class) pairs into
     one binary problem.
-  Intervals (ci_samples > 0): a percentile bootstrap over reports (`bootstrap_interval`; no
-    library call). Each of ci_samples resamples draws n reports with replacement (a fixed seed)
-    and recomputes the per-class F1 and AUROC with sklearn; the interval is the 2.5th-97.5th
-    percentile, resamples giving nan (a class with one reference value) left out. It measures how
-    much the score owes to which n reports were evaluated, not the sampling noise of the generator.
+  Intervals (ci_samples > 0): a percentile bootstrap over reports (eval/bootstrap.py; no library
+    call). Each of ci_samples resamples draws n reports with replacement (a fixed seed) and
+    recomputes the per-class F1 and AUROC and the micro / macro F1 and micro AUROC, all resamples
+    at once from how often each report was drawn (equal to sklearn on the resampled rows); the
+    interval is the 2.5th-97.5th percentile, resamples giving nan (a class with one reference
+    value) left out. It measures how much the score owes to which n reports were evaluated, not
+    the sampling noise of the generator.
 
 Text semantics. pycocoevalcap 1.2's scorers on tokenized text, candidates one string each,
 references one string or a list of strings per candidate:
@@ -52,27 +54,39 @@ references one string or a list of strings per candidate:
     package folder, which must be writable. "simple" is our `tokenize` (no Java; on the synthetic
     corpus it differs from PTB only in "cannot"); "none" takes texts as already tokenized (split
     on whitespace, case kept).
-METEOR is not computed (pycocoevalcap ships METEOR 1.5's jar; it is not wired up here).
+  METEOR (`meteor=True`): pycocoevalcap.meteor.Meteor, the COCO toolkit's wrapper of METEOR 1.5's
+    jar (`java -jar meteor-1.5.jar - - -stdio -l en -norm`: exact, stem, synonym and paraphrase
+    matches, English parameters, its own normalisation) on the same tokens as the scores above.
+    The score is the jar's corpus aggregate (its statistics summed over reports), not the mean of
+    the per-report scores. One JVM per call, ~9 s to load the paraphrase table, closed before the
+    call returns. Without `java` on PATH, or when the jar fails, METEOR is left out and
+    "meteor_not_computed" states why (`meteor_unavailable`).
+  Intervals (ci_samples > 0): ROUGE-L and CIDEr-D are means of per-report scores, so resampling
+    reports resamples those scores (CIDEr-D keeps the document frequencies of the full set); BLEU
+    and METEOR are corpus statistics and get no interval.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Sequence
 
 import numpy as np
 import sklearn.metrics as skm
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor import meteor as coco_meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS
 from llmcxr_jax.errors import UsageError
+from llmcxr_jax.eval.bootstrap import bootstrap_interval, percentile_interval, resample_counts, score_draws
 
 __all__ = ["TOKENIZERS", "auroc", "auroc_columns", "binarize", "bleu", "bootstrap_interval", "cider_d",
-           "label_metrics", "ptb_tokenize", "rouge_l", "text_metrics", "tokenize"]
+           "label_metrics", "meteor", "meteor_unavailable", "ptb_tokenize", "rouge_l", "text_metrics", "tokenize"]
 
 # ----------------------------------------------------------------------------- labels
 
@@ -115,31 +129,10 @@ def auroc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return out
 
 
-def bootstrap_interval(statistic, n: int, *, samples: int = 1000, level: float = 0.95, seed: int = 0) -> np.ndarray:
-    """Percentile bootstrap of `statistic(idx) -> [k]` over n items: `samples` draws of n indices
-    with replacement -> [k, 2] (lower, upper) bounds at `level`; nan where every draw gave nan."""
-    if n < 1 or samples < 1 or not 0 < level < 1:
-        raise UsageError(f"a bootstrap needs n >= 1 items, samples >= 1 and 0 < level < 1; got {n}, {samples}, {level}")
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    values = np.stack([np.asarray(statistic(i), dtype=np.float64) for i in idx])  # [samples, k]
-    tail = 100 * (1 - level) / 2
-    out = np.full((values.shape[1], 2), np.nan)
-    for k in range(values.shape[1]):
-        v = values[:, k][~np.isnan(values[:, k])]
-        if v.size:
-            out[k] = np.percentile(v, [tail, 100 - tail])
-    return out
-
-
 def _sklearn_target(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """sklearn reads [n, k > 1] 0/1 matrices as multilabel, but one column as a binary target with
     the classes {0, 1}: score its positive class only."""
     return (y[:, 0], p[:, 0], {"labels": [1]}) if y.shape[1] == 1 else (y, p, {})
-
-
-def _f1_columns(y: np.ndarray, p: np.ndarray, zero_division: float) -> np.ndarray:
-    yt, pt, kw = _sklearn_target(y, p)
-    return skm.f1_score(yt, pt, average=None, zero_division=zero_division, **kw)
 
 
 def label_metrics(reference, generated, *, uncertain: str = "negative", names: Sequence[str] = CHEXPERT_LABELS,
@@ -174,11 +167,16 @@ def label_metrics(reference, generated, *, uncertain: str = "negative", names: S
                                "predicted": int(p[:, k].sum())}
                         for k, name in enumerate(names)}
     if ci_samples:
-        f1_ci = bootstrap_interval(lambda i: _f1_columns(y[i], p[i], zero_division), len(y), samples=ci_samples)
-        auc_ci = bootstrap_interval(lambda i: auroc_columns(y[i], p[i]), len(y), samples=ci_samples)
+        draws = score_draws(y, p, p, resample_counts(len(y), ci_samples), zero_division)
+        f1_ci, auc_ci = percentile_interval(draws["f1"]), percentile_interval(draws["auroc"])
         for k, name in enumerate(names):
             out["per_class"][name] |= {"f1_ci": f1_ci[k].tolist(), "auroc_ci": auc_ci[k].tolist()}
+        head = percentile_interval(np.stack([draws[key] for key in HEADLINE_LABEL_SCORES], axis=1))
+        out |= {f"{key}_ci": head[j].tolist() for j, key in enumerate(HEADLINE_LABEL_SCORES)}
     return out
+
+
+HEADLINE_LABEL_SCORES = ("f1_micro", "f1_macro", "auroc_micro")  # the ones label_metrics gives intervals
 
 
 # ----------------------------------------------------------------------------- text
@@ -277,9 +275,81 @@ def cider_d(candidates: Sequence[str], references, tokenizer: str = "ptb", per_r
     return (float(mean), [float(s) for s in scores]) if per_report else float(mean)
 
 
-def text_metrics(candidates: Sequence[str], references, tokenizer: str = "ptb") -> dict[str, float]:
+def meteor_unavailable() -> str | None:
+    """Why METEOR cannot run here, in one line, or None when it can (Java on PATH, the jar and its
+    paraphrase table where pycocoevalcap installs them)."""
+    if shutil.which("java") is None:
+        return "Java is not on PATH (METEOR 1.5 is a Java program: install a Java runtime)"
+    folder = os.path.dirname(os.path.abspath(coco_meteor.__file__))
+    for need in (coco_meteor.METEOR_JAR, os.path.join("data", "paraphrase-en.gz")):
+        if not os.path.isfile(os.path.join(folder, need)):
+            return f"pycocoevalcap has no {os.path.join(folder, need)} (reinstall pycocoevalcap)"
+    return None
+
+
+def _stop_meteor(scorer) -> str:
+    """End the scorer's JVM (stdin closed: the jar exits; killed if it has not within 30 s) and return
+    what it wrote to stderr. The wrapper's lock is released so its __del__ cannot wait on it forever."""
+    proc = scorer.meteor_p
+    if proc.stdin and not proc.stdin.closed:
+        try:
+            proc.stdin.close()
+        except OSError:  # the JVM already died: its pipe is broken
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr and not proc.stderr.closed else ""
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
+    if scorer.lock.locked():
+        scorer.lock.release()
+    return err
+
+
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+    """pycocoevalcap's Meteor().compute_score(gts, res) in a JVM of its own, closed before returning;
+    RuntimeError (with the JVM's last stderr line) when the jar fails."""
+    reason = meteor_unavailable()
+    if reason:
+        raise RuntimeError(f"METEOR cannot run: {reason}")
+    scorer = coco_meteor.Meteor()
+    try:
+        score, scores = scorer.compute_score(gts, res)
+    except (OSError, ValueError) as e:  # a broken pipe or an unreadable line: the JVM failed
+        lines = _stop_meteor(scorer).strip().splitlines() or [f"{type(e).__name__}: {e}"]
+        raise RuntimeError(f"METEOR 1.5 failed: {lines[-1][:200]}") from None
+    finally:
+        _stop_meteor(scorer)
+    return float(score), [float(s) for s in scores]
+
+
+def meteor(candidates: Sequence[str], references, tokenizer: str = "ptb", per_report: bool = False):
+    """pycocoevalcap's METEOR 1.5 of the corpus, or (score, per-report scores) with per_report; needs
+    Java (RuntimeError naming the reason otherwise)."""
+    score, scores = _meteor(*_coco_inputs(candidates, references, tokenizer))
+    return (score, scores) if per_report else score
+
+
+def text_metrics(candidates: Sequence[str], references, tokenizer: str = "ptb", *, meteor: bool = False,
+                 ci_samples: int = 0) -> dict:
     """pycocoevalcap's corpus BLEU-1..4, ROUGE-L and CIDEr-D of generated reports against references,
-    the texts tokenized once ("ptb": one JVM)."""
+    the texts tokenized once ("ptb": one JVM); with meteor, METEOR too (or "meteor_not_computed": the
+    reason); with ci_samples, "rouge_l_ci" and "cider_d_ci" bootstrap intervals (module docstring)."""
     gts, res = _coco_inputs(candidates, references, tokenizer)
-    return {**_bleu(gts, res), "rouge_l": float(Rouge().compute_score(gts, res)[0]),
-            "cider_d": float(Cider().compute_score(gts, res)[0])}
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
+    out: dict = {**_bleu(gts, res), "rouge_l": float(rouge), "cider_d": float(cider)}
+    if meteor:
+        try:
+            out["meteor"] = _meteor(gts, res)[0]
+        except RuntimeError as e:
+            out["meteor_not_computed"] = str(e)
+    if ci_samples:
+        each = np.stack([np.asarray(rouge_each, np.float64), np.asarray(cider_each, np.float64)], axis=1)
+        ci = bootstrap_interval(lambda i: each[i].mean(0), len(each), samples=ci_samples)
+        out |= {"rouge_l_ci": ci[0].tolist(), "cider_d_ci": ci[1].tolist()}
+    return out
