@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCRIPT = os.path.join(ROOT, "benchmarks", "accelerator_check.sh")
@@ -23,6 +24,7 @@ def _run(out, *args):
     return json.loads((out / "accelerator_check.json").read_text()), (out / "accelerator_check.md").read_text()
 
 
+@pytest.mark.slow  # ~45 s warm: every part compiles in its own run
 def test_smoke_run_reports_every_part(tmp_path):
     report, table = _run(tmp_path)
     parts = report["sections"]

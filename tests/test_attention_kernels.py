@@ -42,8 +42,8 @@ def _batch(kind: str, batch=2, length=256, heads=2, head_dim=16):
     return q, k, v, attn.SelfAttentionMask.create(jnp.asarray(real), None, "padded")
 
 
-@pytest.mark.parametrize("kind", ["packed", "left_padded"])
-@pytest.mark.parametrize("kernel", ["splash", "cudnn"])
+@pytest.mark.parametrize(("kernel", "kind"), [("splash", "packed"), ("splash", "left_padded"), ("cudnn", "packed"),
+                                              pytest.param("cudnn", "left_padded", marks=pytest.mark.slow)])
 def test_fused_kernel_equals_xla_forward_and_gradients(kernel, kind):
     """Outputs at real queries, and d(loss)/d(q, k, v) for a loss of real positions only, equal the XLA
     attention's; "cudnn" here routes to the Pallas GPU flash kernel (packed and padded rows need it).
@@ -184,6 +184,7 @@ def test_splash_lm_matches_transformers_with_left_padding(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # the same parity as above, sharded over fsdp x tensor
 def test_splash_lm_on_a_sharded_mesh(tmp_path):
     """Rows over fsdp=2 and heads over tensor=2 (4 host devices): one splash kernel per device's rows and
     heads, logits as transformers computes them."""

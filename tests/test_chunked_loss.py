@@ -112,6 +112,7 @@ def _tiny_run_config(chunk: int, seq_len: int = 64):
     return c
 
 
+@pytest.mark.slow  # compiles two whole train steps on a 2,2,2 mesh
 def test_jitted_train_step_with_chunks_updates_params_as_whole_logits():
     mesh = sharding.make_mesh("2,2,2")  # rows over data x fsdp, the vocabulary over tensor
     batch = _packed_batch(rows=4, length=64, seed=2)
