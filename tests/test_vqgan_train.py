@@ -170,6 +170,7 @@ def test_sigkill_then_resume_replays_a_reseed_and_equals_an_uninterrupted_run(st
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
 
 
+@pytest.mark.slow  # ~60 s; tests/test_vqgan_reseed.py checks a GAN-off step leaves the discriminator untouched
 def test_without_the_gan_the_discriminator_never_runs(tmp_path):
     """disc_factor 0: the generator follows the same path as a run whose GAN starts later (the GAN
     terms weigh 0 until then), while the discriminator, its statistics and its Adam state stay put."""
