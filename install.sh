@@ -17,6 +17,14 @@ if ! command -v java >/dev/null 2>&1; then
          "or run evaluate with --text-tokenizer simple" >&2
   fi
 fi
+# Debian's chromium drives the web demo's browser test (tests/test_serve_browser.py, through playwright).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "install.sh: no chromium on PATH; the browser test will skip (apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 torch_pin=$(grep -E '^torch==' requirements-lock.txt) || {
   echo "install.sh: requirements-lock.txt pins no torch (a line torch==VERSION)" >&2; exit 1; }
 python -m pip install --quiet -c requirements-lock.txt --upgrade pip

@@ -13,6 +13,7 @@ INTEROP = [  # convert/ and the demo's PyTorch check: exports reloaded in transf
     "pyyaml>=6",  # taming model YAMLs (llmcxr import-vqgan --taming-config)
 ]
 TFDS = ["tensorflow-datasets>=4.9.10,<5"]  # data/tfds_mimic_cxr.py: builder + data_source; no TensorFlow
+SERVE = ["gradio>=6.31,<7"]  # `llmcxr serve`: the web demo (gradio brings gradio-client)
 
 setup(
     name="llmcxr-jax",
@@ -43,15 +44,18 @@ setup(
         "scipy>=1.11",  # FID's matrix square root (scipy.linalg.sqrtm, as pytorch-fid)
         "scikit-learn>=1.4",  # F1 / precision / recall / Jaccard / AUROC
         "pycocoevalcap==1.2",  # BLEU-1..4 / ROUGE-L / CIDEr-D scorers
+        "tensorboardX>=2.6.5,<3",  # TensorBoard scalars, image grids and text from train, train-vqgan, evaluate
     ],
     extras_require={
         "interop": INTEROP,
         "tfds": TFDS,
-        "test": INTEROP + TFDS + [
+        "serve": SERVE,
+        "test": INTEROP + TFDS + SERVE + [
             "pytest>=8",
             "pytest-xdist>=3.5",
             "einops>=0.7",
-            "tensorboard>=2.16",  # only to check that our event files parse with TensorBoard's protos
+            "tensorboard>=2.16",  # TensorBoard's own reader lists what our writers logged
+            "playwright>=1.50",  # drives Debian's chromium (install.sh) for the web demo's browser test
             "scikit-image>=0.22",  # SSIM reference
             "omegaconf==2.3.0",  # what LLM-CXR pins: its YAML loading, to build taming's VQModel from our exports
             "ruff>=0.6",  # lint (pyproject.toml [tool.ruff]); .ci/run runs it before the tests
