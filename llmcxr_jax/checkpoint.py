@@ -1,12 +1,14 @@
 """orbax checkpoints of the LM and the VQ-GAN: item "state" (params or a full train state), item "metadata"
-(VocabLayout, model config, special tokens, mesh, HF config; for an LM read and checked by read_lm_metadata alone)
-and the tokenizer under DIR/tokenizer/. DIR may be gs://... (arrays via tensorstore, other files via storage.py).
+(VocabLayout, model config, special tokens, mesh, HF config; for an LM read and checked by read_lm_metadata alone),
+item "checksums" (checkpoint_checksums.py; every read is checked against it by checkpoint_integrity.py) and the
+tokenizer under DIR/tokenizer/. DIR may be gs://... (arrays via tensorstore, other files via storage.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,7 +16,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from llmcxr_jax import sharding, storage, vocab
+from llmcxr_jax import checkpoint_checksums, checkpoint_integrity, sharding, storage, vocab
+from llmcxr_jax.checkpoint_checksums import CHECKSUMS, Damage
+from llmcxr_jax.checkpoint_integrity import CheckpointDamaged
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
@@ -37,7 +41,14 @@ class LoadedLM:
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(storage.path(directory), options=options, item_names=(STATE, DATA_ITER, METADATA))
+    return ocp.CheckpointManager(storage.path(directory), options=options,
+                                 item_names=(STATE, DATA_ITER, METADATA, CHECKSUMS))
+
+
+def _save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], args: dict[str, Any], **kwargs) -> None:
+    """One orbax save of `args` (item -> save args of `items`' values), with the checksums item beside them."""
+    extra, custom = checkpoint_checksums.save_args(items)
+    mngr.save(step, args=ocp.args.Composite(**args, **extra), custom_metadata=custom, **kwargs)
 
 
 class TrainCheckpointer:
@@ -54,21 +65,50 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, data_iter: Any, metadata: dict[str, Any]) -> None:
         """data_iter: a JSON dict (one host position), or orbax args such as grain's
         CheckpointSave (one state file per process)."""
-        self.manager.save(step, args=ocp.args.Composite(**{
+        _save(self.manager, step, {STATE: state, DATA_ITER: data_iter, METADATA: metadata}, {
             STATE: ocp.args.StandardSave(state), DATA_ITER: _json_or_args(data_iter, ocp.args.JsonSave),
-            METADATA: ocp.args.JsonSave(metadata)}), force=True)
+            METADATA: ocp.args.JsonSave(metadata)}, force=True)
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, Any]:
-        """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings; data_iter:
-        None (JSON) or restore args such as grain's CheckpointRestore(iterator)."""
+    def _restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, Any]:
         out = self.manager.restore(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardRestore(abstract_state),
             DATA_ITER: data_iter if data_iter is not None else ocp.args.JsonRestore()}))
         restored = out[DATA_ITER]
         return out[STATE], (dict(restored) if data_iter is None else restored)
 
+    def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, Any]:
+        """abstract_state: jax.ShapeDtypeStruct leaves carrying the target shardings; data_iter:
+        None (JSON) or restore args such as grain's CheckpointRestore(iterator). Checked against the
+        step's checksums; CheckpointDamaged (one line) when it is damaged."""
+        directory = str(self.manager.directory)
+        problem, out = checkpoint_integrity.restore_and_check(
+            directory, step, lambda: self._restore(step, abstract_state, data_iter), lambda o: o[0], "",
+            (METADATA, DATA_ITER))
+        if problem is not None:
+            raise CheckpointDamaged(checkpoint_integrity.damaged_line(directory, step, problem, _hint(
+                directory, step, self.manager.all_steps(), lambda _: True)))
+        return out
+
+    def restore_intact(self, abstract_state: Any, data_iter: Any = None, *,
+                       move_aside: bool = True) -> tuple[int, Any, Any]:
+        """Resume: (step, state, data_iter) of the newest step that passes its checks. Damaged newer steps are
+        warned about once each and, with move_aside, moved to <step>.damaged/ (never deleted) so this run
+        saves those steps anew; no intact step is a one-line CheckpointDamaged naming the directory."""
+        directory = str(self.manager.directory)
+
+        def attempt(step: int):
+            return checkpoint_integrity.restore_and_check(
+                directory, step, lambda: self._restore(step, abstract_state, data_iter), lambda o: o[0], "",
+                (METADATA, DATA_ITER))
+
+        step, (state, position), damaged = checkpoint_integrity.newest_passing(
+            directory, self.manager.all_steps(), attempt, move_aside)
+        if damaged:
+            self.manager.reload()
+        return step, state, position
+
     def metadata(self, step: int) -> dict[str, Any]:
-        return dict(self.manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
+        return read_metadata(str(self.manager.directory), step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -98,8 +138,8 @@ def save_state(directory: str, state: dict[str, Any], metadata: dict[str, Any], 
     if "params" not in state:
         raise UsageError("a checkpoint state needs a 'params' entry")
     with _manager(directory) as mngr:
-        mngr.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)}))
+        _save(mngr, step, {STATE: state, METADATA: metadata},
+              {STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)})
         mngr.wait_until_finished()
 
 
@@ -160,9 +200,50 @@ def model_dir(directory: str, kind: str) -> str:
 
 
 def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The step's "metadata" item, checked against its checksum (CheckpointDamaged when it fails)."""
     step = latest_step(directory) if step is None else step
+    try:
+        checkpoint_integrity.check_json_items(directory, step, checkpoint_integrity.checksums(directory, step),
+                                              (METADATA,))
+    except Damage as d:
+        raise CheckpointDamaged(checkpoint_integrity.damaged_line(directory, step, str(d), _hint(
+            directory, step, all_steps(directory), lambda _: True))) from None
     with _manager(directory) as mngr:
         return dict(mngr.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
+
+
+def set_aside_damaged_items(directory: str) -> None:
+    """Before a resumed run reads its newest step's metadata: newer steps whose checksum files or JSON items
+    (metadata, data position) are damaged are moved aside, as TrainCheckpointer.restore_intact does for their
+    arrays (which it checks when it restores them)."""
+    def attempt(step: int):
+        try:
+            checkpoint_integrity.check_json_items(directory, step, checkpoint_checksums.read_files(
+                checkpoint_integrity.step_dir(directory, step)), (METADATA, DATA_ITER))
+        except Damage as d:
+            return checkpoint_integrity.agree(str(d)), None
+        return checkpoint_integrity.agree(None), None
+
+    checkpoint_integrity.newest_passing(directory, all_steps(directory), attempt, move_aside=True)
+
+
+def all_steps(directory: str) -> list[int]:
+    """The finalised steps of a checkpoint directory, oldest first (a step moved to <step>.damaged is not one)."""
+    with _manager(directory) as mngr:
+        return sorted(mngr.all_steps())
+
+
+def checkpoint_dirs(directory: str) -> list[str]:
+    """The orbax checkpoint directories a path stands for: itself, or those a training workdir holds."""
+    if has_checkpoint(directory):
+        return [directory]
+    names = dict.fromkeys(n for kind in WORKDIR_MODELS.values() for n in kind)
+    return [str(storage.path(directory) / n) for n in names if has_checkpoint(str(storage.path(directory) / n))]
+
+
+def _hint(directory: str, step: int, steps, select: Callable[[str], bool]) -> str:
+    """Which older step is intact, for the one-line error about a damaged one (reads them: failure path only)."""
+    return checkpoint_integrity.intact_hint(directory, step, list(steps), select, (METADATA, DATA_ITER))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +286,10 @@ def read_lm_metadata(directory: str, step: int | None = None, *, dtype: str | No
 
 def _state_tree(directory: str, step: int) -> dict[str, Any]:
     """The saved state's tree of array metadata (shapes and dtypes; no array is read)."""
-    meta = ocp.PyTreeCheckpointHandler().metadata(storage.path(directory) / str(step) / STATE)
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(storage.path(directory) / str(step) / STATE)
+    except Exception as e:  # noqa: BLE001 - a cut _METADATA fails in json or orbax; damage_or_raise tells
+        raise checkpoint_integrity.damage_or_raise(directory, step, e, all_steps(directory)) from None
     return dict(getattr(meta, "tree", meta))
 
 
@@ -225,16 +309,24 @@ def restore_module(directory: str, step: int, abstract: nnx.Module, mesh: Mesh, 
     shardings = sharding.param_shardings(params, mesh)
     target = {key: jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                                 params.to_pure_dict(), shardings.to_pure_dict())}
-    with _manager(directory) as mngr:
-        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)}))[STATE]
-    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored[key])
-               if not isinstance(leaf, jax.Array)]
-    if missing:
-        raise UsageError(f"{directory} step {step} lacks {len(missing)} of this model's parameters under '{key}' "
-                         f"(first {missing[0]}); it was written for another architecture")
-    params.replace_by_pure_dict(restored[key])
+
+    def restore() -> dict[str, Any]:
+        with _manager(directory) as mngr:
+            restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)}))[STATE]
+        missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored[key])
+                   if not isinstance(leaf, jax.Array)]
+        if missing:
+            raise UsageError(f"{directory} step {step} lacks {len(missing)} of this model's parameters under "
+                             f"'{key}' (first {missing[0]}); it was written for another architecture")
+        return restored[key]
+
+    problem, weights = checkpoint_integrity.restore_and_check(directory, step, restore, lambda w: w, key, ())
+    if problem is not None:
+        raise CheckpointDamaged(checkpoint_integrity.damaged_line(directory, step, problem, _hint(
+            directory, step, all_steps(directory), lambda n: n.startswith(key + "."))))
+    params.replace_by_pure_dict(weights)
     return nnx.merge(graphdef, params)
 
 

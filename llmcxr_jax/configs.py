@@ -34,7 +34,11 @@ def _load_module(path: str):
     name = "llmcxr_config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except SyntaxError as e:  # the file is not Python (an error its code raises keeps its traceback)
+        where = f" at line {e.lineno}" if e.lineno else ""
+        raise UsageError(f"config file {e.filename or path} is not Python that parses{where}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise UsageError(f"config file {path} defines no get_config(arg)")
     return module

@@ -320,6 +320,25 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing the persistent id {one_line(repr(pid), 60)}: plain pickles have none")
 
 
+# What pickle.Unpickler raises on bytes that are not a whole pickle (cut, overwritten, another format), or on
+# a pickle that hands an allowlisted constructor arguments it refuses: faults of the file, not of this code.
+MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+             OverflowError, RecursionError)
+
+
+def describe(error: BaseException) -> str:
+    """A MALFORMED error in a user's words: empty, cut short, not a pickle, or the parser's own reason."""
+    text = str(error)
+    if isinstance(error, EOFError) and "Ran out of input" in text:
+        return "it is empty (no pickle in it)"
+    if "pickle data was truncated" in text:
+        return "it is cut short (its pickle stops mid-way); an interrupted copy or a full disk leaves this, copy " \
+            "it again"
+    if text.startswith("invalid load key"):
+        return f"it is not a pickle, or its bytes are damaged ({one_line(text, 60)})"
+    return f"{type(error).__name__}: {one_line(text, 160)}"
+
+
 def load(file, *, allowed: Mapping[tuple[str, str], Any] | None = None, stand_ins: bool = False) -> Any:
     """One pickle from an open binary file; allowed defaults to DATA_GLOBALS."""
     return SafeUnpickler(file, allowed=DATA_GLOBALS if allowed is None else allowed, stand_ins=stand_ins).load()

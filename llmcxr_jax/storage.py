@@ -48,29 +48,21 @@ def require_packages(scheme: str) -> None:
 
 
 class AppendOnlyFile:
-    """A log file that only grows (metrics.jsonl, a TensorBoard event file). Locally each `append` opens it in
-    append mode; in a bucket the whole object is rewritten from a copy kept here (read once, if it exists),
-    which costs O(file size) per append: fine for logs written every few steps, a few MB over a run."""
+    """A text log that only grows (metrics.jsonl). Locally each `append` opens it in append mode; in a bucket the
+    whole object is rewritten from a copy kept here (read once, if it exists), which costs O(file size) per
+    append: fine for logs written every few steps, a few MB over a run. (TensorBoard event files: train/tensorboard.)"""
 
-    def __init__(self, p, binary: bool = False):
+    def __init__(self, p):
         self.path = path(p)
-        self.binary = binary
         self._remote = is_remote(p)
-        self._content: str | bytes | None = None
+        self._content: str | None = None
 
-    def append(self, data: str | bytes) -> None:
+    def append(self, data: str) -> None:
         if not self._remote:
-            with self.path.open("ab" if self.binary else "a") as f:
+            with self.path.open("a") as f:
                 f.write(data)
             return
         if self._content is None:
-            exists = self.path.exists()
-            if self.binary:
-                self._content = self.path.read_bytes() if exists else b""
-            else:
-                self._content = self.path.read_text() if exists else ""
+            self._content = self.path.read_text() if self.path.exists() else ""
         self._content += data
-        if self.binary:
-            self.path.write_bytes(self._content)
-        else:
-            self.path.write_text(self._content)
+        self.path.write_text(self._content)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from llmcxr_jax import storage
+from llmcxr_jax import storage, user_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 # Dolly / LLM-CXR prompt keys; their exact strings matter for checkpoint compatibility.
@@ -127,12 +127,12 @@ def load_tokenizer(directory: str):
     Adds "### End", "### Instruction:", "### Response:\\n" when missing and uses eos as pad
     when the directory names no pad token, as LLM-CXR does.
     """
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
 
     folder = storage.path(directory)  # local or gs://
     if not (folder / "tokenizer.json").is_file():
         raise MissingInputError(f"{directory} has no tokenizer.json; give a HF fast-tokenizer directory")
-    tok = Tokenizer.from_str((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = _tokenizer_from_file(folder / "tokenizer.json")
     cfg = _read_json(folder / "tokenizer_config.json")
     smap = _read_json(folder / "special_tokens_map.json")
     missing = [t for t in DOLLY_SPECIAL_TOKENS if tok.token_to_id(t) is None]
@@ -150,6 +150,27 @@ def load_tokenizer(directory: str):
     cfg = dict(cfg)
     cfg["eos_token"], cfg["pad_token"] = eos, pad
     return tok, special, cfg
+
+
+def _tokenizer_from_file(path: epath.Path):
+    """tokenizer.json -> tokenizers.Tokenizer; a file that is not JSON or lacks its model (a BPE one its vocab
+    and merges) is a UsageError naming it."""
+    from tokenizers import Tokenizer
+
+    text = user_files.decode_utf8(path.read_bytes(), path, "tokenizer")
+    data = user_files.parse_json(text, path, "tokenizer")
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise UsageError(f"tokenizer {path} has no model section; give the tokenizer.json a HF fast tokenizer saves")
+    if model.get("type") == "BPE" and not (isinstance(model.get("vocab"), dict) and
+                                           isinstance(model.get("merges"), list)):
+        raise UsageError(f"tokenizer {path} has a BPE model without its vocab and merges; give a whole tokenizer.json")
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers reports a malformed file as a bare Exception; others are defects
+            raise
+        raise UsageError(f"tokenizer {path} does not load: {e}") from None
 
 
 def text_size(tok) -> int:
@@ -205,7 +226,7 @@ def _token_content(t) -> str | None:
 
 
 def _read_json(path: epath.Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return user_files.read_json_object(path, "tokenizer file") if path.is_file() else {}
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:

@@ -20,3 +20,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # With CI=true a skipped torch parity test fails the run (tests/ci_skips.py; proven in tests/test_ci_skips.py).
 from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
+
+# The quick demo, built once per run (once for all pytest-xdist workers): tests/demo_fixture.py.
+from demo_fixture import quick_demo  # noqa: E402, F401
+
+# `llmcxr serve` on that model, started and compiled once per process: tests/serve_fixture.py.
+from serve_fixture import served  # noqa: E402, F401

@@ -19,10 +19,10 @@ def tiny_lm_config(layout: vocab.VocabLayout) -> GPTNeoXConfig:
                          param_dtype="float32", scan_layers=False, remat_policy="none")
 
 
-def tiny_lm(directory: str, tok_dir: str, image_codes: int) -> str:
+def tiny_lm(directory: str, tok_dir: str, image_codes: int, step: int = 0) -> str:
     tok, special, tok_cfg = vocab.load_tokenizer(tok_dir)
     layout = vocab.VocabLayout.create(vocab.text_size(tok), image_codes)
     cfg = tiny_lm_config(layout)
     meta = checkpoint.lm_metadata(cfg, layout, special, sharding.make_mesh("1,-1,1"), None)
-    checkpoint.save_params(directory, init_model(cfg, 0), meta, tokenizer=tok, tokenizer_config=tok_cfg)
+    checkpoint.save_params(directory, init_model(cfg, 0), meta, tokenizer=tok, tokenizer_config=tok_cfg, step=step)
     return directory

@@ -80,11 +80,17 @@ def test_chunked_loss_sums_and_gradients_equal_the_whole_logits():
     def per_token(params, b):
         model = nnx.merge(graphdef, params)
         x = model.hidden_states(b["input_ids"], segment_ids=b["segment_ids"], position_ids=b["positions"])
-        return [chunked_loss.token_cross_entropy(model.head_logits, x, b["targets"], c) for c in (0, 16)]
+        return ([chunked_loss.token_cross_entropy(model.head_logits, x, b["targets"], c) for c in (0, 16)],
+                chunked_loss.token_cross_entropy(model.head_logits, x, b["targets"], 16, with_argmax=True),
+                model.head_logits(x).argmax(-1))
 
-    whole, sliced = per_token(params, batch)
+    (whole, sliced), (with_argmax, argmax), want = per_token(params, batch)
     assert whole.shape == batch["targets"].shape and np.ptp(np.asarray(whole)) > 0.1
     np.testing.assert_allclose(sliced, whole, rtol=1e-5)
+    # the held-out evaluation's predictions (train/lm_samples.py): the argmax of each slice's logits, in place
+    np.testing.assert_allclose(with_argmax, sliced, rtol=1e-6)
+    assert argmax.dtype == np.int32 and len(np.unique(np.asarray(want))) > 1
+    np.testing.assert_array_equal(argmax, want)
 
 
 def test_padded_vocab_rows_get_finite_zero_gradients():

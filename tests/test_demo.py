@@ -9,8 +9,8 @@ import sys
 import jax
 import pytest
 
-from llmcxr_jax import cli, configs
-from llmcxr_jax.demo import phases, pipeline
+from llmcxr_jax import configs
+from llmcxr_jax.demo import phases
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
 FOCUS = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Support Devices")
@@ -22,18 +22,21 @@ def _meshes(work: str) -> tuple[str, str]:
                  for phase in ("vqgan", "stage1"))
 
 
-def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
-    work = str(tmp_path / "demo")
-    # stop after the codes, as a killed run would; the full run then skips what is done
-    pipeline.run(configs.load_config(f"{DEMO}:quick"), work, only=("codes",))
-    assert set(json.load(open(os.path.join(work, "phases.json")))) == {"corpus", "vqgan", "codes"}
-    capsys.readouterr()
-    assert cli.main(["demo", "--quick", "--workdir", work]) == 0
-    captured = capsys.readouterr()
-    assert "[demo 1/10] corpus: done before" in captured.err and "[demo 3/10] codes: done before" in captured.err
-    assert "[demo 4/10] tokenizer: BPE" in captured.err
-    out = json.loads(captured.out.splitlines()[-1])
+def test_quick_demo_runs_every_phase_and_resumes(quick_demo):
+    """The shared quick demo (tests/demo_fixture.py): stopped after the codes, as a killed run would
+    be; then `llmcxr demo --quick` skips what is done and runs the rest; a rerun skips everything;
+    another config in the same workdir is refused."""
+    work = quick_demo.workdir
+    assert set(quick_demo.partial_phases) == {"corpus", "vqgan", "codes"}
+    assert quick_demo.exit_codes["first"] == 0, quick_demo.err("first")[-2000:]
+    err = quick_demo.err("first")
+    assert "[demo 1/10] corpus: done before" in err and "[demo 3/10] codes: done before" in err
+    assert "[demo 4/10] tokenizer: BPE" in err
+    out = json.loads(quick_demo.out("first").splitlines()[-1])
     assert out["same_greedy_report_in_pytorch"] is True
+    # the demo ends by naming the command that serves the model it trained
+    serve = f"llmcxr serve --ckpt {quick_demo.ckpt} --vqgan {quick_demo.vqgan}"
+    assert out["serve"] == serve and err.rstrip().splitlines()[-1].endswith(serve)
     state = json.load(open(os.path.join(work, "phases.json")))
     assert list(phases.NAMES) == list(state)
     check = state["pytorch"]["result"]
@@ -47,11 +50,11 @@ def test_quick_demo_runs_every_phase_and_resumes(tmp_path, capsys):
     summary = open(os.path.join(work, "summary.md")).read()
     assert "| pytorch |" in summary and "![real vs generated](eval/grid_0.png)" in summary and "0.360" in summary
     # a rerun does nothing but rewrite the summary
-    assert cli.main(["demo", "--quick", "--workdir", work]) == 0
-    assert capsys.readouterr().err.count("done before") == len(phases.PHASES)
+    assert quick_demo.exit_codes["rerun"] == 0
+    assert quick_demo.err("rerun").count("done before") == len(phases.PHASES)
     # another config in the same workdir is refused in one line
-    assert cli.main(["demo", "--quick", "--workdir", work, "--config.seed=1"]) == 2
-    err = capsys.readouterr().err.strip()
+    assert quick_demo.exit_codes["refused"] == 2
+    err = quick_demo.err("refused").strip()
     assert len(err.splitlines()) == 1 and "different config" in err
 
 

@@ -7,12 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from board_helpers import hparams, read_board, text, text_tags
 from decoding_helpers import fixed_lm
 from generator_helpers import VQ, tiny_lm
 from lm_run_helpers import make_setup
 
 from llmcxr_jax import checkpoint, cli
 from llmcxr_jax.data import instructions, mimic_cxr, prompts
+from llmcxr_jax.eval import board as eval_board
 from llmcxr_jax.eval import cxr_classifier as C
 from llmcxr_jax.eval import evaluate as E
 from llmcxr_jax.eval import image_scores, report_card, scores
@@ -33,7 +35,7 @@ def env(tmp_path_factory):
     labels = mimic_cxr.read_chexpert_labels(setup["root"])
     model = C.train_classifier(C.load_images(train, 32), C.targets_for(train, labels), cfg, steps=2, batch=8)
     C.save_classifier(model, cfg, str(d / "classifier"))
-    return {"lm": tiny_lm(str(d / "lm"), setup["tokenizer"], 64), "vqgan": str(d / "vqgan"),
+    return {"lm": tiny_lm(str(d / "lm"), setup["tokenizer"], 64, step=7), "vqgan": str(d / "vqgan"),
             "root": setup["root"], "classifier": str(d / "classifier"),
             "fixed": fixed_lm(str(d / "fixed"), setup["tokenizer"], image_prob=0.3),
             "n_eval": len(mimic_cxr.evaluation_records(corpus))}
@@ -81,6 +83,23 @@ def test_evaluate_writes_every_output(capsys, env, tmp_path):
     assert "Protocol: the options as given" in md
     assert "Decoding: sampled at temperature 0.7 (drawings 0.9), top_p 0.92, top_k 0 (0: off)." in md
     assert "LLM-CXR (paper)" in err  # the table is printed too
+    # TensorBoard's reader, all at the checkpoint's step 7: every number of metrics.json, real over generated
+    # CXRs (2 columns), the first reports and answers beside their references, the command's options
+    acc = read_board(tmp_path / "tensorboard")
+    scalars = acc.Tags()["scalars"]
+    assert {"report/labels/f1_micro", "report/text/bleu_4", "image/fid_classifier", "vqa/all/score", "vqgan/psnr",
+            "baselines/report/labels/f1_micro", "n_images"} <= set(scalars)
+    assert not [t for t in scalars if t.startswith(("options/", "protocol/"))]
+    assert [(e.step, e.value) for e in acc.Scalars("report/labels/f1_micro")] == [
+        (7, pytest.approx(m["report"]["labels"]["f1_micro"]))]
+    (grid,) = acc.Images("real_vs_generated")
+    assert (grid.step, grid.height, grid.width) == (7, 2 * VQ.resolution, 2 * VQ.resolution)
+    assert text_tags(acc) == {"reports/text_summary", "vqa/text_summary"}
+    ((step, reports),) = text(acc, "reports/text_summary")
+    assert step == 7 and reports.splitlines()[0] == "| dicom_id | reference | generated |"
+    assert len(reports.splitlines()) == 2 + min(n, eval_board.SAMPLE_ROWS) and rows[1][0] in reports
+    assert len(text(acc, "vqa/text_summary")[0][1].splitlines()) == 2 + 5
+    assert hparams(acc)["temperature"] == 0.7 and hparams(acc)["checkpoint"].endswith("lm")
 
 
 def test_grid_images_zero_draws_no_grid(capsys, env, tmp_path):

@@ -1,4 +1,4 @@
-"""A gs:// workdir: config.json, metrics.jsonl, TensorBoard events, PNG grids, the tokenizer and the
+"""A gs:// workdir: config.json, metrics.jsonl, TensorBoard event files, PNG grids, the tokenizer and the
 checkpoint look-ups all go through etils.epath. A fake bucket (epath's mock backend serving gs://bucket/...
 from a local folder, refusing append as GCS does) stands in for GCS. orbax reads and writes arrays through
 tensorstore's own GCS driver, which cannot run offline: a gs:// save or array restore is not tested here."""
@@ -81,16 +81,28 @@ def test_metrics_log_rewrites_the_object_and_appends_locally(bucket, tmp_path):
     assert calls == [("open", os.path.join(local, "metrics.jsonl"), "a")]  # no read, no rewrite
 
 
-def test_event_writer_writes_into_the_bucket(bucket):
+def test_board_writes_into_the_bucket_at_every_call(bucket, monkeypatch):
+    """Each call is in the bucket when it returns (a staged local file uploaded whole, never appended); past
+    ROTATE_BYTES the board starts a new object, and TensorBoard reads the objects as one run."""
+    from board_helpers import read_board, text_tags
+
     root, _ = bucket
-    w = tensorboard.EventWriter(f"{RUN}/tensorboard")
-    w.scalars(1, {"loss": 2.0})
-    w.scalars(2, {"loss": 1.5, "lr": 0.1})
-    w.close()
-    assert w.path.startswith(f"{RUN}/tensorboard/events.out.tfevents.")
-    expected = [(1, "loss", 2.0), (2, "loss", 1.5), (2, "lr", pytest.approx(0.1))]
-    assert tensorboard.read_scalars(w.path) == expected
-    assert tensorboard.read_scalars(str(root / w.path[len("gs://"):])) == expected
+    folder = root / "bucket/runs/a/tensorboard"
+    board = tensorboard.Board(f"{RUN}/tensorboard")
+    assert board.path.startswith(f"{RUN}/tensorboard/events.out.tfevents.")
+    board.hparams({"train.steps": 3}, ["loss"])
+    board.scalars(1, {"loss": 2.0})
+    assert [e.step for e in read_board(folder).Scalars("loss")] == [1]  # before any close
+    monkeypatch.setattr(tensorboard, "ROTATE_BYTES", 1)  # every call from here on ends its object
+    board.image("reconstructions", 2, [np.zeros((2, 4, 4, 1)), np.ones((2, 4, 4, 1))])
+    board.text("samples", 2, "a report")
+    board.scalars(2, {"loss": 1.5, "lr": 0.1})
+    board.scalars(3, {"loss": 1.0})
+    board.close()
+    assert len(os.listdir(folder)) == 5  # the first object, then one per call after the rotation
+    acc = read_board(folder)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.0), (2, 1.5), (3, 1.0)]
+    assert acc.Tags()["images"] == ["reconstructions"] and text_tags(acc) == {"samples/text_summary"}
 
 
 def test_image_grid_and_tokenizer_in_the_bucket(bucket):

@@ -1,4 +1,4 @@
-"""The house as the README draws it: every module says what it owns, the README's code map is
+"""The house as docs/layout.md draws it: every module says what it owns, its code map is
 demo/phases.py's table, and each phase names a real command and real modules."""
 import ast
 import importlib
@@ -30,10 +30,10 @@ def test_every_module_opens_with_a_docstring():
     assert not missing, f"modules without a docstring saying what they own: {missing}"
 
 
-def test_readme_code_map_is_the_phase_table():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def test_layout_doc_code_map_is_the_phase_table():
+    with open(os.path.join(ROOT, "docs", "layout.md")) as f:
         readme = f.read()
-    assert phases.code_map() in readme, "README's code map differs from demo/phases.py: paste code_map() into it"
+    assert phases.code_map() in readme, "docs/layout.md code map differs from demo/phases.py: paste code_map() into it"
 
 
 def test_each_phase_names_real_commands_and_modules():

@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import portpicker
 import pytest
+from board_helpers import hparams, read_board
 from flax import nnx
 from lm_run_helpers import STAGE1, make_setup
+from tensorboard.backend.event_processing import event_file_loader
 
 from llmcxr_jax import checkpoint
-from llmcxr_jax.train import tensorboard
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -85,13 +86,12 @@ def test_two_processes_equal_one(tmp_path):
         assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3, 4]
     boards = os.listdir(os.path.join(multi, "tensorboard"))
     assert len(boards) == 1, boards  # one event file, not one per process
-    # writers opened in the same second on one host share a file name: one writer wrote one header
-    board = os.path.join(multi, "tensorboard", boards[0])
-    with open(board, "rb") as f:
-        headers = f.read().count(b"brain.Event:2")
-    assert headers == 1, f"{headers} TensorBoard writers opened, not process 0's alone"
-    scalars = tensorboard.read_scalars(board)
-    assert [s for s, tag, _ in scalars if tag == "loss"] == [1, 2, 3, 4]
+    events = list(event_file_loader.EventFileLoader(os.path.join(multi, "tensorboard", boards[0])).Load())
+    headers = [e for e in events if e.file_version]
+    assert len(headers) == 1, f"{len(headers)} TensorBoard writers wrote this file, not process 0's alone"
+    acc = read_board(os.path.join(multi, "tensorboard"))  # TensorBoard's reader: each step once
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert hparams(acc)["train.steps"] == 4
 
 
 @pytest.mark.slow  # the stop agreement itself is proven (fast) in tests/test_preemption.py

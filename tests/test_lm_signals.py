@@ -1,9 +1,11 @@
 """`llmcxr train` in a subprocess: SIGTERM (TPU preemption) saves a checkpoint and exits 0;
 SIGKILL past a checkpoint, or while an asynchronous save is in flight, then resume, replays the lost
 steps and equals an uninterrupted run bit for bit (tests/kill_worker.py freezes the child where the
-kill must land)."""
+kill must land). So does a resume past newest checkpoints a bad copy damaged (a flipped byte, a cut file)."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from integrity_helpers import cut, flip_silently
 from kill_worker import kill_when_frozen
 from lm_run_helpers import STAGE1, make_setup, tiny_config
 
@@ -81,11 +84,11 @@ COMMON = ["--config.train.steps=9", "--config.train.checkpoint_every=2"]
 
 @pytest.fixture(scope="module")
 def straight(setup, tmp_path_factory):
-    """An uninterrupted 9-step run: (final parameters, {step: loss})."""
+    """An uninterrupted 9-step run keeping its checkpoints 6, 8 and 9: (final parameters, {step: loss}, workdir)."""
     workdir = tmp_path_factory.mktemp("straight")
-    lm.train(tiny_config(setup, *COMMON, "--config.train.log_every=1", "--config.train.eval_every=0"), str(workdir),
-             echo=False)
-    return _params(str(workdir / "checkpoints")), _losses(read_metrics(str(workdir / "metrics.jsonl")))
+    lm.train(tiny_config(setup, *COMMON, "--config.train.log_every=1", "--config.train.eval_every=0",
+                         "--config.train.keep_checkpoints=3"), str(workdir), echo=False)
+    return _params(str(workdir / "checkpoints")), _losses(read_metrics(str(workdir / "metrics.jsonl"))), workdir
 
 
 def _losses(records):
@@ -151,3 +154,29 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_one(setup, strai
     assert os.listdir(ckpt_dir / partial[0])  # the step's files were written, only the commit was missing
     saved, reached = _resume_replays_and_matches(setup, straight, tmp_path)
     assert saved == 2 and reached >= 5
+
+
+def test_resume_moves_damaged_newest_steps_aside_and_equals_an_uninterrupted_run(setup, straight, tmp_path, capsys):
+    """A copy of the uninterrupted run whose step 9 has a silently flipped byte and step 8 a cut array file:
+    the resume names each once, moves them to 9.damaged / 8.damaged (kept, not deleted), restores step 6 and
+    replays 7..9 with the uninterrupted run's losses and ends with its parameters, bit for bit."""
+    workdir = shutil.copytree(straight[2], tmp_path / "run")
+    ckpt_dir = workdir / "checkpoints"
+    flip_silently(str(ckpt_dir / "9"))
+    cut(str(ckpt_dir / "8"))
+    before = read_metrics(str(workdir / "metrics.jsonl"))
+    capsys.readouterr()
+    lm.train(tiny_config(setup, *COMMON, "--config.train.log_every=1", "--config.train.eval_every=0"), str(workdir),
+             echo=False)
+    warned = [line for line in capsys.readouterr().err.splitlines() if " is damaged: " in line]
+    for step, why in ((9, r"fails its checksum"), (8, r"cannot be read \(file cut short\?\)")):
+        pattern = (rf"checkpoint step {step} in {re.escape(str(ckpt_dir))} is damaged: [\w.]+ {why}; moved to "
+                   rf"{re.escape(str(ckpt_dir / f'{step}.damaged'))}; resuming from step 6")
+        assert sum(bool(re.fullmatch(pattern, line)) for line in warned) == 1, warned
+        assert (ckpt_dir / f"{step}.damaged" / "state").is_dir()
+    resumed = _losses(read_metrics(str(workdir / "metrics.jsonl"))[len(before):])
+    assert resumed == {s: straight[1][s] for s in (7, 8, 9)}
+    a, b = straight[0], _params(str(ckpt_dir))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)

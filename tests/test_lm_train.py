@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from board_helpers import hparam_metrics, hparams, read_board, text, text_tags
 from flax import nnx
 from lm_run_helpers import make_setup, tiny_config
 
@@ -41,7 +42,18 @@ def test_tiny_stage1_lowers_the_loss(setup, tmp_path):
                 "tokens_per_s", "step_time_s"):
         assert key in first and np.isfinite(first[key]), key
     assert first["loss_image"] > 0 and first["loss_text"] > 0
-    assert os.listdir(tmp_path / "tensorboard")
+    # TensorBoard's reader: the metrics.jsonl numbers, the held-out row's teacher-forced predictions at the eval
+    # step, the run config as hparams
+    acc = read_board(tmp_path / "tensorboard")
+    assert set(acc.Tags()["scalars"]) == {k for r in records for k in r} - {"step"}
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 31))
+    assert [e.step for e in acc.Scalars("eval_loss")] == [30]
+    assert text_tags(acc) == {"held_out_predictions/text_summary"}
+    ((step, table),) = text(acc, "held_out_predictions/text_summary")
+    assert step == 30 and table.splitlines()[0] == ("| prompt | reference response | teacher-forced prediction | "
+                                                    "tokens right |")
+    assert len(table.splitlines()) >= 3 and "### Response:" in table
+    assert hparams(acc)["train.steps"] == 30 and hparam_metrics(acc) == ["loss", "eval_loss"]
 
 
 @pytest.mark.parametrize("mesh", [pytest.param("1,8,1", marks=pytest.mark.slow), "2,2,2"])

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from board_helpers import hparam_metrics, hparams, read_board
 from flax import nnx
 from kill_worker import kill_when_frozen
 
@@ -70,6 +71,14 @@ def test_training_steps_are_finite_and_write_records(straight):
     assert os.path.isfile(tmp_path / "images" / "reconstructions_0000004.png")
     assert os.path.isdir(tmp_path / "vqgan")  # the trained tokenizer, ready for encode-images
     assert json.load(open(tmp_path / "config.json"))["model"]["resolution"] == 16
+    # TensorBoard's reader: every logged metric, the reconstruction grids (2 inputs over their reconstructions)
+    acc = read_board(tmp_path / "tensorboard")
+    assert set(acc.Tags()["scalars"]) == {k for r in everything for k in r} - {"step"}
+    assert [e.step for e in acc.Scalars("total_loss")] == [1, 2, 3, 4]
+    assert [(e.step, e.value) for e in acc.Scalars("eval_l1")] == [(r["step"], pytest.approx(r["eval_l1"]))
+                                                                   for r in evals]
+    assert [(e.step, e.height, e.width) for e in acc.Images("reconstructions")] == [(s, 32, 32) for s in (0, 2, 4)]
+    assert hparams(acc)["model.resolution"] == 16 and hparam_metrics(acc) == ["eval_l1", "eval_psnr"]
 
 
 def test_a_training_checkpoint_loads_as_a_vqgan(straight, tmp_path):
@@ -163,6 +172,10 @@ def test_sigkill_then_resume_replays_a_reseed_and_equals_an_uninterrupted_run(st
     assert sorted(replayed) == [3, 4]  # step 3 (the reseed) ran again
     assert replayed == {s: straight_steps[s] for s in replayed}
     assert _steps(before) == {s: straight_steps[s] for s in _steps(before)}
+    # TensorBoard: the killed attempt's file and the resumed one's read as one run, each step once
+    assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2
+    assert [(e.step, e.value) for e in read_board(os.path.join(workdir, "tensorboard")).Scalars("total_loss")] == [
+        (s, pytest.approx(straight_steps[s]["total_loss"])) for s in (1, 2, 3, 4)]
     assert int(resumed["step"]) == 4 and set(resumed) == set(straight)
     for key in straight:  # gen, ema, disc, disc_stats, opt_g, opt_d, usage, step
         assert jax.tree.structure(straight[key]) == jax.tree.structure(resumed[key]), key

@@ -37,8 +37,8 @@ class Commands:
         for c in self.by_name.values():
             c.flags(sub.add_parser(c.name, help=c.help, description=c.help))
 
-    def run(self, args: argparse.Namespace) -> None:
-        self.by_name[args.command].run(args)
+    def run(self, args: argparse.Namespace) -> int | None:
+        return self.by_name[args.command].run(args)  # the exit status, when the command returns one
 
 
 def emit(result: dict) -> None:
@@ -147,11 +147,17 @@ def byte_size(text: str) -> int:
 
 @contextlib.contextmanager
 def tensor_progress(total: int, desc: str):
-    """A tensor-count progress bar on stderr, closed before any error is printed."""
-    from tqdm import tqdm
+    """A tensor-count progress bar on stderr, closed before any error is printed; it appears with the first
+    tensor, so a file refused before any tensor is read (a cut weight file) stays one line."""
+    done = 0
 
-    with tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, dynamic_ncols=True) as bar:
-        yield lambda _key: bar.update(1)
+    def tick(_key) -> None:
+        nonlocal done
+        done += 1
+        update(done)
+
+    with count_progress(total, desc, "tensor") as update:
+        yield tick
 
 
 @contextlib.contextmanager

@@ -4,11 +4,13 @@ instruction lists out of a clone of its code."""
 from __future__ import annotations
 
 import os
+import sys
 
 from llmcxr_jax.cli.common import Commands, add_data_root, add_mesh, add_vqgan_ckpt, count_progress, emit
 
 commands = Commands()
 add_parser, run = commands.add_parser, commands.run
+SKIPPED_SHOWN = 10  # unreadable images encode-images names on stderr; index.json lists every one
 
 
 def _synth_flags(p) -> None:
@@ -49,6 +51,12 @@ def encode_images(args) -> None:
     images = [(r.dicom_id, r.image_path) for r in corpus.records]
     summary = encode.encode_images(args.vqgan, images, args.out, batch_size=args.batch_size, mesh=args.mesh,
                                    num_workers=args.workers, shard_size=args.shard_size)
+    skipped = summary["skipped_items"]
+    for item in skipped[:SKIPPED_SHOWN]:  # an unreadable image is skipped, not fatal: name it here
+        print(f"llmcxr encode-images: skipped {item['dicom_id']}: {item['error']}", file=sys.stderr)
+    if len(skipped) > SKIPPED_SHOWN:
+        print(f"llmcxr encode-images: skipped {len(skipped) - SKIPPED_SHOWN} more unreadable images; the "
+              f"skipped_items of {os.path.join(args.out, 'index.json')} list them all", file=sys.stderr)
     keep = ("out_dir", "num_images", "images_encoded", "images_skipped", "shards_encoded", "shards_reused",
             "images_per_s", "codes_per_image", "codebook_size", "index_written")
     emit({k: summary[k] for k in keep} | {"records_skipped_by_reader": corpus.summary()["skipped"]})

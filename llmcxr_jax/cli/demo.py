@@ -30,4 +30,5 @@ def demo(args) -> None:
     emit({"workdir": workdir, "summary": os.path.join(workdir, "summary.md"),
           "minutes": round(sum(e["seconds"] for e in state.values()) / 60, 1),
           "evaluate": state["evaluate"]["result"],
-          "same_greedy_report_in_pytorch": state["pytorch"]["result"]["same_tokens"]})
+          "same_greedy_report_in_pytorch": state["pytorch"]["result"]["same_tokens"],
+          "serve": pipeline.serve_command(workdir)})

@@ -91,8 +91,9 @@ def _generate_inputs(args) -> list[str]:
             names = sorted(n for n in os.listdir(args.inputs) if n.lower().endswith(IMAGE_SUFFIXES))
             inputs = [os.path.join(args.inputs, n) for n in names]
         elif os.path.isfile(args.inputs):
-            with open(args.inputs) as f:
-                inputs = [line.rstrip("\n") for line in f if line.strip()]
+            from llmcxr_jax import user_files
+
+            inputs = [line for line in user_files.text_lines(args.inputs, "--inputs") if line.strip()]
         else:
             raise MissingInputError(f"--inputs {args.inputs} does not exist; give a list file (one input per line) "
                                     "or an image folder")
@@ -185,3 +186,23 @@ def evaluate(args) -> None:
         print(f.read(), file=sys.stderr)
     keep = {"out": args.out, "n_images": metrics["n_images"], "n_vqa": metrics.get("n_vqa", 0)}
     emit(keep | {k: metrics[k] for k in ("vqgan",) if k in metrics})
+
+
+def _serve_flags(p) -> None:
+    add_lm_ckpt(p)
+    add_vqgan_ckpt(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface; the page has no login)")
+    p.add_argument("--port", type=int, default=7860, help="port of the page (default 7860, gradio's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the LM's compute dtype (weights stay as saved); LLM-CXR generated in bfloat16")
+
+
+@commands.add("serve", "a web page (gradio) over a trained LLM-CXR: CXR -> report, report -> CXR, CXR + question "
+              "-> answer; needs the [serve] extra", flags=_serve_flags)
+def serve(args) -> None:
+    from llmcxr_jax.serve import server
+
+    running = server.start(args.ckpt, args.vqgan, host=args.host, port=args.port, dtype=args.dtype)
+    running.block()
+    emit({"url": running.url})

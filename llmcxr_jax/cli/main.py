@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from llmcxr_jax import distributed
-from llmcxr_jax.cli import convert, data, demo, inference, training
+from llmcxr_jax.cli import convert, data, demo, inference, training, verify
 from llmcxr_jax.errors import UsageError
 
-FAMILIES = (convert, data, training, inference, demo)  # `llmcxr --help` lists their commands in this order
+FAMILIES = (convert, data, training, inference, verify, demo)  # `llmcxr --help` lists their commands in this order
 MULTI_HOST_COMMANDS = ("train", "train-vqgan", "encode-images")  # join jax.distributed first
 
 
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in MULTI_HOST_COMMANDS:
             distributed.initialize_distributed()  # from SLURM / TPU pod / LLMCXR_* env; nothing on one process
-        _family(args.command).run(args)
+        code = _family(args.command).run(args)  # a command may return its exit status (verify: 1 = damaged)
     except (UsageError, OSError) as e:
         print(f"llmcxr {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 def error_line(e: UsageError | OSError) -> str:

@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from llmcxr_jax import user_files
 from llmcxr_jax.convert import taming_vqgan
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.vqgan import VQGANConfig, VQModel
@@ -92,6 +93,11 @@ def diffusers_config(cfg: VQGANConfig) -> dict:
     }
 
 
+# config.json keys config_from_diffusers reads without a default
+CONFIG_KEYS = ("block_out_channels", "sample_size", "down_block_types", "in_channels", "out_channels",
+               "layers_per_block", "latent_channels", "num_vq_embeddings")
+
+
 def config_from_diffusers(d: dict, *, dtype: str = "float32", param_dtype: str = "float32") -> VQGANConfig:
     if d.get("_class_name", "VQModel") != "VQModel":
         raise UsageError(f"diffusers config describes {d.get('_class_name')!r}, not 'VQModel'")
@@ -122,12 +128,10 @@ def export_diffusers(model: VQModel, out_dir: str) -> None:
 
 
 def import_diffusers(directory: str, *, dtype: str = "float32", param_dtype: str = "float32") -> VQModel:
-    from safetensors.numpy import load_file
-
     cfg_path, weights = os.path.join(directory, "config.json"), os.path.join(directory, WEIGHTS)
     for path in (cfg_path, weights):
         if not os.path.isfile(path):
             raise MissingInputError(f"{directory} has no {os.path.basename(path)}; give a diffusers VQModel directory")
-    with open(cfg_path) as f:
-        cfg = config_from_diffusers(json.load(f), dtype=dtype, param_dtype=param_dtype)
-    return from_diffusers_state_dict(load_file(weights), cfg)
+    raw = user_files.read_json_object(cfg_path, "diffusers config", CONFIG_KEYS)
+    cfg = config_from_diffusers(raw, dtype=dtype, param_dtype=param_dtype)
+    return from_diffusers_state_dict(user_files.load_safetensors(weights, "diffusers weights"), cfg)

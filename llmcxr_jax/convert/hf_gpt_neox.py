@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from llmcxr_jax import sharding, vocab
+from llmcxr_jax import sharding, user_files, vocab
 from llmcxr_jax.convert import hf_model_card, weight_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, GPTNeoXForCausalLM, abstract_model
@@ -136,16 +136,22 @@ def flax_to_hf(rule: Rule, cfg: GPTNeoXConfig, a: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- reading HF directories
 
 
+HF_CONFIG_NUMBERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "layer_norm_eps")  # config.json keys the import cannot do without
+
+
 def read_hf_config(directory: str) -> dict[str, Any]:
     if not os.path.isdir(directory):
         raise MissingInputError(f"HF model directory {directory} does not exist")
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise MissingInputError(f"{directory} has no config.json; give a HF GPT-NeoX directory")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = user_files.read_json_object(path, "HF config")
     if hf.get("model_type") != "gpt_neox":
         raise UsageError(f"{path} describes model_type {hf.get('model_type')!r}, not 'gpt_neox'")
+    bad = [k for k in HF_CONFIG_NUMBERS if type(hf.get(k)) not in (int, float)]
+    if bad:
+        raise UsageError(f"{path} gives no number for {', '.join(bad)}; give a GPT-NeoX config.json")
     return hf
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmcxr_jax import safe_pickle
+from llmcxr_jax import safe_pickle, user_files
 from llmcxr_jax.convert.torch_files import read_torch_file, read_torch_state_dict, require_torch
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.models.perceptual import (
@@ -177,6 +177,7 @@ def _metadata(path: str, missing_hint: str) -> dict[str, str]:
 
     if not os.path.isfile(path):
         raise MissingInputError(missing_hint)
+    user_files.check_safetensors(path, "converted weights file")
     try:
         with safe_open(path, "numpy") as f:
             return dict(f.metadata() or {})
@@ -186,10 +187,8 @@ def _metadata(path: str, missing_hint: str) -> dict[str, str]:
 
 def _load(make: Callable[[], nnx.Module], path: str, missing_hint: str, ignore: tuple[str, ...] = ()) -> Any:
     """Build the model abstractly (no init work) and fill every variable from the file (less `ignore`)."""
-    from safetensors.numpy import load_file
-
     _metadata(path, missing_hint)
-    arrays = {k: v for k, v in load_file(path).items() if k not in ignore}
+    arrays = {k: v for k, v in user_files.load_safetensors(path, "converted weights file").items() if k not in ignore}
     model = nnx.eval_shape(make)
     variables = _flat_variables(model)
     missing, unexpected = sorted(set(variables) - set(arrays)), sorted(set(arrays) - set(variables))

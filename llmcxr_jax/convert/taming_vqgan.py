@@ -126,19 +126,40 @@ def config_from_state_dict(sd: dict[str, Any], *, resolution: int, dtype: str = 
                        legacy_loss=True, dtype=dtype, param_dtype=param_dtype)
 
 
-def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> VQGANConfig:
-    """A taming model YAML (model.params.ddconfig, n_embed, embed_dim)."""
+DDCONFIG_KEYS = ("resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                 "z_channels")  # what config_from_yaml reads from model.params.ddconfig
+
+
+def _read_yaml(path: str) -> Any:
+    """A YAML file (safe_load: data only); malformed YAML is one line naming the file and the place."""
     import yaml
 
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"taming config {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"taming config {path} is not valid YAML{where}: "
+                         f"{getattr(e, 'problem', None) or e}") from None
+
+
+def config_from_yaml(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> VQGANConfig:
+    """A taming model YAML (model.params.ddconfig, n_embed, embed_dim)."""
     if not os.path.isfile(path):
         raise MissingInputError(f"taming config {path} does not exist")
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    doc = _read_yaml(path)
     try:
         params = doc["model"]["params"]
         dd = params["ddconfig"]
     except (KeyError, TypeError):
         raise UsageError(f"{path} has no model.params.ddconfig; give a taming VQGAN YAML") from None
+    missing = [f"ddconfig.{k}" for k in DDCONFIG_KEYS if k not in dd] + \
+        [f"params.{k}" for k in ("embed_dim", "n_embed") if k not in params]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}; give a taming VQGAN YAML")
     if dd.get("double_z", False):
         raise UsageError(f"{path} has double_z: true, a KL autoencoder, not a VQ-GAN")
     return VQGANConfig(resolution=dd["resolution"], in_channels=dd["in_channels"], out_channels=dd["out_ch"],
@@ -214,8 +235,6 @@ def find_taming_files(path: str, config: str | None = None) -> TamingFiles:
     """A taming source as import-vqgan takes it: a folder in taming's log layout (checkpoints/last.ckpt,
     the one configs/*.yaml with a model section), or a .ckpt file with FILE.yaml beside it if present.
     A `config` given explicitly replaces the one found."""
-    import yaml
-
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise MissingInputError(f"taming checkpoint {path} does not exist")
@@ -228,8 +247,7 @@ def find_taming_files(path: str, config: str | None = None) -> TamingFiles:
         return TamingFiles(ckpt=ckpt, config=config)
     models = []
     for candidate in sorted(glob.glob(os.path.join(path, "configs", "*.yaml"))):
-        with open(candidate) as f:
-            doc = yaml.safe_load(f)
+        doc = _read_yaml(candidate)
         if isinstance(doc, dict) and isinstance(doc.get("model"), dict):  # *-lightning.yaml has none
             models.append(candidate)
     if len(models) > 1:

@@ -14,6 +14,7 @@ import struct
 import sys
 import tarfile
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -207,7 +208,9 @@ def _numel(kind: _StorageKind, numel) -> int:
 
 # ---------------------------------------------------------------- torch.save's zip archive
 
-def _read_zip(path: str, torch, mmap: bool) -> Any:
+def _read_zip(path: str, torch, mmap: bool, mapped: dict) -> Any:
+    """mapped gets data_ptr -> (ZipInfo, bytes) of each record read through the memory map, whose CRC-32
+    zipfile then never checks (_check_mapped does, for the records a state dict uses)."""
     with zipfile.ZipFile(path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
         tops = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -232,6 +235,8 @@ def _read_zip(path: str, torch, mmap: bool) -> Any:
                 raise pickle.UnpicklingError(f"record {name} is missing or not {nbytes} bytes long")
             if name not in loaded:
                 loaded[name] = _record(zf, infos[name], whole, torch)
+                if whole is not None and nbytes:
+                    mapped[loaded[name].untyped_storage().data_ptr()] = (infos[name], loaded[name].numpy())
             return _Storage(loaded[name], 0, nbytes, kind.dtype)
 
         return _TorchUnpickler(io.BytesIO(zf.read(tops[0])), torch, storage).load()
@@ -258,7 +263,8 @@ def _read_into(f, view: memoryview, what: str) -> None:
     while got < len(view):
         n = f.readinto(view[got:])
         if not n:
-            raise EOFError(f"{what} ends early")
+            raise EOFError(f"{what} ends early: the file is cut short; an interrupted copy or a full disk leaves "
+                           "this, copy it again")
         got += n
 
 
@@ -268,12 +274,16 @@ def _read_legacy(path: str, torch) -> Any:
     """Magic number, protocol, sys info, the object's pickle, the storage keys, then each storage's
     element count (int64) and bytes, in the keys' order."""
     with open(path, "rb") as f:
-        try:
-            magic = safe_pickle.load(f, allowed={})
-        except Exception:  # whatever the first bytes are, they do not start a torch file
-            magic = None
+        try:  # a pickle of data reads (and is then not torch's); one that would call code is refused
+            magic = safe_pickle.load(f, allowed={**safe_pickle.DATA_GLOBALS, **safe_pickle.numpy_globals()},
+                                     stand_ins=True)
+        except safe_pickle.RefusedGlobal:
+            raise
+        except safe_pickle.MALFORMED as e:  # whatever the first bytes are, they do not start a torch file
+            raise pickle.UnpicklingError("it is neither torch.save's zip archive nor its legacy stream "
+                                         f"({safe_pickle.describe(e)})") from None
         if magic != LEGACY_MAGIC:
-            raise pickle.UnpicklingError("it is neither torch.save's zip archive nor its legacy stream")
+            raise pickle.UnpicklingError("it is a pickle, but neither torch.save's zip archive nor its legacy stream")
         if safe_pickle.load(f, allowed={}) != LEGACY_PROTOCOL:
             raise pickle.UnpicklingError("its legacy protocol version is not 1001")
         info = safe_pickle.load(f, allowed={})
@@ -317,13 +327,21 @@ def read_torch_file(path: str, what: str = "torch file", *, mmap: bool = False) 
     containers, and StandIn objects for classes of other packages (their state kept as data).
     mmap maps the zip archive's storages copy-on-write instead of reading them. A global the
     file would call, or one of a module that can run code, is a one-line UsageError."""
-    path = os.fspath(path)
+    return _read(os.fspath(path), what, mmap, {})
+
+
+def _read(path: str, what: str, mmap: bool, mapped: dict) -> Any:
     if not os.path.isfile(path):
         raise MissingInputError(f"{what} {path} does not exist")
     torch = require_torch(f"reading {what} {path}")
     try:
         if zipfile.is_zipfile(path):
-            return _read_zip(path, torch, mmap)
+            return _read_zip(path, torch, mmap, mapped)
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's first record, but no central directory at the end
+                raise pickle.UnpicklingError("it starts as torch.save's zip archive but its end (the zip's central "
+                                             "directory) is missing: the file is cut short; an interrupted copy or a "
+                                             "full disk leaves this, copy it again")
         if tarfile.is_tarfile(path):
             raise pickle.UnpicklingError("it is in the .tar layout of torch < 0.4; load it there and re-save it")
         return _read_legacy(path, torch)
@@ -331,12 +349,16 @@ def read_torch_file(path: str, what: str = "torch file", *, mmap: bool = False) 
         raise UsageError(f"{what} {path}: {e}; nothing in the file was run ({_FIX})") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
             OverflowError, RuntimeError, struct.error, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path} is not a readable torch file ({what}): {safe_pickle.one_line(e, 200)}") from None
+        damaged = "; its bytes are damaged (a bad disk or copy), copy it again" if "Bad CRC-32" in str(e) else ""
+        raise UsageError(f"{path} is not a readable torch file ({what}): {safe_pickle.one_line(e, 200)}"
+                         f"{damaged}") from None
 
 
 def read_torch_tensors(path: str, what: str = "torch state dict", *, mmap: bool = False) -> dict[str, Any]:
-    """A state dict (or a Lightning checkpoint's "state_dict") -> {name: torch tensor, detached}."""
-    obj = read_torch_file(path, what, mmap=mmap)
+    """A state dict (or a Lightning checkpoint's "state_dict") -> {name: torch tensor, detached}; with
+    mmap the records these tensors view are checked against the archive's CRC-32s."""
+    mapped: dict = {}
+    obj = _read(os.fspath(path), what, mmap, mapped)
     torch = require_torch(what)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if isinstance(sd, safe_pickle.StandIn):
@@ -350,7 +372,19 @@ def read_torch_tensors(path: str, what: str = "torch state dict", *, mmap: bool 
     if bad is not None:
         raise UsageError(f"{path} holds no state dict of tensors: its entry {safe_pickle.one_line(repr(bad), 60)} "
                          f"is a {type(sd[bad]).__name__}")
-    return {k: v.detach() for k, v in sd.items()}
+    tensors = {k: v.detach() for k, v in sd.items()}
+    _check_mapped(path, tensors, mapped)
+    return tensors
+
+
+def _check_mapped(path: str, tensors: dict[str, Any], mapped: dict) -> None:
+    """Each memory-mapped record one of `tensors` views, read once against its CRC-32 (records no tensor
+    views, such as a Lightning file's optimizer states, stay unread): flipped bytes are named, not loaded."""
+    for key, t in tensors.items():
+        info, data = mapped.pop(t.untyped_storage().data_ptr(), (None, None)) if not t.is_meta else (None, None)
+        if info is not None and zlib.crc32(data) != info.CRC:
+            raise UsageError(f"{path}: the bytes of tensor {key} (zip record {info.filename}) fail their CRC-32 "
+                             "check; the file is damaged (a bad disk or copy), copy it again")
 
 
 def read_torch_state_dict(path: str, what: str = "torch state dict") -> dict[str, np.ndarray]:

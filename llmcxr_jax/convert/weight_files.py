@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import jax.numpy as jnp
 import numpy as np
 
+from llmcxr_jax import user_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 WEIGHT_FORMATS = ("safetensors", "bin", "both")
@@ -117,8 +118,15 @@ class HFCheckpointReader:
         bin_index = os.path.join(directory, TORCH_BIN.index)
         if os.path.isfile(st_index) or os.path.isfile(bin_index):
             index = st_index if os.path.isfile(st_index) else bin_index
-            with open(index) as f:
-                self._where = {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+            weight_map = user_files.read_json_object(index, "weight index", ("weight_map",))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UsageError(f"weight index {index}: its weight_map is not an object of tensor -> file names")
+            self._where = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+            for path in sorted(set(self._where.values())):
+                if not os.path.isfile(path):
+                    raise MissingInputError(f"weight file {path} named by the index is missing")
+                if path.endswith(".safetensors"):  # a cut or damaged shard is named before any tensor is read
+                    user_files.check_safetensors(path, "HF weight file")
         elif os.path.isfile(os.path.join(directory, SAFETENSORS.single)):
             self._index_file(os.path.join(directory, SAFETENSORS.single))
         elif os.path.isfile(os.path.join(directory, TORCH_BIN.single)):
@@ -126,9 +134,6 @@ class HFCheckpointReader:
         else:
             raise MissingInputError(f"{directory} holds no model.safetensors, *.safetensors.index.json or "
                                     "pytorch_model.bin; give a HF GPT-NeoX directory")
-        for path in set(self._where.values()):
-            if not os.path.isfile(path):
-                raise MissingInputError(f"weight file {path} named by the index is missing")
 
     def _index_file(self, path: str) -> None:
         for k in self._file_keys(path):
@@ -137,9 +142,7 @@ class HFCheckpointReader:
     @staticmethod
     def _file_keys(path: str) -> list[str]:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="np") as f:
-                return list(f.keys())
+            return list(user_files.check_safetensors(path, "HF weight file"))
         return list(_torch_load(path).keys())
 
     def keys(self) -> set[str]:
@@ -148,9 +151,12 @@ class HFCheckpointReader:
     def get(self, key: str) -> np.ndarray:
         path = self._where[key]
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="np") as f:
-                return np.asarray(f.get_tensor(key))
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(path, framework="np") as f:
+                    return np.asarray(f.get_tensor(key))
+            except SafetensorError as e:  # what check_safetensors cannot see (a dtype this reader lacks)
+                raise UsageError(f"HF weight file {path}: tensor {key} does not read ({e})") from None
         if self._torch_cache is None or self._torch_cache[0] != path:
             self._torch_cache = (path, _torch_load(path))
         return self._torch_cache[1][key].float().numpy()

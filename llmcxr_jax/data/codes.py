@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from llmcxr_jax import safe_pickle
+from llmcxr_jax import safe_pickle, user_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 FORMAT = "llmcxr-codes-v1"
@@ -288,8 +288,7 @@ def _collect(entries: Iterable[tuple[Any, Any]], codes_per_image: int, codebook_
 def _read_dir(path: str, codes_per_image: int | None, codebook_size: int | None) -> CodeTable:
     index_path = os.path.join(path, INDEX)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            meta = json.load(f)
+        meta = user_files.read_json_object(index_path, "codes index")
         if meta.get("format") != FORMAT:
             raise UsageError(f"{index_path} is not a {FORMAT} index")
         files, missing = [s["file"] for s in meta["shards"]], []
@@ -350,9 +349,8 @@ def load_llmcxr_pickle(path: str) -> dict[str, Any]:
         raise
     except safe_pickle.RefusedGlobal as e:
         raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {e}; nothing in it was run") from None
-    except Exception as e:  # anything the restricted unpickler could not parse
-        raise UsageError(f"{path} is not a safe LLM-CXR codes pickle: {type(e).__name__}: "
-                         f"{safe_pickle.one_line(e, 200)}") from None
+    except safe_pickle.MALFORMED as e:
+        raise UsageError(f"{path} is not a readable LLM-CXR codes pickle: {safe_pickle.describe(e)}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a {type(data).__name__}, not LLM-CXR's dict of dicom_id -> codes")
     for value in data.values():  # object arrays could only hold what the unpickler built, but never pass them on

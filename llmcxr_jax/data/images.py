@@ -67,8 +67,12 @@ def load_image(path_or_bytes, size: int, channels: int) -> np.ndarray:
             return preprocess(img, size, channels)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"cannot read image {name}: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {name}: it is not an image file (empty, or no format PIL "
+                         "reads)") from None
+    except (OSError, SyntaxError) as e:
+        cut = "; the file is cut short, copy it again" if "truncated" in str(e) else ""
+        raise ImageError(f"cannot read image {name}: {e}{cut}") from None
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

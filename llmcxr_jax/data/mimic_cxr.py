@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llmcxr_jax import user_files
 from llmcxr_jax.data import images
 from llmcxr_jax.data.text_corpora import VQA_DIR, ReadResult, VqaExample, VqaItem, read_dolly, read_vqa, vqa_for_records
 from llmcxr_jax.errors import MissingInputError, UsageError
@@ -142,12 +143,10 @@ def find_csv(root: Path, name: str) -> Path:
 def csv_rows(path: Path, columns: tuple[str, ...]):
     """Yields one tuple of stripped strings per data row, the columns picked by header name."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+    with user_files.csv_faults(path), opener(path, "rt", newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise UsageError(f"{path} lacks columns {missing}; expected the MIMIC-CXR-JPG 2.0.0 header")
+        user_files.check_columns(path, header, columns, "the MIMIC-CXR-JPG 2.0.0 header")
         index = [header.index(c) for c in columns]
         for row in reader:
             if row:

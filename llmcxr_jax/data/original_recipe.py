@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from llmcxr_jax import safe_pickle
+from llmcxr_jax import safe_pickle, user_files
 from llmcxr_jax.errors import MissingInputError, UsageError
 
 DIRECTIONS = ("both", "parity")  # data.directions: every image both ways (ours), or one way each (LLM-CXR)
@@ -82,8 +82,7 @@ def read_id_list(path: str, key: str, flag: str | None = None) -> frozenset[str]
     if not os.path.isfile(path):
         raise MissingInputError(f"{label} {path} does not exist; {fix}")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            value: object = [line.strip() for line in f if line.strip()]
+        value: object = [line.strip() for line in user_files.text_lines(path, label) if line.strip()]
     else:
         try:
             with open(path, "rb") as f:
@@ -91,9 +90,8 @@ def read_id_list(path: str, key: str, flag: str | None = None) -> frozenset[str]
         except safe_pickle.RefusedGlobal as e:
             raise UsageError(f"{label} {path} was refused, nothing in it ran ({e}); {fix}, or its ids as a "
                              ".txt file, one per line") from None
-        except Exception as e:  # whatever the restricted unpickler could not parse
-            raise UsageError(f"{label} {path} is not a readable pickle ({type(e).__name__}: "
-                             f"{safe_pickle.one_line(e, 100)}); {fix}") from None
+        except safe_pickle.MALFORMED as e:
+            raise UsageError(f"{label} {path} is not a readable pickle ({safe_pickle.describe(e)}); {fix}") from None
     if not isinstance(value, (dict, list, tuple, set, frozenset)):
         shown = getattr(type(value), "pickle_global", type(value).__name__)
         raise UsageError(f"{label} {path} is a pickled {shown}, not a list or dict of dicom id strings; {fix}")

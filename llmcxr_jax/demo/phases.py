@@ -1,5 +1,5 @@
 """The demo's ten phases, in order: what each makes, the `llmcxr` command a user would run for it,
-and the module that does the work. pipeline.py runs them, summary.py lists them, and the README's
+and the module that does the work. pipeline.py runs them, summary.py lists them, and docs/layout.md's
 code map is this table."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ NAMES = tuple(p.name for p in PHASES)
 
 
 def code_map() -> str:
-    """The README's code map: each phase -> the command -> the module, as a Markdown table."""
+    """docs/layout.md's code map: each phase -> the command -> the module, as a Markdown table."""
     rows = ["| demo phase | what it makes | the command outside the demo | module doing the work (llmcxr_jax/) |",
             "| --- | --- | --- | --- |"]
     for i, p in enumerate(PHASES, 1):

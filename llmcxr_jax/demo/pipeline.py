@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -258,4 +259,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...
     if all(name in state for name in NAMES):
         summary.write(config, workdir, state)
         log(f"[demo] summary: {os.path.join(workdir, 'summary.md')}")
+        log(f"[demo] try the model in a browser (pip install 'llmcxr-jax[serve]'): {serve_command(workdir)}")
     return state
+
+
+def serve_command(workdir: str) -> str:
+    """The `llmcxr serve` command line for the LM and VQ-GAN a demo workdir trained."""
+    p = Paths(workdir)
+    return f"llmcxr serve --ckpt {shlex.quote(p.lm)} --vqgan {shlex.quote(p.vqgan_model)}"

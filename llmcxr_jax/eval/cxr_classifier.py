@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from llmcxr_jax import user_files
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import mimic_cxr
 from llmcxr_jax.errors import MissingInputError, UsageError
@@ -119,11 +120,15 @@ def load_classifier(directory: str) -> tuple[CxrClassifier, ClassifierConfig]:
     path = os.path.join(directory, "classifier.safetensors")
     if not os.path.isfile(path):
         raise MissingInputError(f"{directory} holds no classifier.safetensors; train one with train_classifier")
-    with open(os.path.join(directory, "classifier.json")) as f:
-        raw = json.load(f)
+    cfg_path = os.path.join(directory, "classifier.json")
+    raw = user_files.read_json_object(cfg_path, "classifier config", ("widths",))
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ClassifierConfig)})
+    if unknown or not isinstance(raw["widths"], list):
+        raise UsageError(f"classifier config {cfg_path} is not one save_classifier wrote (bad keys: "
+                         f"{unknown or ['widths']})")
     cfg = ClassifierConfig(**{**raw, "widths": tuple(raw["widths"])})
     model = CxrClassifier(cfg, nnx.Rngs(0))
-    arrays = load_file(path)
+    arrays = user_files.load_safetensors(path, "classifier weights")
     state = nnx.state(model, nnx.Param)
     for key, var in nnx.to_flat_state(state):
         name = "/".join(map(str, key))

@@ -23,7 +23,8 @@ plus generated_reports.csv / reference_reports.csv (one report per line, the Che
 images/*.png (generated CXRs) and images.csv (dicom_id, instruction, image, retries), grid_*.png
 (real over generated, captioned), vqa.jsonl. The token ids behind each row (prompt_ids, generated_ids,
 image_codes, as generate's results.jsonl) are in reports.jsonl and images.jsonl (dicom_id first, rows
-in the order of the CSV) and in every vqa.jsonl row.
+in the order of the CSV) and in every vqa.jsonl row. tensorboard/: metrics, grids and sample reports at the
+checkpoint's step (eval/board.py).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from llmcxr_jax.data import images as image_io
 from llmcxr_jax.data import instructions, mimic_cxr, original_recipe, text_corpora
 from llmcxr_jax.errors import UsageError
+from llmcxr_jax.eval import board as eval_board
 from llmcxr_jax.eval import image_metrics, labeler, protocol, report_card, vqa_metrics
 from llmcxr_jax.eval.image_scores import ImageNetworks, score_images
 from llmcxr_jax.eval.image_scores import gray as gray  # demo/pipeline.py imports it from here
@@ -48,6 +50,7 @@ from llmcxr_jax.eval.scores import chance_label_metrics, most_frequent_answers
 from llmcxr_jax.infer import tasks
 from llmcxr_jax.infer.sampling import LLMCXR_TEMPERATURE, LLMCXR_TOP_K, LLMCXR_TOP_P
 from llmcxr_jax.infer.tasks import MAX_RETRIES
+from llmcxr_jax.train.tensorboard import Board
 
 TASKS = ("report", "image", "vqa")
 
@@ -164,8 +167,10 @@ class Evaluation:
     """One evaluation run: the generator, the selected records and what each task produced."""
 
     def __init__(self, generator: tasks.Generator, records: Sequence[mimic_cxr.CxrRecord], out: str,
-                 opts: EvalOptions, progress: bool = True, networks: ImageNetworks | None = None):
+                 opts: EvalOptions, progress: bool = True, networks: ImageNetworks | None = None,
+                 board: Board | None = None):
         self.g, self.records, self.out, self.opts, self.progress = generator, list(records), out, opts, progress
+        self.board = board  # TensorBoard samples at the checkpoint's step (eval/board.py); None: none
         self.networks = networks or ImageNetworks()
         self.references = [_reference_text(r, opts.report_part) for r in self.records]
         self.instructions = {task: instructions.sample(given, len(self.records), opts.seed, task) if given else
@@ -190,6 +195,9 @@ class Evaluation:
             generated += made.texts
             ids += [made.ids(i) for i in range(len(made.texts))]
         self._write_reports(generated)
+        if self.board is not None:
+            eval_board.log_reports(self.board, self.g.lm.step, [r.dicom_id for r in self.records], self.references,
+                                   generated)
         _write_ids(os.path.join(self.out, "reports.jsonl"), [r.dicom_id for r in self.records], ids)
         gen_labels = _labels(generated, self.opts.generated_labels, "generated")
         self.metrics["report"] = {"labels": label_metrics(self.reference_labels, gen_labels,
@@ -245,6 +253,8 @@ class Evaluation:
             return fake
         real, labels, refs = self.real_images()[ok], self.reference_labels[ok], np.asarray(self.references)[ok]
         self._grids(real, fake, list(refs))
+        if self.board is not None:
+            eval_board.log_images(self.board, self.g.lm.step, real, fake, o.grid_images)
         made, chance = score_images(self.networks, real, fake, lambda: self.reconstructions()[ok], labels,
                                     o.ci_samples, self.progress)
         scores |= made
@@ -302,6 +312,8 @@ class Evaluation:
             ids += [made.ids(i) for i in range(len(chunk))]
         refs, kinds = [e.answer for e in examples], [e.question_type for e in examples]
         self.metrics["vqa"] = vqa_metrics.vqa_scores(answers, refs, kinds)
+        if self.board is not None:
+            eval_board.log_answers(self.board, self.g.lm.step, examples, answers)
         if self.opts.ci_samples:  # the score is a mean over questions: resample the questions
             right = np.asarray([vqa_metrics.answer_is_right(a, r, k) for a, r, k in zip(answers, refs, kinds)], float)
             ci = bootstrap_interval(lambda i: right[i].mean(keepdims=True), len(right), samples=self.opts.ci_samples)
@@ -355,19 +367,21 @@ def evaluate(ckpt: str, vqgan: str, data: str, out: str, opts: EvalOptions = Eva
                              stop_at_end_key_only=opts.stop_at_end_key_only,
                              keep_special_tokens=opts.keep_special_tokens)
     os.makedirs(out, exist_ok=True)
-    ev = Evaluation(g, records, out, opts, progress, networks)
-    ev.metrics |= {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan),
-                   "data": os.path.abspath(data), "options": dataclasses.asdict(opts),
-                   "labels_from": ("CSV: " + opts.generated_labels) if opts.generated_labels else
-                   "the rule-based CheXpert-style labeler (llmcxr_jax.eval.labeler)",
-                   "protocol": protocol.describe(opts, selection, missing)}
-    if "report" in opts.tasks:
-        ev.reports()
-    if "image" in opts.tasks:
-        ev.images()
-    if "vqa" in opts.tasks:
-        ev.vqa(data)
-    ev.vqgan()
+    inputs = {"checkpoint": os.path.abspath(ckpt), "vqgan": os.path.abspath(vqgan), "data": os.path.abspath(data)}
+    with eval_board.open_board(out, inputs, opts) as board:
+        ev = Evaluation(g, records, out, opts, progress, networks, board)
+        ev.metrics |= inputs | {"options": dataclasses.asdict(opts),
+                                "labels_from": ("CSV: " + opts.generated_labels) if opts.generated_labels else
+                                "the rule-based CheXpert-style labeler (llmcxr_jax.eval.labeler)",
+                                "protocol": protocol.describe(opts, selection, missing)}
+        if "report" in opts.tasks:
+            ev.reports()
+        if "image" in opts.tasks:
+            ev.images()
+        if "vqa" in opts.tasks:
+            ev.vqa(data)
+        ev.vqgan()
+        eval_board.log_metrics(board, g.lm.step, ev.metrics)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(ev.metrics, f, indent=2, default=float)
     with open(os.path.join(out, "metrics.md"), "w") as f:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmcxr_jax import user_files
 from llmcxr_jax.convert import perceptual_weights
 from llmcxr_jax.errors import MissingInputError, UsageError
 from llmcxr_jax.eval import cxr_classifier, image_metrics
@@ -37,6 +38,7 @@ def is_txv_classifier(path: str) -> bool:
     DenseNet features; both serve FID on txv features."""
     from safetensors import SafetensorError, safe_open
 
+    user_files.check_safetensors(path, "--txv-weights")
     try:
         with safe_open(path, "numpy") as f:
             return (f.metadata() or {}).get("format") == perceptual_weights.CLASSIFIER_FORMAT

@@ -58,6 +58,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from llmcxr_jax import user_files
 from llmcxr_jax.data.mimic_cxr import CHEXPERT_LABELS, parse_report
 from llmcxr_jax.errors import UsageError
 
@@ -335,14 +336,12 @@ def read_label_csv(path) -> tuple[list[str], np.ndarray]:
     """Labels written by the official CheXpert labeler ("Reports" column) or CheXbert ("Report
     Impression") -> (report texts, float array [n, 14] in CHEXPERT_LABELS order, nan for blank).
     Columns are found by name in any order ("Airspace Opacity" is read as Lung Opacity)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with user_files.csv_faults(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [_ALIASES.get(h.strip(), h.strip()) for h in next(reader, [])]
         text_col = next((header.index(c) for c in _REPORT_COLUMNS if c in header), None)
-        missing = [c for c in CHEXPERT_LABELS if c not in header]
-        if text_col is None or missing:
-            raise UsageError(f"{path} lacks columns {([] if text_col is not None else ['Reports']) + missing}; "
-                             "expected the CheXpert labeler / CheXbert output header")
+        user_files.check_columns(path, header, ([] if text_col is not None else ["Reports"]) + list(CHEXPERT_LABELS),
+                                 "the CheXpert labeler / CheXbert output header")
         index = [header.index(c) for c in CHEXPERT_LABELS]
         reports, rows = [], []
         for n, row in enumerate(reader, 2):

@@ -2,11 +2,15 @@
 one token per row per step until every row has stopped or max_new_tokens is reached.
 Image responses are constrained to "<", h*w image tokens, ">", "### End", or sampled freely and
 retried until they hold h*w image tokens, as the original LLM-CXR did (capped here).
+`reporting_steps` tells a host function each step as it is decoded (the web demo's progress bars).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +34,39 @@ class GenerateOutput:
     steps: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "max_new", "greedy"))
-def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: DecodePlan, max_new: int, greedy: bool):
+# While `reporting_steps` is active, decoding reports each step to this host function.
+_step_listener: Callable[[int, int], None] | None = None
+_listener_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reporting_steps(listener: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, every decode of this process calls listener(emitted, max_new_tokens) as it
+    goes: emitted counts the positions sampled so far (1 after the prefill, then one more per loop
+    step). The calls come from XLA's host-callback thread, in step order, and all arrive before the
+    decode's tokens are ready. One block at a time (a lock). The decoder runs with a
+    jax.debug.callback in its loop: a second compiled program, the same sampled tokens."""
+    global _step_listener
+    with _listener_lock:
+        _step_listener = listener
+        try:
+            yield
+        finally:
+            _step_listener = None
+
+
+def _tell(emitted, max_new: int) -> None:
+    listener = _step_listener
+    if listener is not None:
+        listener(int(emitted), max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "max_new", "greedy", "report_steps"))
+def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: DecodePlan, max_new: int, greedy: bool,
+            report_steps: bool = False):
     model = nnx.merge(graphdef, state)
+    tell = functools.partial(jax.debug.callback, functools.partial(_tell, max_new=max_new)) if report_steps \
+        else lambda _: None
     batch, prompt_len = input_ids.shape
     pick = functools.partial(next_tokens, keys=keys, plan=plan, greedy=greedy, temperature=knobs[0],
                              top_k=knobs[1], top_p=knobs[2])
@@ -41,6 +75,7 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
     first, done = advance(pick(logits[:, -1], 0), jnp.zeros((batch,), bool), plan)
     tokens = jnp.full((batch, max_new), plan.pad_id, jnp.int32).at[:, 0].set(first)
     lengths = jnp.ones((batch,), jnp.int32)
+    tell(jnp.int32(1))
 
     def keep_going(carry):
         step, _, _, done, _ = carry
@@ -52,6 +87,7 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
         logits, cache = model.decode(prev, cache)
         nxt, new_done = advance(pick(logits[:, -1], step), done, plan)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step, axis=1)
+        tell(step + 1)
         return step + 1, tokens, cache, new_done, lengths + (~done).astype(jnp.int32)
 
     carry = (jnp.int32(1), tokens, cache, done, lengths)
@@ -81,7 +117,7 @@ def generate_with_plan(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, 
     graphdef, state = nnx.split(model)
     knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
     return _decode(graphdef, state, ids, mask, row_keys(rng, ids.shape[0]), knobs, plan,
-                   sampling.max_new_tokens, sampling.greedy)
+                   sampling.max_new_tokens, sampling.greedy, report_steps=_step_listener is not None)
 
 
 def stop_ids(special: SpecialTokens, stop_at_eos: bool = True) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from llmcxr_jax import checkpoint, sharding
 from llmcxr_jax.data import images as image_io
@@ -37,6 +38,24 @@ LM_DTYPES = ("float32", "bfloat16")  # compute dtype of generation; LLM-CXR gene
 # With no instruction given, every input gets our first paraphrase of its task.
 DEFAULT_INSTRUCTION = {"report": prompts.REPORT_INSTRUCTIONS[0], "image": prompts.IMAGE_INSTRUCTIONS[0]}
 Instructions = str | Sequence[str] | None  # one for every input, one per input, or None: DEFAULT_INSTRUCTION
+# An input CXR: a file path, the file's bytes, a PIL image, or a [H, W] / [H, W, 1 or 3] uint8 or uint16 array.
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+def image_pixels(image: ImageInput, size: int, channels: int) -> np.ndarray:
+    """One input CXR -> [size, size, channels] in [-1, 1], through data/images.py as every file
+    is read (16-bit greys stretched to 8 bits, shorter side resized, centre crop)."""
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        if arr.dtype not in (np.uint8, np.uint16) or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
+            raise UsageError(f"an image array must be [H, W] or [H, W, 3] uint8 / uint16 (or [H, W, 1]), got "
+                             f"{image.dtype} {image.shape}")
+        if arr.dtype == np.uint16 and arr.ndim == 3:
+            raise UsageError("a 16-bit image array must be greyscale [H, W]; convert RGB to uint8")
+        image = Image.fromarray(np.ascontiguousarray(arr))
+    if isinstance(image, Image.Image):
+        return image_io.preprocess(image, size, channels)
+    return image_io.load_image(image, size, channels)
 
 
 def per_input(instruction: Instructions, count: int, task: str) -> list[str]:
@@ -105,7 +124,9 @@ class Drawings(NamedTuple):
 
 @dataclasses.dataclass
 class Generator:
-    """A trained LM and its VQ-GAN, checked to share one codebook."""
+    """A trained LM and its VQ-GAN, checked to share one codebook; its task methods take a batch of
+    inputs and a SamplingConfig. One input at a time, with LLM-CXR's sampling by default:
+    api.Generator (`from llmcxr_jax import Generator`), which wraps this one."""
 
     lm: checkpoint.LoadedLM
     vqgan: object
@@ -117,6 +138,9 @@ class Generator:
     allow_image_tokens_in_text: bool = False  # text responses may sample image ids (the decode drops them)
     stop_at_end_key_only: bool = False  # eos does not end a response; only "### End" does
     keep_special_tokens: bool = False  # special tokens inside a response stay in its text (LLM-CXR's decode)
+    # 0: each batch left padded to its longest prompt; N: every prompt to N tokens, so one compiled
+    # decoder per task serves prompts of any length (api.Generator, `llmcxr serve`)
+    prompt_width: int = 0
     _encode: object = dataclasses.field(default=None, repr=False)
     _decode: object = dataclasses.field(default=None, repr=False)
 
@@ -151,17 +175,22 @@ class Generator:
         return self.vqgan.cfg.latent_size ** 2
 
     # ---- pieces
-    def encode_images(self, paths: Sequence[str]) -> np.ndarray:
-        """Image files -> codes [n, h*w]; an unreadable file is a one-line error naming it."""
+    def encode_images(self, paths: Sequence[ImageInput]) -> np.ndarray:
+        """Image files (or bytes, PIL images, arrays: image_pixels) -> codes [n, h*w]; an unreadable
+        file is a one-line error naming it."""
         cfg = self.vqgan.cfg
-        pixels = np.stack([image_io.load_image(p, cfg.resolution, cfg.in_channels) for p in paths])
+        pixels = np.stack([image_pixels(p, cfg.resolution, cfg.in_channels) for p in paths])
         return np.asarray(self._encode(jnp.asarray(pixels)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
         return np.asarray(self._decode(jnp.asarray(codes, jnp.int32)))
 
     def _batch(self, prompts_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        width = max(len(p) for p in prompts_ids)
+        longest = max(len(p) for p in prompts_ids)
+        if self.prompt_width and longest > self.prompt_width:
+            raise UsageError(f"the prompt is {longest} tokens; this model takes at most {self.prompt_width} "
+                             "(shorten the report or question)")
+        width = self.prompt_width or longest
         ids = np.full((len(prompts_ids), width), self.lm.special.pad_id, np.int32)
         mask = np.zeros((len(prompts_ids), width), bool)
         for r, p in enumerate(prompts_ids):
@@ -216,7 +245,7 @@ class Generator:
                            generated, None if codes is None else [[int(c) for c in row] for row in codes])
 
     # ---- tasks
-    def report_prompts(self, image_paths: Sequence[str], instruction: Instructions = None) -> list[np.ndarray]:
+    def report_prompts(self, image_paths: Sequence[ImageInput], instruction: Instructions = None) -> list[np.ndarray]:
         """The token ids of the CXR->report prompt of each image (its codes in place of "<image>")."""
         return self._image_input_prompts(per_input(instruction, len(image_paths), "report"),
                                          self.encode_images(image_paths))
@@ -238,7 +267,7 @@ class Generator:
         greedy = SamplingConfig.greedy_decoding(max_new_tokens)
         return self.responses(self._run(list(prompt_ids), self.text_mode, greedy, 0))
 
-    def report_results(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,
+    def report_results(self, image_paths: Sequence[ImageInput], sampling: SamplingConfig, seed: int = 0,
                        instruction: Instructions = None) -> TextResults:
         """CXR -> report, with the prompt, response and input-image ids (each image encoded once)."""
         ins = per_input(instruction, len(image_paths), "report")
@@ -249,7 +278,7 @@ class Generator:
                instruction: Instructions = None) -> list[str]:
         return self.report_results(image_paths, sampling, seed, instruction).texts
 
-    def answer_results(self, image_paths: Sequence[str], questions: Sequence[str], sampling: SamplingConfig,
+    def answer_results(self, image_paths: Sequence[ImageInput], questions: Sequence[str], sampling: SamplingConfig,
                        seed: int = 0) -> TextResults:
         """CXR + question -> answer, with the prompt, response and input-image ids."""
         if len(image_paths) != len(questions) or any(not q.strip() for q in questions):

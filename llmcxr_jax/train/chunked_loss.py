@@ -24,10 +24,15 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
+def _cross_entropy_and_argmax(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _cross_entropy(logits, targets), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def token_cross_entropy(head: Callable[[jax.Array], jax.Array], x: jax.Array, targets: jax.Array,
-                        chunk: int) -> jax.Array:
+                        chunk: int, with_argmax: bool = False):
     """Per-token cross entropy [rows, length] of head(x) (float32 logits [..., vocab], padded rows -inf)
-    against targets [rows, length], from x [rows, length, embed].
+    against targets [rows, length], from x [rows, length, embed]. with_argmax: (cross entropy, argmax token
+    [rows, length] int32 of the same logits), for the held-out evaluation (not differentiable).
 
     chunk 0: head over the whole rows at once (the logits [rows, length, vocab] in memory). chunk N:
     a lax.scan over length / N slices of N positions of every row (rows stay the leading, data-sharded
@@ -44,8 +49,9 @@ def token_cross_entropy(head: Callable[[jax.Array], jax.Array], x: jax.Array, ta
     """
     rows, length, embed = x.shape
     check_chunk(length, chunk)
+    per_token = _cross_entropy_and_argmax if with_argmax else _cross_entropy
     if chunk == 0:
-        return _cross_entropy(head(x), targets)
+        return per_token(head(x), targets)
     n = length // chunk
     # [n, rows, chunk, ...]: the scan walks the leading axis; each slice keeps every row
     xs = constrain(x.reshape(rows, n, chunk, embed).swapaxes(0, 1),
@@ -54,7 +60,8 @@ def token_cross_entropy(head: Callable[[jax.Array], jax.Array], x: jax.Array, ta
 
     @jax.checkpoint  # backward recomputes this slice's logits instead of keeping every slice's
     def body(x_slice, t_slice):  # [rows, chunk, embed], [rows, chunk]
-        return _cross_entropy(head(x_slice), t_slice)
+        return per_token(head(x_slice), t_slice)
 
-    _, ce = jax.lax.scan(lambda carry, xt: (carry, body(*xt)), None, (xs, ts))  # [n, rows, chunk]
-    return constrain(ce.swapaxes(0, 1).reshape(rows, length), ("activation_batch", "activation_length"))
+    _, out = jax.lax.scan(lambda carry, xt: (carry, body(*xt)), None, (xs, ts))  # each [n, rows, chunk]
+    return jax.tree.map(lambda a: constrain(a.swapaxes(0, 1).reshape(rows, length),
+                                            ("activation_batch", "activation_length")), out)

@@ -22,7 +22,7 @@ from llmcxr_jax import checkpoint, sharding, vocab
 from llmcxr_jax.data import lm_batches, packing
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models.gpt_neox import GPTNeoXConfig, abstract_model, model_flops_per_token
-from llmcxr_jax.train import chunked_loss, lm_data, optim, preemption, profiling, topologies
+from llmcxr_jax.train import chunked_loss, lm_data, lm_samples, optim, preemption, profiling, tensorboard, topologies
 from llmcxr_jax.train import state as state_lib
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir
 
@@ -35,17 +35,22 @@ class NonFiniteLoss(UsageError):
 
 # ---------------------------------------------------------------- the step
 
-def token_losses(params, graphdef, batch, logits_chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def token_losses(params, graphdef, batch, logits_chunk: int = 0,
+                 predictions: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum of masked next-token cross entropies and the sums behind the text / image split.
-    logits_chunk (train.logits_chunk): 0 = the whole rows' logits at once; N = N positions at a time."""
+    logits_chunk (train.logits_chunk): 0 = the whole rows' logits at once; N = N positions at a time.
+    predictions (the held-out evaluation): the dict also holds "predictions", the argmax next tokens [rows, length]."""
     model = nnx.merge(graphdef, params)
     x = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"], position_ids=batch["positions"])
-    ce = chunked_loss.token_cross_entropy(model.head_logits, x, batch["targets"], logits_chunk)  # [rows, length]
+    ce = chunked_loss.token_cross_entropy(model.head_logits, x, batch["targets"], logits_chunk, predictions)
+    ce, argmax = ce if predictions else (ce, None)  # [rows, length] each
     mask = batch["loss_mask"].astype(jnp.float32)
     image = (batch["modality"] == 1).astype(jnp.float32) * mask
     text = mask - image
     sums = {"tokens": jnp.sum(mask), "text_tokens": jnp.sum(text), "image_tokens": jnp.sum(image),
             "text_loss_sum": jnp.sum(ce * text), "image_loss_sum": jnp.sum(ce * image)}
+    if predictions:
+        sums["predictions"] = argmax
     return jnp.sum(ce * mask), sums
 
 
@@ -101,9 +106,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, grad_accum: int,
 
 
 def make_eval_step(graphdef, logits_chunk: int = 0) -> Callable:
+    """(params, batch) -> (the loss sums of token_losses, the batch's first row with its argmax predictions: the
+    lm_samples.ROW_KEYS fields and "predictions", [length] each)."""
     def eval_step(params, batch):
-        _, sums = token_losses(params, graphdef, batch, logits_chunk)
-        return sums
+        _, sums = token_losses(params, graphdef, batch, logits_chunk, predictions=True)
+        row = {k: batch[k][0] for k in lm_samples.ROW_KEYS} | {"predictions": sums.pop("predictions")[0]}
+        return sums, row
 
     return eval_step
 
@@ -201,7 +209,7 @@ class TrainRun:
     pipe: lm_batches.LmBatches  # maps example ids back to examples for the non-finite-loss message
     eval_pipe: lm_batches.LmBatches | None  # held-out batches; None when train.eval_every is 0
     step_fn: Callable  # jit_train_step's fn: (state, batch) -> (state, metrics), the state donated
-    eval_fn: Callable  # (params, batch) -> the loss sums of token_losses
+    eval_fn: Callable  # make_eval_step's (params, batch) -> (loss sums, first row with predictions), replicated
     ckpt: checkpoint.TrainCheckpointer  # WORKDIR/checkpoints; the loop closes it
     metadata: dict[str, Any]  # the "metadata" item saved with every checkpoint
     mesh: Mesh  # batches are laid out over its data x fsdp axes
@@ -220,6 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     sources = lm_data.read_sources(d)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     source = state_lib.start_source(config, ckpt_dir)
+    if source == ("run", ckpt_dir):  # newer steps whose metadata is damaged are moved aside before it is read
+        checkpoint.set_aside_damaged_items(ckpt_dir)
     claim_workdir(workdir, config, {"model": "model config", "data.stage": "data stage"})
     with jax.set_mesh(mesh):
         start = state_lib.resolve_start(config, mesh, sources.codebook_size, source)
@@ -237,8 +247,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if start.resume_dir is not None:
             src = (checkpoint.TrainCheckpointer(start.resume_dir, keep=t.keep_checkpoints)
                    if start.resume_dir != ckpt_dir else ckpt)
-            state, _ = src.restore(src.latest_step(), step.abstract_state,
-                                   lm_batches.checkpoint_args(data_iter, restore=True))
+            # the newest intact step; damaged newer ones of this run are moved aside (warned once)
+            _, state, _ = src.restore_intact(step.abstract_state, lm_batches.checkpoint_args(data_iter, restore=True),
+                                             move_aside=src is ckpt)
             if src is not ckpt:
                 src.close()
         else:
@@ -249,7 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             vocab.save_tokenizer(start.tokenizer, start.tokenizer_config or {},
                                  os.path.join(ckpt_dir, checkpoint.TOKENIZER_DIR))
         eval_fn = jax.jit(make_eval_step(step.graphdef, int(t.logits_chunk)),
-                          in_shardings=(step.state_shardings["params"], step.batch_sharding))
+                          in_shardings=(step.state_shardings["params"], step.batch_sharding),
+                          out_shardings=NamedSharding(mesh, PartitionSpec()))
         run = TrainRun(config=config, workdir=workdir, start=start, data_iter=data_iter,
                        pipe=pipes[0],  # any shard's pipeline maps example ids back to examples
                        eval_pipe=eval_pipe, step_fn=step.fn, eval_fn=eval_fn, ckpt=ckpt, metadata=metadata,
@@ -257,23 +269,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         return _loop(run, state)
 
 
-def _evaluate(pipe, eval_batches: int, eval_fn, params, mesh: Mesh) -> dict[str, float]:
+def _evaluate(pipe, eval_batches: int, eval_fn, params, mesh: Mesh) -> tuple[dict[str, float], dict | None]:
+    """-> (the held-out losses, the first batch's first row with its predictions; None without held-out data)."""
     totals: dict[str, float] = {}
+    first_row = None
     for n, host in enumerate(pipe.iterator(num_epochs=1)):
         if n >= eval_batches:
             break
-        sums = jax.device_get(eval_fn(params, global_batch(host, mesh)))
+        sums, row = jax.device_get(eval_fn(params, global_batch(host, mesh)))
+        first_row = row if first_row is None else first_row
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
-        return {}
+        return {}, None
     loss = (totals["text_loss_sum"] + totals["image_loss_sum"]) / max(totals["tokens"], 1.0)
     out = {"eval_loss": loss}
     if totals["text_tokens"]:
         out["eval_loss_text"] = totals["text_loss_sum"] / totals["text_tokens"]
     if totals["image_tokens"]:
         out["eval_loss_image"] = totals["image_loss_sum"] / totals["image_tokens"]
-    return out
+    return out, first_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +323,10 @@ def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
     data_iter, ckpt = run.data_iter, run.ckpt
     profiler = profiling.StepProfiler.from_config(t, run.workdir)
     log = MetricsLog(run.workdir, t.steps)
-    board = _board(run.workdir)
     flops_token = model_flops_per_token(run.start.config, d.seq_len)
     peak = (float(t.peak_flops) or topologies.peak_flops(jax.devices()[0])) * jax.device_count()
     step = int(jax.device_get(state["step"]))
+    board = _board(run, step)
     last_saved = ckpt.latest_step()
     unchecked: list[_Unchecked] = []  # the steps since the last host read
     done_here, steps_since, t_last, tokens_since = 0, 0, time.perf_counter(), 0.0  # the last three: this log window
@@ -343,13 +358,16 @@ def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
                     values["mfu"] = values["tokens_per_s"] * flops_token / peak
                 values["dropped_too_long"] = float(sum(data_iter.dropped.values()))
                 log.write(step, values, echo=run.echo)
-                _board_write(board, step, values)
+                board.scalars(step, values)
                 t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
             if eval_now:
-                values = _evaluate(run.eval_pipe, t.eval_batches, run.eval_fn, state["params"], run.mesh)
+                values, row = _evaluate(run.eval_pipe, t.eval_batches, run.eval_fn, state["params"], run.mesh)
                 if values:
                     log.write(step, values, echo=run.echo)
-                    _board_write(board, step, values)
+                    board.scalars(step, values)
+                if row is not None and board.enabled:
+                    board.text("held_out_predictions", step,
+                               lm_samples.markdown(row, run.start.tokenizer, run.start.layout))
             if save_now:
                 ckpt.save(step, state, lm_batches.checkpoint_args(data_iter), run.metadata)
                 last_saved = step
@@ -359,22 +377,15 @@ def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
         profiler.stop()
         ckpt.close()
         stop.close()
-        if board is not None:
-            board.close()
+        board.close()
     return {"step": step, "checkpoints": str(ckpt.manager.directory), "preempted": stop.stopped,
             "metrics": log.path, "source": run.start.source, "processes": jax.process_count(),
             "devices": int(run.mesh.size)}
 
 
-def _board(workdir: str):
-    """TensorBoard event files under WORKDIR/tensorboard (process 0)."""
-    if jax.process_index() != 0:
-        return None
-    from llmcxr_jax.train.tensorboard import EventWriter
-
-    return EventWriter(os.path.join(workdir, "tensorboard"))
-
-
-def _board_write(board, step: int, values: dict[str, float]) -> None:
-    if board is not None:
-        board.scalars(step, values)
+def _board(run: TrainRun, step: int) -> tensorboard.Board:
+    """WORKDIR/tensorboard (process 0): the run config as hparams; a resumed run hides what an earlier attempt
+    logged after its checkpoint."""
+    board = tensorboard.Board(os.path.join(run.workdir, "tensorboard"), purge_from=step + 1 if step else None)
+    board.hparams(tensorboard.flatten(run.config.to_dict()), ["loss", "eval_loss"])
+    return board

@@ -72,18 +72,23 @@ def _short(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def save_image_grid(path: str, rows: list[np.ndarray]) -> None:
-    """rows: equal-shaped [n, H, W, C] arrays in [-1, 1] -> one PNG, one row each."""
-    from PIL import Image
-
+def grid_pixels(rows: list[np.ndarray]) -> np.ndarray:
+    """rows: equal-shaped [n, H, W, C] arrays in [-1, 1] -> one RGB uint8 image [rows * H, n * W, 3], a row each."""
     tiles = []
     for row in rows:
         row = np.clip((np.asarray(row, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
         if row.shape[-1] == 1:
             row = np.repeat(row, 3, axis=-1)
         tiles.append(np.concatenate(list(row), axis=1))
+    return np.concatenate(tiles, axis=0)
+
+
+def save_image_grid(path: str, rows: list[np.ndarray]) -> None:
+    """rows: equal-shaped [n, H, W, C] arrays in [-1, 1] -> one PNG, one row each."""
+    from PIL import Image
+
     png = io.BytesIO()
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(png, format="PNG")
+    Image.fromarray(grid_pixels(rows)).save(png, format="PNG")
     out = storage.path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png.getvalue())

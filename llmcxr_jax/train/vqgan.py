@@ -26,7 +26,7 @@ from llmcxr_jax.models import discriminator as discriminator_lib
 from llmcxr_jax.models import perceptual as perceptual_nets
 from llmcxr_jax.models.discriminator import DiscriminatorConfig, init_discriminator
 from llmcxr_jax.models.vqgan import VQGANConfig, init_vqgan
-from llmcxr_jax.train import preemption, vqgan_loss
+from llmcxr_jax.train import preemption, tensorboard, vqgan_loss
 from llmcxr_jax.train.metrics import MetricsLog, claim_workdir, save_image_grid
 
 BATCH_AXES = sharding.BATCH_AXES
@@ -263,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
-        state, data_iter = ckpt.restore(latest, abstract)
+        _, state, data_iter = ckpt.restore_intact(abstract)  # damaged newer steps are moved aside (warned once)
         next_index = int(data_iter["next_index"])
     else:
         if start is not None:
@@ -281,10 +281,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     batches = image_batches(config, stream, next_index)
     reconstruct = jax.jit(lambda params, x: nnx.merge(nets.gen, params).reconstruct(x)[0])
     held_out = stream.held_out(t.grid_images)
-    if step == 0 and t.eval_every:
-        _evaluate(workdir, 0, reconstruct, state, held_out, log)
+    board = tensorboard.Board(os.path.join(workdir, "tensorboard"), purge_from=step + 1 if step else None)
+    board.hparams(tensorboard.flatten(config.to_dict()), ["eval_l1", "eval_psnr"])
     done_here = 0
     try:
+        if step == 0 and t.eval_every:
+            _evaluate(workdir, 0, reconstruct, state, held_out, log, board)
         while step < t.steps:
             host_batch, next_index = next(batches)
             images = jax.make_array_from_process_local_data(batch_sh, host_batch)
@@ -293,8 +295,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             done_here += 1
             if step % t.log_every == 0 or step == t.steps or step == 1:
                 log.write(step, metrics, echo=echo)
+                board.scalars(step, metrics)
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                _evaluate(workdir, step, reconstruct, state, held_out, log)
+                _evaluate(workdir, step, reconstruct, state, held_out, log, board)
             preempted = stop.reached(step)  # the same step in every process: the save below is collective
             last = step == t.steps or (stop_after is not None and done_here >= stop_after) or preempted
             if step % t.checkpoint_every == 0 or last:
@@ -304,18 +307,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     finally:
         ckpt.close()
         stop.close()
+        board.close()
     state = jax.device_get(state)
     if step == t.steps:
         export_model(state, nets, workdir)
     return state
 
 
-def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: MetricsLog) -> None:
-    """Reconstruction L1 / PSNR of the held-out batch (EMA weights when kept), and its PNG grid."""
+def _evaluate(workdir: str, step: int, reconstruct, state, images: np.ndarray, log: MetricsLog,
+              board: tensorboard.Board) -> None:
+    """Reconstruction L1 / PSNR of the held-out batch (EMA weights when kept), and its grid (inputs over their
+    reconstructions) as a PNG and in TensorBoard."""
     rec = np.asarray(reconstruct(state["ema"] if state["ema"] else state["gen"], jnp.asarray(images)))
     mse = float(np.mean(np.square(rec - images)))
-    log.write(step, {"eval_l1": float(np.mean(np.abs(rec - images))), "eval_psnr": 10 * np.log10(4.0 / mse)},
-              echo=False)
+    values = {"eval_l1": float(np.mean(np.abs(rec - images))), "eval_psnr": 10 * np.log10(4.0 / mse)}
+    log.write(step, values, echo=False)
+    board.scalars(step, values)
+    board.image("reconstructions", step, [images, rec])
     if jax.process_index() == 0:
         save_image_grid(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), [images, rec])
 
