@@ -2,8 +2,9 @@
 
 A skip of a test marked `torch` (pytest.ini), or any skip whose reason says a PyTorch-side library is
 missing (pytest.importorskip's "could not import 'torch'", or the torchxrayvision fixture's
-"torchxrayvision is not installed", also when a whole module skips at collection) is reported as a
-failure when CI is set. Other skips (libtpu, tensorflow_datasets, scikit-image) stay skips."""
+"torchxrayvision is not installed", also when a whole module skips at collection), or that the web
+demo's gradio, playwright or chromium is missing, is reported as a failure when CI is set. Other
+skips (libtpu, tensorflow_datasets, scikit-image) stay skips."""
 import os
 import re
 
@@ -12,7 +13,11 @@ import pytest
 # The libraries the parity tests compare against; omegaconf loads taming's configs.
 TORCH_FAMILY = ("torch", "transformers", "diffusers", "taming", "torchxrayvision", "omegaconf")
 _NAMES = "|".join(TORCH_FAMILY)
-_REASON = re.compile(rf"could not import '({_NAMES})[.']|\b({_NAMES}) is not installed")
+# The web demo's tests: install.sh installs gradio, playwright and (as root) Debian's chromium.
+WEB_DEMO = ("gradio", "playwright")
+_WEB = "|".join(WEB_DEMO)
+_REASON = re.compile(rf"could not import '({_NAMES}|{_WEB})[.']|\b({_NAMES}|{_WEB}) is not installed"
+                     r"|chromium is absent")
 
 
 def ci() -> bool:

@@ -105,3 +105,13 @@ def _progress_counts_every_code_and_changes_nothing(ran):
     counts = [done for done, _ in seen]
     assert {n for _, n in seen} == {64} and counts[0] == 0 and counts[-1] == 64 and counts == sorted(counts)
     assert set(range(65)) <= set(counts)
+
+
+def test_readme_shows_the_snippet_as_it_runs():
+    """The README's Python example is docs/api_snippet.py's code (less its docstring), so what readers copy is
+    what test_readme_snippet_and_the_api runs."""
+    with open(SNIPPET) as f:
+        code = f.read()
+    body = code[code.index('"""', 3) + 3:].strip()
+    with open(os.path.join(os.path.dirname(SNIPPET), "..", "README.md")) as f:
+        assert f"```python\n{body}\n```" in f.read(), "paste docs/api_snippet.py's code into the README"

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import integrity_helpers
 import numpy as np
 import pytest
 from generator_helpers import VQ, tiny_lm
@@ -110,8 +111,19 @@ CASES = [
          "it is a Hugging Face model directory: convert it with .llmcxr import-hf", "hf"),
     Case("export-vqgan", "an LM checkpoint as --ckpt", ("--ckpt", "{lm}", "--format", "taming", "--out", "{out}"),
          "is not a VQ-GAN checkpoint", "lm"),
-    # ---- damaged orbax checkpoints: rows of the checkpoint-checksum work (cut / bit-flipped array files,
-    # `llmcxr verify`) go here
+    Case("generate", "a 3000-word --report", _generate("--task", "image", "--report", "effusion " * 3000, "--max-new-tokens", "32"),
+         "this model has 512: shorten the report, question or instruction, or lower --max-new-tokens"),
+    # ---- damaged orbax checkpoints (verify's exit codes and resume past damage: test_checkpoint_integrity.py,
+    # test_lm_signals.py)
+    Case("generate", "an LM checkpoint whose array file is cut in half", (
+        "--ckpt", "{lm_cut}", "--vqgan", "{vqgan}", "--out", "{out}", "--task", "text", "--text", "Hi."),
+         r"checkpoint step 0 in .* is damaged: params\.[\w.]+ cannot be read \(file cut short\?\); no intact step",
+         "lm_cut"),
+    Case("generate", "an LM checkpoint with one byte flipped in an array file", (
+        "--ckpt", "{lm_flip}", "--vqgan", "{vqgan}", "--out", "{out}", "--task", "text", "--text", "Hi."),
+         r"checkpoint step 0 in .* is damaged: params\.[\w.]+ fails its checksum; no intact step", "lm_flip"),
+    Case("export-hf", "an LM checkpoint whose array file is cut in half", ("--ckpt", "{lm_cut}", "--out", "{out}"),
+         r"checkpoint step 0 in .* is damaged: params\.[\w.]+ cannot be read", "lm_cut"),
     # ---- config overrides
     Case("train", "an override of a key the config lacks", (
         "--config", "{stage1}", "--workdir", "{out}", "--config.no_such_key=3"), "config has no key 'no_such_key'"),
@@ -381,6 +393,10 @@ def art(tmp_path_factory) -> dict[str, str]:
     found["lm"] = tiny_lm(str(d / "lm"), tok_dir, VQ.n_embed)
     checkpoint.save_vqgan(str(d / "vqgan"), init_vqgan(VQ, 0))
     found["vqgan"] = str(d / "vqgan")
+    for name, damage in (("lm_cut", integrity_helpers.cut), ("lm_flip", integrity_helpers.flip_silently)):
+        shutil.copytree(found["lm"], d / name)
+        damage(str(d / name / "0"))
+        found[name] = str(d / name)
     for build in (_images, _text_files, _pickles, _data_roots, _vqgan_files):
         build(d, found)
     _hf_dirs(d, found, tok_dir)

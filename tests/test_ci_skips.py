@@ -1,5 +1,6 @@
-"""tests/ci_skips.py: with CI=true a skipped torch parity test fails the run; without CI, or for a skip
-that is not about a PyTorch-side library, a skip stays a skip. Each case runs a small pytest session."""
+"""tests/ci_skips.py: with CI=true a skipped torch parity test or web-demo test fails the run; without CI,
+or for a skip that is not about a PyTorch-side library or the web demo's tools, a skip stays a skip. Each
+case runs a small pytest session."""
 import sys
 
 import pytest
@@ -23,6 +24,12 @@ def test_importorskip_torch():
 
 def test_fixture_txv():
     pytest.skip("torchxrayvision is not installed (pip install --no-deps torchxrayvision==1.5.7)")
+
+def test_chromium_skip():
+    pytest.skip("/usr/bin/chromium is absent; install.sh installs Debian's chromium for the browser test")
+
+def test_gradio_skip():
+    pytest.skip("gradio is not installed (pip install 'llmcxr-jax[serve]')")
 
 def test_other_skip():
     pytest.skip("libtpu not installed")
@@ -60,15 +67,16 @@ def _run(pytester, monkeypatch, ci):
 
 def test_ci_turns_torch_skips_into_failures(project, monkeypatch):
     result = _run(project, monkeypatch, "true")
-    result.assert_outcomes(failed=3, skipped=2, xfailed=1, passed=1)
+    result.assert_outcomes(failed=5, skipped=2, xfailed=1, passed=1)
     result.stdout.fnmatch_lines(["*FAILED*test_marked_skip*", "*FAILED*test_importorskip_torch*",
-                                 "*FAILED*test_fixture_txv*"])
+                                 "*FAILED*test_fixture_txv*", "*FAILED*test_chromium_skip*",
+                                 "*FAILED*test_gradio_skip*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
 def test_without_ci_skips_stay_skips(project, monkeypatch):
     result = _run(project, monkeypatch, None)
-    result.assert_outcomes(skipped=5, xfailed=1, passed=1)
+    result.assert_outcomes(skipped=7, xfailed=1, passed=1)
     assert result.ret == pytest.ExitCode.OK
     assert _run(project, monkeypatch, "false").ret == pytest.ExitCode.OK
 

@@ -259,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, only: tuple[str, ...
     if all(name in state for name in NAMES):
         summary.write(config, workdir, state)
         log(f"[demo] summary: {os.path.join(workdir, 'summary.md')}")
-        log(f"[demo] try the model in a browser (pip install 'llmcxr-jax[serve]'): {serve_command(workdir)}")
+        log(f"[demo] try the model in a browser: {serve_command(workdir)}")
     return state
 
 

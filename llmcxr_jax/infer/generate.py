@@ -114,6 +114,11 @@ def generate_with_plan(model: GPTNeoXForCausalLM, input_ids, attention_mask, *, 
     if plan.mode == "image" and sampling.max_new_tokens < plan.image_response_length:
         raise UsageError(f"max_new_tokens {sampling.max_new_tokens} cannot hold an image response of "
                          f"{plan.image_response_length} tokens (\"<\", {plan.image_tokens} codes, \">\", end key)")
+    positions = model.cfg.max_position_embeddings
+    if ids.shape[1] + sampling.max_new_tokens > positions:
+        raise UsageError(f"the prompt ({ids.shape[1]} tokens) and max_new_tokens ({sampling.max_new_tokens}) need "
+                         f"{ids.shape[1] + sampling.max_new_tokens} positions; this model has {positions}: shorten "
+                         "the report, question or instruction, or lower --max-new-tokens")
     graphdef, state = nnx.split(model)
     knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
     return _decode(graphdef, state, ids, mask, row_keys(rng, ids.shape[0]), knobs, plan,
