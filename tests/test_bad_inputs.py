@@ -111,7 +111,8 @@ CASES = [
          "it is a Hugging Face model directory: convert it with .llmcxr import-hf", "hf"),
     Case("export-vqgan", "an LM checkpoint as --ckpt", ("--ckpt", "{lm}", "--format", "taming", "--out", "{out}"),
          "is not a VQ-GAN checkpoint", "lm"),
-    Case("generate", "a 3000-word --report", _generate("--task", "image", "--report", "effusion " * 3000, "--max-new-tokens", "32"),
+    Case("generate", "a 3000-word --report",
+         _generate("--task", "image", "--report", "effusion " * 3000, "--max-new-tokens", "32"),
          "this model has 512: shorten the report, question or instruction, or lower --max-new-tokens"),
     # ---- damaged orbax checkpoints (verify's exit codes and resume past damage: test_checkpoint_integrity.py,
     # test_lm_signals.py)
