@@ -1,9 +1,11 @@
 """VQ-GAN training: the update runs sharded, the adaptive weight is finite, resume is exact."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import integrity_helpers
 import jax
 import numpy as np
 import pytest
@@ -179,6 +181,28 @@ def test_sigkill_then_resume_replays_a_reseed_and_equals_an_uninterrupted_run(st
     assert int(resumed["step"]) == 4 and set(resumed) == set(straight)
     for key in straight:  # gen, ema, disc, disc_stats, opt_g, opt_d, usage, step
         assert jax.tree.structure(straight[key]) == jax.tree.structure(resumed[key]), key
+        for a, b in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
+
+
+def test_resume_past_a_damaged_newest_step_equals_an_uninterrupted_run(straight, tmp_path, capsys):
+    """A copy of the uninterrupted run whose newest checkpoint (step 4) has one byte flipped where orbax still
+    reads it: rerunning warns once, moves step 4 to checkpoints/4.damaged/ (kept), resumes from step 2, and
+    steps 3-4 give the uninterrupted run's losses and whole state bit for bit."""
+    straight, straight_dir = straight
+    straight_steps = _steps(read_metrics(str(straight_dir / "metrics.jsonl")))
+    workdir = tmp_path / "copied"
+    shutil.copytree(straight_dir, workdir)
+    integrity_helpers.flip_silently(str(workdir / "checkpoints" / "4"))
+    before = len(read_metrics(str(workdir / "metrics.jsonl")))
+    capsys.readouterr()
+    resumed = train_vqgan.train(small(), str(workdir), echo=False)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(warned) == 1 and "checkpoint step 4 in" in warned[0] and "resuming from step 2" in warned[0], warned
+    assert (workdir / "checkpoints" / "4.damaged").is_dir() and (workdir / "checkpoints" / "4").is_dir()
+    replayed = _steps(read_metrics(str(workdir / "metrics.jsonl"))[before:])
+    assert replayed == {s: straight_steps[s] for s in (3, 4)}
+    for key in straight:
         for a, b in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
 
