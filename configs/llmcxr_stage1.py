@@ -100,6 +100,10 @@ def get_config(variant=None, stage: int = 1):
     t.log_every = 50
     t.eval_every = 1500
     t.eval_batches = 8
+    # At each eval step, sampled reports for the first `samples` held-out images and CXRs drawn from their
+    # reports, logged to TensorBoard; needs the VQ-GAN the codes came from (its directory). "": none.
+    t.samples = 4
+    t.samples_vqgan = ""
     t.checkpoint_every = 1000
     t.keep_checkpoints = 5
     t.peak_flops = 0.0  # per device, for MFU; 0 = from the device table when known

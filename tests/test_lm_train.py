@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from board_helpers import hparam_metrics, hparams, read_board, text, text_tags
 from flax import nnx
+from generator_helpers import VQ
 from lm_run_helpers import make_setup, tiny_config
 
 from llmcxr_jax import checkpoint
+from llmcxr_jax.infer import train_samples
+from llmcxr_jax.models.vqgan import init_vqgan
 from llmcxr_jax.train import lm
 from llmcxr_jax.train.metrics import read_metrics
 
@@ -30,8 +33,12 @@ def _params(workdir):
 
 
 def test_tiny_stage1_lowers_the_loss(setup, tmp_path):
-    cfg = tiny_config(setup, "--config.train.steps=30", "--config.train.log_every=1", "--config.train.eval_every=30")
-    out = lm.train(cfg, str(tmp_path), echo=False)
+    vq_dir = str(tmp_path / "vqgan")  # a random VQ-GAN with the codes' shape: the eval step's samples draw with it
+    checkpoint.save_vqgan(vq_dir, init_vqgan(VQ, 0))
+    cfg = tiny_config(setup, "--config.train.steps=30", "--config.train.log_every=1", "--config.train.eval_every=30",
+                      f"--config.train.samples_vqgan={vq_dir}", "--config.train.samples=3")
+    out = lm.train(cfg, str(tmp_path / "run"), echo=False, sampler=train_samples.sampler)
+    tmp_path = tmp_path / "run"
     assert out["step"] == 30 and out["source"] == "scratch"
     losses = [loss for _, loss in _losses(str(tmp_path))]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
@@ -48,11 +55,17 @@ def test_tiny_stage1_lowers_the_loss(setup, tmp_path):
     assert set(acc.Tags()["scalars"]) == {k for r in records for k in r} - {"step"}
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 31))
     assert [e.step for e in acc.Scalars("eval_loss")] == [30]
-    assert text_tags(acc) == {"held_out_predictions/text_summary"}
+    assert text_tags(acc) == {"held_out_predictions/text_summary", "sampled_reports/text_summary"}
     ((step, table),) = text(acc, "held_out_predictions/text_summary")
     assert step == 30 and table.splitlines()[0] == ("| prompt | reference response | teacher-forced prediction | "
                                                     "tokens right |")
     assert len(table.splitlines()) >= 3 and "### Response:" in table
+    # sampled at the eval step: 3 held-out images' reports, and the CXRs drawn from their reference reports under
+    # the VQ-GAN's reconstructions of the real codes (32 px each)
+    ((step, sampled),) = text(acc, "sampled_reports/text_summary")
+    assert step == 30 and sampled.splitlines()[0] == "| dicom id | reference report | sampled report |"
+    assert len(sampled.splitlines()) == 2 + 3
+    assert [(e.step, e.height, e.width) for e in acc.Images("real_vs_drawn")] == [(30, 64, 96)]
     assert hparams(acc)["train.steps"] == 30 and hparam_metrics(acc) == ["loss", "eval_loss"]
 
 

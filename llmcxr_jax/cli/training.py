@@ -36,9 +36,11 @@ def train_vqgan(args) -> None:
               flags=_run_flags("configs/llmcxr_stage1.py:tiny"))
 def train(args) -> None:
     from llmcxr_jax import configs
+    from llmcxr_jax.infer import train_samples
     from llmcxr_jax.train import lm
 
-    emit({"workdir": args.workdir} | lm.train(configs.load_config(args.config, args.overrides), args.workdir))
+    emit({"workdir": args.workdir} | lm.train(configs.load_config(args.config, args.overrides), args.workdir,
+                                              sampler=train_samples.sampler))
 
 
 def _compile_check_flags(p) -> None:

@@ -65,6 +65,7 @@ def _fit_mesh(train: ml_collections.ConfigDict) -> None:
 def _lm_config(section: ml_collections.ConfigDict, p: Paths) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(section.to_dict())
     c.data.root, c.data.codes, c.data.tokenizer = p.corpus, p.codes, p.tokenizer
+    c.train.samples_vqgan = p.vqgan_model  # sampled reports and drawn CXRs in TensorBoard at eval steps
     _fit_mesh(c.train)
     return c
 
@@ -136,12 +137,13 @@ def classifier(config, p: Paths) -> dict:
 
 
 def _stage(config, p: Paths, stage: int) -> dict:
+    from llmcxr_jax.infer import train_samples
     from llmcxr_jax.train import lm
 
     c = _lm_config(config.stage1 if stage == 1 else config.stage2, p)
     if stage == 2:
         c.train.init_from = p.stage1
-    lm.train(c, p.stage1 if stage == 1 else p.stage2)
+    lm.train(c, p.stage1 if stage == 1 else p.stage2, sampler=train_samples.sampler)
     rows = _jsonl(os.path.join(p.stage1 if stage == 1 else p.stage2, "metrics.jsonl"))
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]

@@ -270,8 +270,12 @@ class Generator:
     def report_results(self, image_paths: Sequence[ImageInput], sampling: SamplingConfig, seed: int = 0,
                        instruction: Instructions = None) -> TextResults:
         """CXR -> report, with the prompt, response and input-image ids (each image encoded once)."""
-        ins = per_input(instruction, len(image_paths), "report")
-        codes = self.encode_images(image_paths)
+        return self.report_from_codes(self.encode_images(image_paths), sampling, seed, instruction)
+
+    def report_from_codes(self, codes: np.ndarray, sampling: SamplingConfig, seed: int = 0,
+                          instruction: Instructions = None) -> TextResults:
+        """CXR -> report from images already encoded ([n, h*w] codes, e.g. a code shard's)."""
+        ins = per_input(instruction, len(codes), "report")
         return self._text_results(self._image_input_prompts(ins, codes), sampling, seed, codes)
 
     def report(self, image_paths: Sequence[str], sampling: SamplingConfig, seed: int = 0,

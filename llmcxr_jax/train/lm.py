@@ -215,12 +215,16 @@ class TrainRun:
     mesh: Mesh  # batches are laid out over its data x fsdp axes
     stop_after: int | None  # stop after this many steps of this call (a simulated interruption); None: run on
     echo: bool  # print a progress line at each logged step
+    graphdef: Any = None  # the model's graph (with params: the model the sampler gets)
+    samples: Callable | None = None  # model -> (markdown, grid rows) at each eval step (infer/train_samples.py)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
-          echo: bool = True) -> dict[str, Any]:
+          echo: bool = True, sampler: Callable | None = None) -> dict[str, Any]:
     """Train (or resume) in `workdir` until train.steps. stop_after simulates an interruption
-    after that many steps of this call. Returns a summary dict."""
+    after that many steps of this call. sampler(config, start, sources, mesh) -> None or a function of the model
+    giving (markdown, grid rows) to log at each eval step (the CLI passes infer/train_samples.sampler: this
+    layer cannot import infer/). Returns a summary dict."""
     t, d = config.train, config.data
     mesh = sharding.make_mesh(t.mesh, num_slices=t.num_slices)
     _check_batch(config, mesh)
@@ -262,10 +266,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         eval_fn = jax.jit(make_eval_step(step.graphdef, int(t.logits_chunk)),
                           in_shardings=(step.state_shardings["params"], step.batch_sharding),
                           out_shardings=NamedSharding(mesh, PartitionSpec()))
+        samples = sampler(config, start, sources, mesh) if sampler is not None else None
         run = TrainRun(config=config, workdir=workdir, start=start, data_iter=data_iter,
                        pipe=pipes[0],  # any shard's pipeline maps example ids back to examples
                        eval_pipe=eval_pipe, step_fn=step.fn, eval_fn=eval_fn, ckpt=ckpt, metadata=metadata,
-                       mesh=mesh, stop_after=stop_after, echo=echo)
+                       mesh=mesh, stop_after=stop_after, echo=echo, graphdef=step.graphdef, samples=samples)
         return _loop(run, state)
 
 
@@ -368,6 +373,10 @@ def _loop(run: TrainRun, state: dict[str, Any]) -> dict[str, Any]:
                 if row is not None and board.enabled:
                     board.text("held_out_predictions", step,
                                lm_samples.markdown(row, run.start.tokenizer, run.start.layout))
+                if run.samples is not None:  # every process samples (collective jits); process 0 logs
+                    table, grid = run.samples(nnx.merge(run.graphdef, state["params"]))
+                    board.text("sampled_reports", step, table)
+                    board.image("real_vs_drawn", step, grid)
             if save_now:
                 ckpt.save(step, state, lm_batches.checkpoint_args(data_iter), run.metadata)
                 last_saved = step
