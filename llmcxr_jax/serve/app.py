@@ -118,7 +118,7 @@ def build(session: Session) -> gr.Blocks:
             with gr.Row():
                 vqa_image = _upload("vqa-image")
                 with gr.Column():
-                    question = gr.Textbox(label="question", placeholder="Is there a pleural effusion?",
+                    question = gr.Textbox(label="question", info="for example: Is there a pleural effusion?",
                                           elem_id="vqa-question")
                     seed, temperature = knobs()
                     button = gr.Button("Answer", variant="primary", interactive=False, elem_id="vqa-button")
