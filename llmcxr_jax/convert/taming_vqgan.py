@@ -19,7 +19,8 @@ from flax import nnx
 
 from llmcxr_jax.convert.torch_files import read_torch_state_dict, require_torch
 from llmcxr_jax.errors import MissingInputError, UsageError
-from llmcxr_jax.models.vqgan import DTYPES, VQGANConfig, VQModel, abstract_vqgan
+from llmcxr_jax.models.dtypes import DTYPES
+from llmcxr_jax.models.vqgan import VQGANConfig, VQModel, abstract_vqgan
 
 # our leaf name -> (taming leaf name, torch-layout transform, inverse)
 LEAVES = {

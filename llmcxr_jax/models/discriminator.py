@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
+from llmcxr_jax.models.dtypes import DtypeNames, check_dtypes
 from llmcxr_jax.sharding import constrain
 
 KERNEL_SIZE = 4
@@ -29,7 +29,7 @@ _ACTIVATION_AXES = ("activation_batch", "activation_height", "activation_width",
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(DtypeNames):
     """Shapes and numerics of the discriminator; every field explicit (configs/ supply values).
 
     Taming's defaults are input_channels 3, ndf 64, n_layers 3 (LLM-CXR's VQ-GAN uses those).
@@ -48,14 +48,6 @@ class DiscriminatorConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_dtypes(self)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return DTYPES[self.param_dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""The dtype names configs may use, and the one check that a config names valid ones."""
+"""The dtype names configs may use, the one check that a config names valid ones, and the dtypes they name."""
 import jax.numpy as jnp
 
 from llmcxr_jax.errors import UsageError
@@ -10,3 +10,15 @@ def check_dtypes(cfg, names=("dtype", "param_dtype")) -> None:
     for name in names:
         if getattr(cfg, name) not in DTYPES:
             raise UsageError(f"{name} {getattr(cfg, name)!r} is not one of {sorted(DTYPES)}")
+
+
+class DtypeNames:
+    """A model config's `dtype` (compute) and `param_dtype` (weights) names as jnp dtypes."""
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]

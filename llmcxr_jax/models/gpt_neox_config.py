@@ -12,7 +12,7 @@ import jax
 from llmcxr_jax.configs import dataclass_from_dict
 from llmcxr_jax.errors import UsageError
 from llmcxr_jax.models import attention as attn
-from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
+from llmcxr_jax.models.dtypes import DtypeNames, check_dtypes
 
 REMAT_POLICIES = {
     "none": None,
@@ -31,7 +31,7 @@ ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "gelu_new": part
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
+class GPTNeoXConfig(DtypeNames):
     """Shapes and numerics of the LM. Every field is explicit: configs/ supply the values."""
 
     vocab_size: int  # real rows, T + K; logits at ids >= vocab_size are -inf
@@ -83,14 +83,6 @@ class GPTNeoXConfig:
     @property
     def attention_kernel(self) -> attn.KernelSettings:
         return attn.KernelSettings(self.attention, self.splash_block_q, self.splash_block_kv, self.attention_interpret)
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def weight_dtype(self):
-        return DTYPES[self.param_dtype]
 
     def replace(self, **kw) -> GPTNeoXConfig:
         return dataclasses.replace(self, **kw)

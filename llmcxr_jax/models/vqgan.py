@@ -16,12 +16,12 @@ from flax import nnx
 
 from llmcxr_jax.configs import dataclass_from_dict
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.models.dtypes import DTYPES, check_dtypes
+from llmcxr_jax.models.dtypes import DtypeNames, check_dtypes
 from llmcxr_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class VQGANConfig:
+class VQGANConfig(DtypeNames):
     """taming ddconfig + quantizer. LLM-CXR (f16_1024): resolution 256, ch 128, ch_mult
     (1, 1, 2, 2, 4), num_res_blocks 2, attn_resolutions (16,), z_channels 256, embed_dim 256,
     n_embed 1024, beta 0.25, dropout 0.0."""
@@ -82,11 +82,11 @@ class VQGANConfig:
 
 
 def _w(cfg):
-    return DTYPES[cfg.param_dtype]
+    return cfg.weight_dtype
 
 
 def _dt(cfg):
-    return DTYPES[cfg.dtype]
+    return cfg.compute_dtype
 
 
 class Conv(nnx.Module):
