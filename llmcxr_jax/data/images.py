@@ -4,6 +4,7 @@ decode, grey or RGB, Lanczos resize of the shorter side, centre crop, scale to [
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -73,6 +74,25 @@ def load_image(path_or_bytes, size: int, channels: int) -> np.ndarray:
     except (OSError, SyntaxError) as e:
         cut = "; the file is cut short, copy it again" if "truncated" in str(e) else ""
         raise ImageError(f"cannot read image {name}: {e}{cut}") from None
+
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+def image_pixels(image: ImageInput, size: int, channels: int) -> np.ndarray:
+    """One input CXR (a path, bytes, a PIL image or a uint8 / uint16 array) -> [size, size, channels] in
+    [-1, 1], as every file is read (16-bit greys stretched to 8 bits, shorter side resized, centre crop)."""
+    if isinstance(image, np.ndarray):
+        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+        if arr.dtype not in (np.uint8, np.uint16) or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
+            raise UsageError(f"an image array must be [H, W] or [H, W, 3] uint8 / uint16 (or [H, W, 1]), got "
+                             f"{image.dtype} {image.shape}")
+        if arr.dtype == np.uint16 and arr.ndim == 3:
+            raise UsageError("a 16-bit image array must be greyscale [H, W]; convert RGB to uint8")
+        image = Image.fromarray(np.ascontiguousarray(arr))
+    if isinstance(image, Image.Image):
+        return preprocess(image, size, channels)
+    return load_image(image, size, channels)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from llmcxr_jax import checkpoint, sharding
 from llmcxr_jax.data import images as image_io
@@ -39,23 +38,7 @@ LM_DTYPES = ("float32", "bfloat16")  # compute dtype of generation; LLM-CXR gene
 DEFAULT_INSTRUCTION = {"report": prompts.REPORT_INSTRUCTIONS[0], "image": prompts.IMAGE_INSTRUCTIONS[0]}
 Instructions = str | Sequence[str] | None  # one for every input, one per input, or None: DEFAULT_INSTRUCTION
 # An input CXR: a file path, the file's bytes, a PIL image, or a [H, W] / [H, W, 1 or 3] uint8 or uint16 array.
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
-
-
-def image_pixels(image: ImageInput, size: int, channels: int) -> np.ndarray:
-    """One input CXR -> [size, size, channels] in [-1, 1], through data/images.py as every file
-    is read (16-bit greys stretched to 8 bits, shorter side resized, centre crop)."""
-    if isinstance(image, np.ndarray):
-        arr = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-        if arr.dtype not in (np.uint8, np.uint16) or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
-            raise UsageError(f"an image array must be [H, W] or [H, W, 3] uint8 / uint16 (or [H, W, 1]), got "
-                             f"{image.dtype} {image.shape}")
-        if arr.dtype == np.uint16 and arr.ndim == 3:
-            raise UsageError("a 16-bit image array must be greyscale [H, W]; convert RGB to uint8")
-        image = Image.fromarray(np.ascontiguousarray(arr))
-    if isinstance(image, Image.Image):
-        return image_io.preprocess(image, size, channels)
-    return image_io.load_image(image, size, channels)
+ImageInput = image_io.ImageInput
 
 
 def per_input(instruction: Instructions, count: int, task: str) -> list[str]:
@@ -179,7 +162,7 @@ class Generator:
         """Image files (or bytes, PIL images, arrays: image_pixels) -> codes [n, h*w]; an unreadable
         file is a one-line error naming it."""
         cfg = self.vqgan.cfg
-        pixels = np.stack([image_pixels(p, cfg.resolution, cfg.in_channels) for p in paths])
+        pixels = np.stack([image_io.image_pixels(p, cfg.resolution, cfg.in_channels) for p in paths])
         return np.asarray(self._encode(jnp.asarray(pixels)))
 
     def decode_codes(self, codes: np.ndarray) -> np.ndarray:
