@@ -195,3 +195,21 @@ def randomise_batchnorm(model: nn.Module, calibration: torch.Tensor, seed: int) 
         m.running_var.mul_(0.8 + 0.4 * torch.rand(m.running_var.shape, generator=g))
         m.momentum = 0.1
     model.eval()
+
+
+def random_txv_densenet(calibration_seed: int, batchnorm_seed: int, **densenet_kwargs):
+    """(xrv's models module, its DenseNet(**densenet_kwargs) with torch seed 0 weights and BatchNorm running
+    statistics randomised on 4 uniform [-1024, 1024] images drawn with calibration_seed); a pytest skip when
+    torchxrayvision is absent."""
+    import numpy as np
+    import pytest
+
+    try:
+        models = txv_models()
+    except ImportError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    model = models.DenseNet(**densenet_kwargs)
+    images = np.random.default_rng(calibration_seed).uniform(-1, 1, (4, 1, 224, 224)).astype(np.float32)
+    randomise_batchnorm(model, torch.from_numpy(1024 * images), seed=batchnorm_seed)
+    return models, model

@@ -176,13 +176,7 @@ def xrv():
     torch = pytest.importorskip("torch")
     import perceptual_refs as refs
 
-    try:
-        models = refs.txv_models()
-    except ImportError as e:
-        pytest.skip(str(e))
-    torch.manual_seed(0)
-    model = models.DenseNet(**TINY)
-    refs.randomise_batchnorm(model, torch.from_numpy(1024 * _images((4, 1, 224, 224), 20)), seed=1)
+    models, model = refs.random_txv_densenet(20, 1, **TINY)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         model.classifier.weight.normal_(0.0, 1.5, generator=g)  # logits of a few units: outputs across (0, 1)
