@@ -4,7 +4,6 @@ byte read; a torch file rebuilt by torch_files' safe reader (nothing in it is ru
 """
 from __future__ import annotations
 
-import json
 import os
 
 from llmcxr_jax import user_files
@@ -30,9 +29,9 @@ def missing_shards(directory: str) -> list[str]:
     for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
         if name.endswith(INDEX_SUFFIX):
             try:
-                with open(os.path.join(directory, name)) as f:
-                    listed = set(json.load(f)["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                index = user_files.read_json_object(os.path.join(directory, name), "weight index", ("weight_map",))
+                listed = set(dict(index["weight_map"]).values())
+            except (UsageError, TypeError, ValueError):  # unreadable, or a weight_map that is not an object
                 missing.append(f"{name} (unreadable index)")
                 continue
             missing += [n for n in sorted(listed) if not os.path.isfile(os.path.join(directory, n))]
