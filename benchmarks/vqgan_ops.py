@@ -1,6 +1,8 @@
-"""The VQ-GAN's parts against PyTorch's, one op at a time: a 3x3 convolution and GroupNorm (32 groups) at
-the f16_1024 decoder's shapes, each jitted alone (ours, NHWC as models/vqgan.py runs them) beside the torch
-module (NCHW, torch.inference_mode, the same thread count), the fastest of --repeats runs. Where
+"""The VQ-GAN's parts against PyTorch's, one op at a time: a 3x3 convolution, GroupNorm (32 groups) and the
+decoder's Upsample (nearest x2 + 3x3 conv) at the f16_1024 decoder's shapes, each jitted alone (ours, NHWC,
+the models/vqgan.py modules) beside the torch module (NCHW, torch.inference_mode, the same thread count),
+the fastest of --repeats runs. Inputs are on the device before the clock starts on both sides (a numpy
+input would time XLA's host-to-device copy: 35 ms of a 256x256x128 batch of 2). Where
 benchmarks/vqgan_codec.py's whole-model ratios come from (docs/performance.md, issue 21's profile).
 
     python benchmarks/vqgan_ops.py [--batch 2] [--repeats 5]
@@ -14,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from llmcxr_jax.models.vqgan import GroupNorm, VQGANConfig
+from llmcxr_jax.models.vqgan import GroupNorm, Upsample, VQGANConfig
 
 SHAPES = ((256, 128), (128, 256), (32, 512), (16, 512))  # (height = width, channels) of decoder levels
 
@@ -30,6 +32,7 @@ def fastest_ms(fn, *args, repeats: int) -> float:
 
 
 def main() -> None:
+    import jax.numpy as jnp
     import torch
     from flax import nnx
 
@@ -49,18 +52,25 @@ def main() -> None:
         kernel = (rng.standard_normal((3, 3, c, c)) * 0.05).astype(np.float32)
         conv = jax.jit(lambda v, k: jax.lax.conv_general_dilated(v, k, (1, 1), ((1, 1), (1, 1)),
                                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")))
-        ours = fastest_ms(conv, x, kernel, repeats=args.repeats)
-        torch_conv = torch.nn.Conv2d(c, c, 3, padding=1)
-        norm = GroupNorm(cfg, c)
-        graphdef, state = nnx.split(norm)
-        apply = jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v))
-        ours_norm = fastest_ms(apply, state, x, repeats=args.repeats)
-        torch_norm = torch.nn.GroupNorm(32, c, eps=1e-6)
+        xj = jnp.asarray(x)
+        ours = {"3x3 conv": fastest_ms(conv, xj, jnp.asarray(kernel), repeats=args.repeats)}
+        theirs = {}
+        modules = {"GroupNorm": (GroupNorm(cfg, c), torch.nn.GroupNorm(32, c, eps=1e-6))}
+        if size <= 128:  # the decoder upsamples 16 -> 32, ..., 128 -> 256
+            modules["Upsample (x2 + 3x3 conv)"] = (Upsample(cfg, c, nnx.Rngs(0)), torch.nn.Sequential(
+                torch.nn.Upsample(scale_factor=2.0, mode="nearest"), torch.nn.Conv2d(c, c, 3, padding=1)))
+        for name, (module, _) in modules.items():
+            graphdef, state = nnx.split(module)
+            ours[name] = fastest_ms(jax.jit(lambda s, v, g=graphdef: nnx.merge(g, s)(v)), state, xj,
+                                    repeats=args.repeats)
         with torch.inference_mode():
-            theirs = fastest_ms(torch_conv, xt, repeats=args.repeats)
-            theirs_norm = fastest_ms(torch_norm, xt, repeats=args.repeats)
-        for op, a, b in (("3x3 conv", ours, theirs), ("GroupNorm", ours_norm, theirs_norm)):
-            print(f"| {op} | {size}x{size}, {c} channels | {a:.1f} ms | {b:.1f} ms | {b / a:.2f} |")
+            theirs["3x3 conv"] = fastest_ms(torch.nn.Conv2d(c, c, 3, padding=1), xt, repeats=args.repeats)
+            for name, (_, module) in modules.items():
+                theirs[name] = fastest_ms(module, xt, repeats=args.repeats)
+        for op, a in ours.items():
+            b = theirs[op]
+            out = f"{2 * size}x{2 * size}" if op.startswith("Upsample") else f"{size}x{size}"
+            print(f"| {op} | {size}x{size} -> {out}, {c} channels | {a:.1f} ms | {b:.1f} ms | {b / a:.2f} |")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,33 @@ def test_each_block_matches_diffusers(pair, ours_path, ref_path, channels, size)
     np.testing.assert_allclose(np.asarray(_get(ours, ours_path)(jnp.asarray(x))), nhwc(y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_group_norm_matches_torch_and_float64_far_from_zero(offset):
+    """GroupNorm with its own scale and bias, on activations centred at 0 and at 300 with unit spread (where
+    a variance taken as E[x^2] - E[x]^2, or an output taken as x * a + (bias - mean * a), loses digits in
+    float32): equal to a float64 computation, and at 0 to torch.nn.GroupNorm."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(2, 8, 8, 64)) + offset).astype(np.float32)
+    scale, bias = rng.normal(size=64).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    norm = vqgan.GroupNorm(tiny_config(), 64)
+    norm.scale.set_value(jnp.asarray(scale))
+    norm.bias.set_value(jnp.asarray(bias))
+    got = np.asarray(norm(jnp.asarray(x)))
+    g = x.astype(np.float64).reshape(2, 8, 8, 32, 2)
+    mean, var = g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
+    exact = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    np.testing.assert_allclose(got, exact, atol=1e-5 * np.abs(exact).max(), rtol=0)
+    if offset == 0.0:
+        ref = torch.nn.GroupNorm(32, 64, eps=1e-6)
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(scale))
+            ref.bias.copy_(torch.from_numpy(bias))
+            want = nhwc(ref(nchw(x)))
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
 def test_taming_modules_load_our_export_strictly_and_agree(pair, tmp_path):
     _, ours = pair
     path = str(tmp_path / "vq.ckpt")
