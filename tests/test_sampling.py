@@ -397,3 +397,19 @@ def test_bad_input_fails_loudly(model):
     with pytest.raises(ValueError, match="table rows"):
         generate(model, ids, mask, layout=VocabLayout.create(T, K + 100), special=SPECIAL, mode="text",
                  rng=jax.random.key(0), sampling=LLMCXR)
+
+
+def test_first_argmax_and_categorical_equal_jax_argmax_and_categorical():
+    """The sampler's own argmax and draw (two vectorised reductions) give jnp.argmax's and
+    jax.random.categorical's ids: ties go to the first maximum, a NaN wins, a row of -inf gives 0, and
+    every row's draw equals categorical with that row's key."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 3000)).astype(np.float32))
+    x = x.at[1, 7].set(9.0).at[1, 11].set(9.0).at[2, 5].set(jnp.nan).at[3].set(-jnp.inf)
+    x = x.at[4, :2000].set(-jnp.inf)
+    np.testing.assert_array_equal(smp.first_argmax(x), jnp.argmax(x, axis=-1))
+    keys = smp.row_keys(jax.random.key(3), 6)
+    finite = jnp.where(jnp.isnan(x), 0.0, x).at[3].set(0.0)
+    for step in range(4):
+        k = smp.step_keys(keys, step)
+        np.testing.assert_array_equal(smp.categorical(k, finite), jax.vmap(jax.random.categorical)(k, finite))

@@ -71,7 +71,7 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
     pick = functools.partial(next_tokens, keys=keys, plan=plan, greedy=greedy, temperature=knobs[0],
                              top_k=knobs[1], top_p=knobs[2])
     cache = KVCache.create(model.cfg, batch, prompt_len + max_new)
-    logits, cache = model.decode(input_ids, cache, attention_mask)
+    logits, cache = model.decode(input_ids, cache, attention_mask, last_only=True)
     first, done = advance(pick(logits[:, -1], 0), jnp.zeros((batch,), bool), plan)
     tokens = jnp.full((batch, max_new), plan.pad_id, jnp.int32).at[:, 0].set(first)
     lengths = jnp.ones((batch,), jnp.int32)

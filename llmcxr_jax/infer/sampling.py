@@ -169,15 +169,30 @@ def step_keys(keys: jax.Array, step) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """[..., n] -> int32 [...]: jnp.argmax's answer (the first maximum; the first NaN where there is one) as
+    a max and a min over the row, two reductions XLA:CPU vectorises (its argmax, one reduction of value and
+    index pairs, runs element by element: 1.1 ms against ~0.1 ms for 8 x 51k logits)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits) with that row's key: jax.random.categorical's draw (the argmax
+    of logits plus Gumbel noise of the row's key), the same ids, through first_argmax."""
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
+    return first_argmax(logits + noise)
+
+
 def next_tokens(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, *, greedy: bool, temperature,
                 top_k, top_p) -> jax.Array:
     """logits [batch, table] of response position `step` -> token ids [batch] int32."""
     logits = jnp.where(allowed_tokens(plan, step, logits.shape[-1]), logits, -jnp.inf)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = filter_logits(logits / temperature, top_k, top_p)
-    picks = jax.vmap(jax.random.categorical)(step_keys(keys, step), logits)
-    return picks.astype(jnp.int32)
+    return categorical(step_keys(keys, step), logits)
 
 
 def advance(tokens: jax.Array, done: jax.Array, plan: DecodePlan) -> tuple[jax.Array, jax.Array]:

@@ -124,6 +124,16 @@ def xla_attention(q, k, v, mask, dt, blocks: int = 1):
                             for i in range(blocks)], axis=1)
 
 
+def cached_attention(q, k, v, mask, dt):
+    """A KV-cache step: q [b, q_len, heads, d] over the cache k, v [b, heads, max_len, d] where mask
+    [b, q_len, max_len] -> [b, q_len, heads, d]. The cache is read in its own layout (heads before
+    positions); only the step's queries and outputs are transposed."""
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs, v)
+
+
 # ---------------------------------------------------------------- fused kernels, one per device
 
 

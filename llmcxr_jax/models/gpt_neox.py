@@ -26,8 +26,9 @@ from llmcxr_jax.sharding import constrain
 
 @struct.dataclass
 class LayerKV:
-    """One layer's cached keys and values, each [batch, max_len, heads, head_dim]; KVCache.layers
-    gives all layers' as one LayerKV with a leading [layers] axis, which lax.scan slices per layer."""
+    """One layer's cached keys and values, each [batch, heads, max_len, head_dim] (heads before positions:
+    a decode step's score and value matmuls read the cache as it lies, with no transposed copy); KVCache.layers
+    gives a scanned model's as one LayerKV with a leading [layers] axis, which lax.scan slices per layer."""
 
     key: jax.Array
     value: jax.Array
@@ -35,30 +36,35 @@ class LayerKV:
 
 @struct.dataclass
 class KVCache:
-    """Decoding cache for all layers. key/value: [layers, batch, max_len, heads, head_dim]."""
+    """Decoding cache for all layers. key/value: one [batch, heads, max_len, head_dim] array per layer (a tuple),
+    each updated in place by the decode loop; for a scanned model (cfg.scan_layers) one array stacked on a
+    leading [layers] axis, which lax.scan slices and restacks."""
 
-    key: jax.Array
-    value: jax.Array
+    key: jax.Array | tuple[jax.Array, ...]
+    value: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array  # [batch, max_len] bool: positions holding a real (non-pad) token
     index: jax.Array  # int32 scalar: next write position
 
     @classmethod
     def create(cls, config: GPTNeoXConfig, batch: int, max_len: int) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_heads, config.head_dim)
-        zeros = jnp.zeros(shape, config.compute_dtype)
-        return cls(key=zeros, value=zeros, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_heads, max_len, config.head_dim)
+        if config.scan_layers:
+            key = value = jnp.zeros((config.num_layers, *shape), config.compute_dtype)
+        else:
+            key = value = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+        return cls(key=key, value=value, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def layers(self) -> LayerKV:
-        """Every layer's keys and values, stacked: [layers, batch, max_len, heads, head_dim] each."""
+        """A scanned model's keys and values, stacked: [layers, batch, heads, max_len, head_dim] each."""
         return LayerKV(key=self.key, value=self.value)
 
     def layer(self, i: int) -> LayerKV:
-        """Layer i's keys and values: [batch, max_len, heads, head_dim] each."""
+        """Layer i's keys and values: [batch, heads, max_len, head_dim] each."""
         return LayerKV(key=self.key[i], value=self.value[i])
 
     def with_layers(self, kv: LayerKV) -> KVCache:
-        """This cache holding kv (stacked on [layers]) as its keys and values."""
+        """This cache holding kv (stacked on [layers], or one tuple entry per layer) as its keys and values."""
         return self.replace(key=kv.key, value=kv.value)
 
 
@@ -148,14 +154,14 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [batch, length, heads, head_dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new_cache = None
-        if cache is not None:  # k, v become the whole cache: [batch, max_len, heads, head_dim]
+        if cache is not None:  # this step's keys and values written into the cache, attention over all of it
             if isinstance(mask, SelfAttentionMask) or blocks > 1:
                 raise UsageError(f"a KV-cache step takes a dense mask and blocks=1, not blocks={blocks}")
-            k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, axis=1)
-            new_cache = LayerKV(key=k, value=v)
-        k, v = k.astype(dt), v.astype(dt)
-        if isinstance(mask, SelfAttentionMask):
+            new_cache = LayerKV(*(jax.lax.dynamic_update_slice_in_dim(
+                c, new.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2)
+                for c, new in ((cache.key, k), (cache.value, v))))
+            out = attn.cached_attention(q, new_cache.key.astype(dt), new_cache.value.astype(dt), mask, dt)
+        elif isinstance(mask, SelfAttentionMask):
             out = attn.self_attention(q, k, v, mask, cfg.attention_kernel, dt, blocks)
         else:
             out = attn.xla_attention(q, k, v, mask, dt, blocks)
@@ -274,10 +280,12 @@ class GPTNeoXForCausalLM(nnx.Module):
         x, _ = self._run_layers(input_ids, position_ids, mask, None, causal_blocks(s))
         return x
 
-    def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None):
+    def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None, last_only: bool = False):
         """Run input_ids [batch, q_len] at cache.index.. over the cache -> (logits, new cache).
 
-        Prefill is a decode of the whole (left-padded) prompt; then one token per call.
+        Prefill is a decode of the whole (left-padded) prompt; then one token per call. last_only: the
+        logits of the last position alone ([batch, 1, padded_vocab]: all a prefill samples from, without
+        the head's matmul over every prompt position).
         """
         b, s = input_ids.shape
         if attention_mask is None:
@@ -293,7 +301,7 @@ class GPTNeoXForCausalLM(nnx.Module):
         causal = jnp.arange(max_len)[None, :] <= q_idx[:, None]  # [q_len, max_len]
         mask = causal[None] & valid[:, None, :]
         x, new_cache = self._run_layers(input_ids, position_ids, mask, cache)
-        return self.head_logits(x), new_cache.replace(valid=valid, index=cache.index + s)
+        return self.head_logits(x[:, -1:] if last_only else x), new_cache.replace(valid=valid, index=cache.index + s)
 
     def _run_layers(self, input_ids, position_ids, mask, cache: KVCache | None, blocks=1):
         """Embed, every layer, final norm -> (x [batch, q_len, embed], cache or None).
@@ -331,9 +339,8 @@ class GPTNeoXForCausalLM(nnx.Module):
                 x, kv = layer_fn(state, graphdef, x, cache.layer(i) if cache is not None else None, index)
                 layer_kvs.append(kv)
             new_kv = None
-            if cache is not None:  # the per-layer LayerKVs, stacked on [layers]
-                new_kv = LayerKV(key=jnp.stack([kv.key for kv in layer_kvs]),
-                                 value=jnp.stack([kv.value for kv in layer_kvs]))
+            if cache is not None:  # one array per layer, each written in place
+                new_kv = LayerKV(key=tuple(kv.key for kv in layer_kvs), value=tuple(kv.value for kv in layer_kvs))
         x = self.final_layer_norm(x, dt)
         return x, cache.with_layers(new_kv) if cache is not None else None
 
