@@ -56,6 +56,8 @@ def load_hf(model, dtype: str):
     from llmcxr_jax.convert.hf_gpt_neox import export_hf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads.
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     tmp = tempfile.mkdtemp(prefix="bench_generate_")
     try:
         export_hf(model, tmp, dtype=dtype)
@@ -104,7 +106,7 @@ def bench_torch(hf, prompt, mask, sampler, new_tokens, repeats, device):
     kw = dict(do_sample=False) if sampler == "greedy" else dict(do_sample=True, top_p=0.92, top_k=0)
 
     def once(n):
-        with torch.no_grad():
+        with torch.inference_mode():
             out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n,
                               eos_token_id=[EOS, END_KEY], pad_token_id=EOS, **kw)
         if device == "cuda":
@@ -144,6 +146,11 @@ def main():
         sys.exit("the dolly-v2-3b preset needs a GPU or TPU; use --preset tiny or small on a CPU")
     model, layout = build_model(args.preset, args.dtype)
     hf, device = (None, None) if args.skip_torch else load_hf(model, args.dtype)
+    torch_threads = None
+    if hf is not None:
+        import torch
+
+        torch_threads = torch.get_num_threads()
 
     rng = np.random.default_rng(0)
     rows = []
@@ -168,7 +175,8 @@ def main():
     result = {"preset": args.preset, "shape": dict(zip(("hidden", "layers", "heads", "intermediate"),
                                                        PRESETS[args.preset])),
               "vocab": layout.size, "dtype": args.dtype, "jax_device": jax.devices()[0].device_kind,
-              "torch_device": device, "cpu_count": os.cpu_count(), "rows": rows}
+              "torch_device": device, "cpu_count": os.cpu_count(),
+              "torch_threads": torch_threads, "rows": rows}
     print(f"\n{args.preset} {result['shape']}, vocab {layout.size}, {args.dtype}, "
           f"jax on {result['jax_device']}, torch on {device}\n")
     print("| case | sampler | batch | prompt | new tokens | ours tok/s | HF tok/s | ours / HF | our first call s |")

@@ -74,6 +74,9 @@ def bench_torch(args, shape, vocab_size, tokens):
 
     hidden, layers, heads, mlp = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads (it
+    # trains, so it keeps autograd: no inference_mode here).
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=mlp, rotary_pct=0.25,
@@ -101,7 +104,7 @@ def bench_torch(args, shape, vocab_size, tokens):
         loss = step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, float(loss), device
+    return time.perf_counter() - t0, float(loss), device, torch.get_num_threads()
 
 
 def main():
@@ -134,8 +137,9 @@ def main():
     seconds, loss, kind = bench_jax(args, shape, args.vocab, tokens)
     result.update(jax_tokens_per_s=n_tokens / seconds, jax_loss=loss, jax_device=kind)
     if not args.skip_torch:
-        t_seconds, t_loss, t_device = bench_torch(args, shape, args.vocab, tokens)
+        t_seconds, t_loss, t_device, t_threads = bench_torch(args, shape, args.vocab, tokens)
         result.update(torch_tokens_per_s=n_tokens / t_seconds, torch_loss=t_loss, torch_device=t_device,
+                      torch_threads=t_threads,
                       speedup=result["jax_tokens_per_s"] / (n_tokens / t_seconds))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if peak:

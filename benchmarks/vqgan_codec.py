@@ -48,6 +48,8 @@ def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model
         ref = VQModel.from_pretrained(d).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = ref.to(device)
+    # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads.
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     r = cfg.resolution
@@ -68,14 +70,14 @@ def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model
         if device == "cuda":
             torch.cuda.synchronize()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def t_encode():
         with torch.autocast(device_type=device, dtype=tdtype, enabled=dtype != "float32"):
             h = ref.encode(xt).latents
             ref.quantize(h)
         sync()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def t_decode():
         with torch.autocast(device_type=device, dtype=tdtype, enabled=dtype != "float32"):
             z = ref.quantize.embedding(codes_t).reshape(batch, n, n, -1).permute(0, 3, 1, 2)
@@ -87,6 +89,7 @@ def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model
     return {
         "variant": variant, "resolution": r, "batch": batch, "dtype": dtype,
         "jax_device": jax.devices()[0].device_kind, "torch_device": device, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "encode_images_per_s": {"jax": batch / jax_enc, "torch": batch / torch_enc, "ratio": torch_enc / jax_enc},
         "decode_images_per_s": {"jax": batch / jax_dec, "torch": batch / torch_dec, "ratio": torch_dec / jax_dec},
     }
