@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llmcxr_jax.errors import UsageError
 from llmcxr_jax.infer import sampling as smp
 from llmcxr_jax.infer.generate import (
     GenerateOutput,
@@ -413,3 +414,29 @@ def test_first_argmax_and_categorical_equal_jax_argmax_and_categorical():
     for step in range(4):
         k = smp.step_keys(keys, step)
         np.testing.assert_array_equal(smp.categorical(k, finite), jax.vmap(jax.random.categorical)(k, finite))
+
+
+@pytest.mark.parametrize("mode", ["text", "image", "unconstrained"])
+def test_the_rows_a_position_may_emit_give_the_whole_rows_tokens(model, mode):
+    """The decoder computes the head over sampled_rows alone (image: the codes' columns, forced ids at
+    the other positions): those logits are the whole head's (to float32 rounding: another matmul shape
+    sums in another order), and picks from them equal next_tokens on the whole table row, greedy and sampled."""
+    plan = make_plan(LAYOUT, SPECIAL, mode, image_tokens=3, open_id=5, close_id=6)
+    table = model.cfg.padded_vocab_size
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 1, model.cfg.hidden_size)).astype(np.float32))
+    full = model.head_logits(x)[:, 0]
+    start, stop = smp.sampled_rows(plan)
+    np.testing.assert_allclose(model.head_logits(x, rows=(start, stop))[:, 0], full[:, start:stop], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(full[:, start:stop]).max()))
+    keys = smp.row_keys(jax.random.key(7), 3)
+    for greedy, knobs in ((True, (1.0, 0, 1.0)), (False, (1.3, 0, 0.8)), (False, (0.7, 4, 1.0))):
+        kw = dict(greedy=greedy, temperature=knobs[0], top_k=knobs[1], top_p=knobs[2])
+        for step in range(6):
+            want = smp.next_tokens(full, step, keys, plan, **kw)
+            if bool(smp.is_forced(plan, step)):
+                got = jnp.full((3,), smp.forced_token(plan, step))
+            else:
+                got = smp.tokens_from_rows(full[:, start:stop], step, keys, plan, table, **kw)
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(UsageError, match="outside the table"):
+        model.head_logits(x, rows=(0, table + 1))

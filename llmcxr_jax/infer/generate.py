@@ -18,7 +18,17 @@ import numpy as np
 from flax import nnx, struct
 
 from llmcxr_jax.errors import UsageError
-from llmcxr_jax.infer.sampling import DecodePlan, SamplingConfig, advance, next_tokens, row_keys, step_keys
+from llmcxr_jax.infer.sampling import (
+    DecodePlan,
+    SamplingConfig,
+    advance,
+    forced_token,
+    is_forced,
+    row_keys,
+    sampled_rows,
+    step_keys,
+    tokens_from_rows,
+)
 from llmcxr_jax.models.gpt_neox import GPTNeoXForCausalLM, KVCache
 from llmcxr_jax.vocab import SpecialTokens, VocabLayout
 
@@ -68,11 +78,25 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
     tell = functools.partial(jax.debug.callback, functools.partial(_tell, max_new=max_new)) if report_steps \
         else lambda _: None
     batch, prompt_len = input_ids.shape
-    pick = functools.partial(next_tokens, keys=keys, plan=plan, greedy=greedy, temperature=knobs[0],
-                             top_k=knobs[1], top_p=knobs[2])
+    rows, table = sampled_rows(plan), model.cfg.padded_vocab_size
+
+    def pick(x, step):  # x [batch, 1, embed]: the last position's hidden state -> ids [batch]
+        def sampled(_):  # the logits of the rows this position may emit (every other row would be -inf)
+            if 2 * (rows[1] - rows[0]) < table:  # a few rows (image codes): only their columns of the head
+                logits = model.head_logits(x, rows=rows)[:, 0]
+            else:  # most of the table: the whole head (a slice of its kernel would be copied every step)
+                logits = model.head_logits(x)[:, 0, rows[0]:rows[1]]
+            return tokens_from_rows(logits, step, keys, plan, table, greedy=greedy, temperature=knobs[0],
+                                    top_k=knobs[1], top_p=knobs[2])
+
+        if plan.mode != "image":
+            return sampled(None)
+        return jax.lax.cond(is_forced(plan, step), lambda _: jnp.full((batch,), forced_token(plan, step)),
+                            sampled, None)
+
     cache = KVCache.create(model.cfg, batch, prompt_len + max_new)
-    logits, cache = model.decode(input_ids, cache, attention_mask, last_only=True)
-    first, done = advance(pick(logits[:, -1], 0), jnp.zeros((batch,), bool), plan)
+    x, cache = model.decode_states(input_ids, cache, attention_mask)
+    first, done = advance(pick(x[:, -1:], 0), jnp.zeros((batch,), bool), plan)
     tokens = jnp.full((batch, max_new), plan.pad_id, jnp.int32).at[:, 0].set(first)
     lengths = jnp.ones((batch,), jnp.int32)
     tell(jnp.int32(1))
@@ -84,8 +108,8 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
     def body(carry):
         step, tokens, cache, done, lengths = carry
         prev = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)  # [batch, 1]
-        logits, cache = model.decode(prev, cache)
-        nxt, new_done = advance(pick(logits[:, -1], step), done, plan)
+        x, cache = model.decode_states(prev, cache)
+        nxt, new_done = advance(pick(x, step), done, plan)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step, axis=1)
         tell(step + 1)
         return step + 1, tokens, cache, new_done, lengths + (~done).astype(jnp.int32)

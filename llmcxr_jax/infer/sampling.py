@@ -178,11 +178,51 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where((x == top) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
 
 
-def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+def categorical(keys: jax.Array, logits: jax.Array, offset: int = 0, table_rows: int | None = None) -> jax.Array:
     """One draw per row from softmax(logits) with that row's key: jax.random.categorical's draw (the argmax
-    of logits plus Gumbel noise of the row's key), the same ids, through first_argmax."""
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], logits.dtype))(keys)
+    of logits plus Gumbel noise of the row's key), the same ids, through first_argmax. logits may be the
+    rows [offset, offset + n) of a table_rows-wide row whose other entries are -inf: the noise is drawn for
+    the whole row and sliced, so the index (within the slice) is the one categorical gives on the whole row."""
+    width = logits.shape[-1]
+    rows = width if table_rows is None else table_rows
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (rows,), logits.dtype))(keys)[:, offset:offset + width]
     return first_argmax(logits + noise)
+
+
+def sampled_rows(plan: DecodePlan) -> tuple[int, int]:
+    """The table rows [start, stop) a sampled position may emit: text ids (text), image ids (image's code
+    positions; its other positions are forced), every real row (unconstrained). The head need compute no
+    others: every other row is -inf in next_tokens."""
+    if plan.mode == "text":
+        return 0, plan.text_size
+    if plan.mode == "image":
+        return plan.text_size, plan.text_size + plan.image_codes
+    return 0, plan.vocab_size
+
+
+def forced_token(plan: DecodePlan, step) -> jax.Array:
+    """Image mode's token at a position that allows one id: "<" at 0, ">" after the codes, then the end key."""
+    n = plan.image_tokens
+    return jnp.where(step == 0, plan.open_id, jnp.where(step == n + 1, plan.close_id, plan.end_id)).astype(jnp.int32)
+
+
+def is_forced(plan: DecodePlan, step) -> jax.Array:
+    """Whether position `step` allows one id only (image mode outside its codes)."""
+    if plan.mode != "image":
+        return jnp.asarray(False)
+    return (step < 1) | (step > plan.image_tokens)
+
+
+def tokens_from_rows(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, table_rows: int, *, greedy: bool,
+                     temperature, top_k, top_p) -> jax.Array:
+    """next_tokens for a sampled position from the logits of sampled_rows(plan) alone ([batch, stop - start]):
+    the same ids next_tokens gives on the whole table row (its other entries -inf; the Gumbel noise drawn
+    for the whole row)."""
+    start, _ = sampled_rows(plan)
+    if greedy:
+        return first_argmax(logits) + start
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return categorical(step_keys(keys, step), logits, offset=start, table_rows=table_rows) + start
 
 
 def next_tokens(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, *, greedy: bool, temperature,

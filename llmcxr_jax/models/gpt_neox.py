@@ -280,13 +280,17 @@ class GPTNeoXForCausalLM(nnx.Module):
         x, _ = self._run_layers(input_ids, position_ids, mask, None, causal_blocks(s))
         return x
 
-    def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None, last_only: bool = False):
+    def decode(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None):
         """Run input_ids [batch, q_len] at cache.index.. over the cache -> (logits, new cache).
 
-        Prefill is a decode of the whole (left-padded) prompt; then one token per call. last_only: the
-        logits of the last position alone ([batch, 1, padded_vocab]: all a prefill samples from, without
-        the head's matmul over every prompt position).
+        Prefill is a decode of the whole (left-padded) prompt; then one token per call.
         """
+        x, cache = self.decode_states(input_ids, cache, attention_mask, position_ids)
+        return self.head_logits(x), cache
+
+    def decode_states(self, input_ids, cache: KVCache, attention_mask=None, position_ids=None):
+        """decode without the head -> (final hidden states [batch, q_len, embed], new cache): a sampler applies
+        the head to the positions and table rows it draws from (the last position; the rows it may emit)."""
         b, s = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
@@ -301,7 +305,7 @@ class GPTNeoXForCausalLM(nnx.Module):
         causal = jnp.arange(max_len)[None, :] <= q_idx[:, None]  # [q_len, max_len]
         mask = causal[None] & valid[:, None, :]
         x, new_cache = self._run_layers(input_ids, position_ids, mask, cache)
-        return self.head_logits(x[:, -1:] if last_only else x), new_cache.replace(valid=valid, index=cache.index + s)
+        return x, new_cache.replace(valid=valid, index=cache.index + s)
 
     def _run_layers(self, input_ids, position_ids, mask, cache: KVCache | None, blocks=1):
         """Embed, every layer, final norm -> (x [batch, q_len, embed], cache or None).
@@ -344,13 +348,20 @@ class GPTNeoXForCausalLM(nnx.Module):
         x = self.final_layer_norm(x, dt)
         return x, cache.with_layers(new_kv) if cache is not None else None
 
-    def head_logits(self, x):
-        """x [..., embed] -> float32 logits [..., padded_vocab]; rows past vocab_size are -inf."""
-        logits = _dense(x, self.embed_out["kernel"].get_value().astype(self.cfg.compute_dtype),
-                        preferred_element_type=jnp.float32)
+    def head_logits(self, x, rows: tuple[int, int] | None = None):
+        """x [..., embed] -> float32 logits [..., padded_vocab]; rows past vocab_size are -inf. rows=(start,
+        stop): the logits of table rows [start, stop) alone (a static slice of the head's kernel)."""
+        kernel = self.embed_out["kernel"].get_value()
+        if rows is not None:
+            start, stop = rows
+            if not 0 <= start < stop <= self.cfg.padded_vocab_size:
+                raise UsageError(f"head rows [{start}, {stop}) are outside the table's {self.cfg.padded_vocab_size}")
+            kernel = kernel[:, start:stop]
+        logits = _dense(x, kernel.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
-            real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+        start, stop = rows or (0, self.cfg.padded_vocab_size)
+        if stop > self.cfg.vocab_size:
+            real = jnp.arange(start, stop) < self.cfg.vocab_size
             logits = jnp.where(real, logits, -jnp.inf)
         return logits
 
