@@ -27,8 +27,9 @@ def smoke(tmp_path_factory):
     out, results = tmp / "performance.md", tmp / "results.json"
     out.write_text(BEFORE)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
-    # the suite's compilation cache, every compile kept: the second run of the suite compiles nothing
-    env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+    # a compilation cache of its own, every compile kept (the second run of the suite compiles nothing), apart
+    # from the suite's: entries written while other xdist workers read the same key once aborted a worker
+    env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache", "benchmarks_smoke"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out), "--json", str(results)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
