@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     cfg = VQGANConfig(resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4),
                       num_res_blocks=2, attn_resolutions=(16,), z_channels=256, embed_dim=256, n_embed=1024,
                       beta=0.25, dropout=0.0, legacy_loss=False, dtype="float32", param_dtype="float32")
