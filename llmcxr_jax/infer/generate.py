@@ -82,10 +82,7 @@ def _decode(graphdef, state, input_ids, attention_mask, keys, knobs, plan: Decod
 
     def pick(x, step):  # x [batch, 1, embed]: the last position's hidden state -> ids [batch]
         def sampled(_):  # the logits of the rows this position may emit (every other row would be -inf)
-            if 2 * (rows[1] - rows[0]) < table:  # a few rows (image codes): only their columns of the head
-                logits = model.head_logits(x, rows=rows)[:, 0]
-            else:  # most of the table: the whole head (a slice of its kernel would be copied every step)
-                logits = model.head_logits(x)[:, 0, rows[0]:rows[1]]
+            logits = model.head_logits(x, rows=rows)[:, 0]
             return tokens_from_rows(logits, step, keys, plan, table, greedy=greedy, temperature=knobs[0],
                                     top_k=knobs[1], top_p=knobs[2])
 

@@ -213,26 +213,31 @@ def is_forced(plan: DecodePlan, step) -> jax.Array:
     return (step < 1) | (step > plan.image_tokens)
 
 
+def draw(logits: jax.Array, step, keys: jax.Array, *, greedy: bool, temperature, top_k, top_p, offset: int = 0,
+         table_rows: int | None = None) -> jax.Array:
+    """logits [batch, n] of response position `step` -> the picked ids [batch] int32: the argmax, or a draw
+    after temperature, top-k and top-p with fold_in(row key, step). The logits may be the rows [offset,
+    offset + n) of table_rows-wide rows (see categorical); the ids are the table's."""
+    if greedy:
+        return first_argmax(logits) + offset
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return categorical(step_keys(keys, step), logits, offset=offset, table_rows=table_rows) + offset
+
+
 def tokens_from_rows(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, table_rows: int, *, greedy: bool,
                      temperature, top_k, top_p) -> jax.Array:
     """next_tokens for a sampled position from the logits of sampled_rows(plan) alone ([batch, stop - start]):
     the same ids next_tokens gives on the whole table row (its other entries -inf; the Gumbel noise drawn
     for the whole row)."""
-    start, _ = sampled_rows(plan)
-    if greedy:
-        return first_argmax(logits) + start
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    return categorical(step_keys(keys, step), logits, offset=start, table_rows=table_rows) + start
+    return draw(logits, step, keys, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                offset=sampled_rows(plan)[0], table_rows=table_rows)
 
 
 def next_tokens(logits: jax.Array, step, keys: jax.Array, plan: DecodePlan, *, greedy: bool, temperature,
                 top_k, top_p) -> jax.Array:
     """logits [batch, table] of response position `step` -> token ids [batch] int32."""
     logits = jnp.where(allowed_tokens(plan, step, logits.shape[-1]), logits, -jnp.inf)
-    if greedy:
-        return first_argmax(logits)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    return categorical(step_keys(keys, step), logits)
+    return draw(logits, step, keys, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def advance(tokens: jax.Array, done: jax.Array, plan: DecodePlan) -> tuple[jax.Array, jax.Array]:

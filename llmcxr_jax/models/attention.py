@@ -102,12 +102,14 @@ def causal_blocks(length: int) -> int:
     return length // XLA_BLOCK if length % XLA_BLOCK == 0 and length >= 2 * XLA_BLOCK else 1
 
 
-def _attend(q, k, v, mask, dt):
-    """Softmax attention of q [b, q, heads, d] over k, v [b, k, heads, d] where mask [b, q, k]."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+def _attend(q, k, v, mask, dt, kv: str = "bkhd"):
+    """Softmax attention of q [b, q, heads, d] over k, v where mask [b, q, k] -> [b, q, heads, d]. kv: the
+    keys' and values' layout, [b, k, heads, d] ("bkhd") or a KV cache's [b, heads, k, d] ("bhkd"), read as
+    it lies."""
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum(f"bhqk,{kv}->bqhd", probs, v)
 
 
 def xla_attention(q, k, v, mask, dt, blocks: int = 1):
@@ -128,10 +130,7 @@ def cached_attention(q, k, v, mask, dt):
     """A KV-cache step: q [b, q_len, heads, d] over the cache k, v [b, heads, max_len, d] where mask
     [b, q_len, max_len] -> [b, q_len, heads, d]. The cache is read in its own layout (heads before
     positions); only the step's queries and outputs are transposed."""
-    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bhqk,bhkd->bqhd", probs, v)
+    return _attend(q, k, v, mask, dt, kv="bhkd")
 
 
 # ---------------------------------------------------------------- fused kernels, one per device

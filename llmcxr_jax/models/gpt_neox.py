@@ -350,16 +350,21 @@ class GPTNeoXForCausalLM(nnx.Module):
 
     def head_logits(self, x, rows: tuple[int, int] | None = None):
         """x [..., embed] -> float32 logits [..., padded_vocab]; rows past vocab_size are -inf. rows=(start,
-        stop): the logits of table rows [start, stop) alone (a static slice of the head's kernel)."""
+        stop): the logits of table rows [start, stop) alone. A few rows (under half the table: a sampler's
+        image codes) are a static slice of the head's kernel; more are the whole head's logits, sliced (a
+        slice of most of the kernel would be a copy of it at every call)."""
+        table = self.cfg.padded_vocab_size
+        start, stop = rows or (0, table)
+        if not 0 <= start < stop <= table:
+            raise UsageError(f"head rows [{start}, {stop}) are outside the table's {table}")
         kernel = self.embed_out["kernel"].get_value()
-        if rows is not None:
-            start, stop = rows
-            if not 0 <= start < stop <= self.cfg.padded_vocab_size:
-                raise UsageError(f"head rows [{start}, {stop}) are outside the table's {self.cfg.padded_vocab_size}")
+        narrow = 2 * (stop - start) < table
+        if narrow:
             kernel = kernel[:, start:stop]
         logits = _dense(x, kernel.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        start, stop = rows or (0, self.cfg.padded_vocab_size)
+        if not narrow:
+            logits = logits[..., start:stop]
         if stop > self.cfg.vocab_size:
             real = jnp.arange(start, stop) < self.cfg.vocab_size
             logits = jnp.where(real, logits, -jnp.inf)
