@@ -57,7 +57,9 @@ def load_hf(model, dtype: str):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads.
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from benchmarks.report import usable_cpus
+
+    torch.set_num_threads(usable_cpus())
     tmp = tempfile.mkdtemp(prefix="bench_generate_")
     try:
         export_hf(model, tmp, dtype=dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 PRESETS = {  # hidden, layers, heads, intermediate
@@ -19,6 +20,7 @@ PRESETS = {  # hidden, layers, heads, intermediate
     "dolly-v2-3b": (2560, 32, 32, 10240),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0}
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # benchmarks.report, run as a script
 
 
 def model_flops_per_token(hidden, layers, intermediate, vocab, seq) -> float:
@@ -76,7 +78,9 @@ def bench_torch(args, shape, vocab_size, tokens):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads (it
     # trains, so it keeps autograd: no inference_mode here).
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from benchmarks.report import usable_cpus
+
+    torch.set_num_threads(usable_cpus())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=mlp, rotary_pct=0.25,
@@ -124,6 +128,7 @@ def main():
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args()
+    sys.path.insert(0, ROOT)
 
     import numpy as np
 

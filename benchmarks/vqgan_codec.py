@@ -49,7 +49,9 @@ def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = ref.to(device)
     # XLA:CPU sizes its thread pool by the CPUs this process may run on; the peer gets as many threads.
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from benchmarks.report import usable_cpus
+
+    torch.set_num_threads(usable_cpus())
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     r = cfg.resolution

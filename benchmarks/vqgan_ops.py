@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 from llmcxr_jax.models.vqgan import GroupNorm, Upsample, VQGANConfig
 
 SHAPES = ((256, 128), (128, 256), (32, 512), (16, 512))  # (height = width, channels) of decoder levels
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # benchmarks.report, run as a script
 
 
 def fastest_ms(fn, *args, repeats: int) -> float:
@@ -40,7 +42,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    sys.path.insert(0, ROOT)
+    from benchmarks.report import usable_cpus
+
+    torch.set_num_threads(usable_cpus())
     cfg = VQGANConfig(resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4),
                       num_res_blocks=2, attn_resolutions=(16,), z_channels=256, embed_dim=256, n_embed=1024,
                       beta=0.25, dropout=0.0, legacy_loss=False, dtype="float32", param_dtype="float32")
