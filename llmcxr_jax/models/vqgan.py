@@ -101,15 +101,14 @@ class Conv(nnx.Module):
                                 logical_axes=("conv_height", "conv_width", "conv_in", "conv_out"))
         self.bias = nnx.Param(uniform(rngs.params(), (c_out,), _w(cfg)), logical_axes=("conv_out",))
 
-    def __call__(self, x, kernel=None):
-        """kernel: an override of the stored kernel (to differentiate with respect to it alone)."""
+    def __call__(self, x, kernel=None, padding=None):
+        """kernel: an override of the stored kernel (to differentiate with respect to it alone, or one derived
+        from it); padding: ((top, bottom), (left, right)) in place of taming's."""
         dt = _dt(self.cfg)
         kernel = self.kernel.get_value() if kernel is None else kernel
         k = kernel.shape[0]
-        if self.stride == 2:
-            padding = ((0, 1), (0, 1))
-        else:
-            padding = ((k // 2, k // 2),) * 2
+        if padding is None:
+            padding = ((0, 1), (0, 1)) if self.stride == 2 else ((k // 2, k // 2),) * 2
         y = jax.lax.conv_general_dilated(x.astype(dt), kernel.astype(dt), (self.stride,) * 2,
                                          padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + self.bias.get_value().astype(dt)
@@ -203,24 +202,18 @@ class Upsample(nnx.Module):
         self.conv = Conv(cfg, c, c, 3, rngs)
 
     def __call__(self, x):
-        conv, dt = self.conv, _dt(self.conv.cfg)
-        k = conv.kernel.get_value().astype(dt)
-        b, h, w, c = x.shape
+        k = self.conv.kernel.get_value()
+        b, h, w, _ = x.shape
 
         def fold(k, phase, axis):  # 3 taps -> the 2 that output phase `phase` sees, along kernel axis `axis`
             t = [jax.lax.index_in_dim(k, i, axis) for i in range(3)]
             return jnp.concatenate([t[0], t[1] + t[2]] if phase == 0 else [t[0] + t[1], t[2]], axis=axis)
 
         pad = ((1, 0), (0, 1))  # phase 0 reaches one pixel back, phase 1 one forward
-        x = x.astype(dt)
-        rows = []
-        for py in (0, 1):
-            ky = fold(k, py, 0)
-            rows.append(jnp.stack([jax.lax.conv_general_dilated(x, fold(ky, px, 1), (1, 1), (pad[py], pad[px]),
-                                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                                   for px in (0, 1)], axis=3))  # [b, h, w, 2 (px), c]
-        y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, -1)  # [b, h, 2 (py), w, 2 (px), c] interleaved
-        return y + conv.bias.get_value().astype(dt)
+        rows = [jnp.stack([self.conv(x, kernel=fold(fold(k, py, 0), px, 1), padding=(pad[py], pad[px]))
+                           for px in (0, 1)], axis=3)  # [b, h, w, 2 (px), c]
+                for py in (0, 1)]
+        return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, -1)  # [b, h, 2 (py), w, 2 (px), c] interleaved
 
 
 class Level(nnx.Module):
