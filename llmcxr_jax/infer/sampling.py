@@ -4,16 +4,20 @@ greedy or sampled picks, and the per-step, per-row random keys. Pure functions, 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llmcxr_jax.errors import UsageError
+from llmcxr_jax.infer.threefry import gumbel_rows
 
 MODES = ("text", "image", "unconstrained")
 # LLM-CXR's generation settings: nucleus sampling at temperature 1, top_p 0.92, top_k 0 (off)
 LLMCXR_TEMPERATURE, LLMCXR_TOP_P, LLMCXR_TOP_K = 1.0, 0.92, 0
+_LANES = 128  # the bisection's independent partial sums per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,21 +116,49 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
+def _bisect(masked_sum, budget, shape) -> jax.Array:
+    """The smallest uint32 t with masked_sum(t) < budget (masked_sum falls as t rises), for each entry of
+    shape: 32 bisection steps over the whole uint32 range."""
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        passes = masked_sum(mid) < budget
+        return jnp.where(passes, lo, mid), jnp.where(passes, mid, hi)
+
+    # lo never passes (as if below every key); hi always passes (nothing above it)
+    bounds = (jnp.zeros(shape, jnp.uint32), jnp.full(shape, 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, step, bounds)[1]
+
+
+def _smallest_passing_cpu(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
+    """_smallest_passing shaped for XLA:CPU: a few rows at a time (a row's 32 passes then read it from cache;
+    at batch 8 the [8, 50k] pair of arrays does not stay there), each row as [vocab / 128, 128] summed over
+    its first axis (128 independent partial sums; a sum along the row is one serial chain of adds).
+    Padding has key 0, which no t is below, and weight 0."""
+    lead, n = keys.shape[:-1], keys.shape[-1]
+    pad = -n % _LANES
+    tiles = lambda x: jnp.pad(x.reshape(-1, n), ((0, 0), (0, pad))).reshape(-1, (n + pad) // _LANES, _LANES)  # noqa: E731
+
+    def row(args):
+        keys, weights = args
+        return _bisect(lambda t: jnp.sum(jnp.sum(jnp.where(keys > t, weights, 0), axis=0)), budget, ())
+
+    rows = math.prod(lead)
+    at_once = max(1, min(rows, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    return jax.lax.map(row, (tiles(keys), tiles(weights)), batch_size=at_once).reshape(lead + (1,))
+
+
 def _smallest_passing(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
     """keys [..., vocab] uint32 -> [..., 1]: the smallest t with sum(weights[keys > t]) < budget.
 
-    32 bisection steps over the whole uint32 range: exact, no sort, a few masked sums per step.
+    Bisection over the uint32 range: exact, no sort, one masked sum per step; on a CPU row by row
+    (_smallest_passing_cpu), elsewhere all rows at once.
     """
-    lo = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)  # never passes (as if below every key)
-    hi = jnp.full(keys.shape[:-1] + (1,), 0xFFFFFFFF, jnp.uint32)  # always passes: nothing above
+    def all_rows(keys, weights, budget):
+        return _bisect(lambda t: jnp.sum(jnp.where(keys > t, weights, 0), axis=-1, keepdims=True), budget,
+                       keys.shape[:-1] + (1,))
 
-    def bisect(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        passes = jnp.sum(jnp.where(keys > mid, weights, 0), axis=-1, keepdims=True) < budget
-        return jnp.where(passes, lo, mid), jnp.where(passes, mid, hi)
-
-    return jax.lax.fori_loop(0, 32, bisect, (lo, hi))[1]
+    return jax.lax.platform_dependent(keys, weights, budget, cpu=_smallest_passing_cpu, default=all_rows)
 
 
 def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
@@ -185,8 +217,11 @@ def categorical(keys: jax.Array, logits: jax.Array, offset: int = 0, table_rows:
     the whole row and sliced, so the index (within the slice) is the one categorical gives on the whole row."""
     width = logits.shape[-1]
     rows = width if table_rows is None else table_rows
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (rows,), logits.dtype))(keys)[:, offset:offset + width]
-    return first_argmax(logits + noise)
+    # padded with -inf to a multiple of 128 entries: XLA:CPU vectorises the noise's hash only over such a
+    # row (a 50,281-entry row took 5x as long as a 50,304-entry one); a padded entry is never the first max
+    padded = -(-width // _LANES) * _LANES
+    logits = jnp.pad(logits, ((0, 0), (0, padded - width)), constant_values=-jnp.inf)
+    return first_argmax(logits + gumbel_rows(keys, rows, offset, offset + padded, logits.dtype))
 
 
 def sampled_rows(plan: DecodePlan) -> tuple[int, int]:
