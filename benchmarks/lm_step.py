@@ -146,9 +146,10 @@ def main():
         result.update(torch_tokens_per_s=n_tokens / t_seconds, torch_loss=t_loss, torch_device=t_device,
                       torch_threads=t_threads,
                       speedup=result["jax_tokens_per_s"] / (n_tokens / t_seconds))
+    flops = model_flops_per_token(shape[0], shape[1], shape[3], args.vocab, args.seq)
+    result["model_flops_per_token"] = flops
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if peak:
-        flops = model_flops_per_token(shape[0], shape[1], shape[3], args.vocab, args.seq)
         result["jax_mfu"] = result["jax_tokens_per_s"] * flops / (peak * 1e12)
         if "torch_tokens_per_s" in result:
             result["torch_mfu"] = result["torch_tokens_per_s"] * flops / (peak * 1e12)

@@ -91,10 +91,42 @@ def table(runs: list[dict]) -> str:
             continue
         for r in job.rows(run["result"]):
             ratio = None if r["peer"] is None else r["ours"] / r["peer"]
-            met = "-" if ratio is None else "yes" if ratio >= job.goal else "no"
+            met = "-" if ratio is None or job.goal is None else "yes" if ratio >= job.goal else "no"
             ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
             lines.append(f"| {title} | {cell(r['case'])} | {rate(r['ours'], r['unit'])} | {rate(r['peer'], r['unit'])} "
                          f"| {ratio_text} | {job.goal_text(r.get('keep', False))} | {met} |")
+    return "\n".join(lines)
+
+
+def ceilings(runs: list[dict]) -> str:
+    """The second table: for each case whose model FLOPs its script counted (the codec, the training step), the
+    peer's rate in model GFLOP/s against the fastest float32 matmul this machine ran (matmul_peak.py): ours / peer
+    cannot pass XLA's best matmul rate / the peer's model rate without doing fewer multiplications than the model.
+    Empty without a matmul_peak run."""
+    jobs = {j.name: j for j in suite.JOBS}
+    peak = next((r["result"] for r in runs if r["job"] == "matmul_peak" and r["status"] == "ok"), None)
+    if peak is None:
+        return ""
+    xla = max(r["jax_gflops"] for r in peak["rows"])
+    torch = max(r["torch_gflops"] for r in peak["rows"])
+    lines = ["What the machine allows: the fastest float32 matmul measured above, "
+             f"{xla:,.0f} GFLOP/s in XLA:CPU and {torch:,.0f} in PyTorch, against each case's model FLOPs (its "
+             "convolutions and matmuls, counted by the script). Ours / peer can pass the ceiling, XLA's best matmul "
+             "rate over the peer's model rate, only by doing fewer multiplications than the model.",
+             "",
+             "| benchmark | case | model GFLOP per item | ours GFLOP/s | peer GFLOP/s | ceiling | goal |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        if run["status"] != "ok" or jobs[run["job"]].goal is None:
+            continue
+        job = jobs[run["job"]]
+        for r in job.rows(run["result"]):
+            if not r.get("model_flops") or r["peer"] is None:
+                continue
+            ours, peer = r["ours"] * r["model_flops"] / 1e9, r["peer"] * r["model_flops"] / 1e9
+            lines.append(f"| {cell(suite.title(run['script'], run['args']))} | {cell(r['case'])} | "
+                         f"{r['model_flops'] / 1e9:.3g} | {ours:,.0f} | {peer:,.0f} | {xla / peer:.2f}x | "
+                         f"{job.goal_text()} |")
     return "\n".join(lines)
 
 
@@ -125,7 +157,11 @@ def block(env: dict, runs: list[dict], command: str, date: str, smoke: bool) -> 
     if smoke:
         lines.append("This is a --smoke run: the smallest shapes and one timed repeat, to show the runner works; "
                      "its numbers say nothing about speed.")
-    lines += ["", table(runs), END]
+    lines += ["", table(runs)]
+    limits = ceilings(runs)
+    if limits:
+        lines += ["", limits]
+    lines.append(END)
     return "\n".join(lines)
 
 

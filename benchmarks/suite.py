@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from llmcxr_jax.errors import UsageError
 
-GROUPS = ("codec", "generate", "lm_step")  # what --only picks from
+GROUPS = ("peak", "codec", "generate", "lm_step")  # what --only picks from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Job:
     args: tuple[str, ...]  # the full run
     smoke_args: tuple[str, ...] | None  # --smoke: the smallest shapes the script allows; None: not run then
     repeats_flag: str  # the script's option that --repeats sets (its timed runs)
-    goal: float  # issue 21: ours / peer at least this
+    goal: float | None  # issue 21: ours / peer at least this (None: a measurement of the machine, no goal)
     rows: Callable[[dict], list[dict]]
 
     def command(self, smoke: bool, repeats: int | None) -> list[str]:
@@ -31,7 +31,9 @@ class Job:
         return args
 
     def goal_text(self, keep: bool = False) -> str:
-        """">= 3x", or "keep >= 3x" for a case that meets it already."""
+        """">= 3x", or "keep >= 3x" for a case that meets it already; "reference" without a goal."""
+        if self.goal is None:
+            return "reference"
         return f"{'keep ' if keep else ''}>= {self.goal:g}x"
 
 
@@ -45,10 +47,16 @@ def row(case: str, ours: float, peer: float | None, unit: str, **extra) -> dict:
     return {"case": case, "ours": ours, "peer": peer, "unit": unit, **extra}
 
 
+def peak_rows(result: dict) -> list[dict]:
+    """matmul_peak.py: float32 matmul GFLOP/s of XLA:CPU (ours) and PyTorch, a square one and the sampler's head."""
+    return [row(r["case"], r["jax_gflops"], r["torch_gflops"], "GFLOP/s") for r in result["rows"]]
+
+
 def codec_rows(result: dict) -> list[dict]:
-    """vqgan_codec.py: encode and decode images/s."""
+    """vqgan_codec.py: encode and decode images/s (and the model FLOPs of one image)."""
     size = f"{result['resolution']} px, batch {result['batch']}"
-    return [row(f"{op}, {size}", result[f"{op}_images_per_s"]["jax"], result[f"{op}_images_per_s"]["torch"], "img/s")
+    return [row(f"{op}, {size}", result[f"{op}_images_per_s"]["jax"], result[f"{op}_images_per_s"]["torch"], "img/s",
+                model_flops=result.get("model_flops_per_image", {}).get(op))
             for op in ("encode", "decode")]
 
 
@@ -64,10 +72,13 @@ def lm_step_rows(result: dict) -> list[dict]:
     shape = result["shape"]
     case = (f"forward+backward, {result['batch']} x {result['seq']} tokens, hidden {shape['hidden']}, "
             f"{shape['layers']} layers, vocab {result['vocab']}")
-    return [row(case, result["jax_tokens_per_s"], result.get("torch_tokens_per_s"), "tok/s")]
+    return [row(case, result["jax_tokens_per_s"], result.get("torch_tokens_per_s"), "tok/s",
+                model_flops=result.get("model_flops_per_token"))]
 
 
 JOBS = (
+    Job("matmul_peak", "peak", "matmul_peak.py", (), ("--size", "256", "--batches", "1", "--repeats", "2"),
+        "--repeats", None, peak_rows),
     Job("codec_tiny", "codec", "vqgan_codec.py", ("--variant", "tiny", "--batch", "8"),
         ("--variant", "tiny", "--batch", "1", "--steps", "1", "--warmup", "1"), "--steps", 1.5, codec_rows),
     Job("codec_f16_1024", "codec", "vqgan_codec.py", ("--variant", "f16_1024", "--batch", "8"),

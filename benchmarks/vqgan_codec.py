@@ -88,13 +88,34 @@ def measure(variant: str, batch: int, dtype: str, steps: int, warmup: int, model
 
     torch_enc = timed(t_encode, steps, warmup)
     torch_dec = timed(t_decode, steps, warmup)
+    flops = model_flops(ref, xt[:1], codes_t[:1], n)
     return {
         "variant": variant, "resolution": r, "batch": batch, "dtype": dtype,
         "jax_device": jax.devices()[0].device_kind, "torch_device": device, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "encode_images_per_s": {"jax": batch / jax_enc, "torch": batch / torch_enc, "ratio": torch_enc / jax_enc},
         "decode_images_per_s": {"jax": batch / jax_dec, "torch": batch / torch_dec, "ratio": torch_dec / jax_dec},
+        "model_flops_per_image": flops,
     }
+
+
+def model_flops(ref, image, codes, n: int) -> dict:
+    """The model FLOPs of encoding and decoding one image, as PyTorch's FlopCounterMode counts them on the diffusers
+    model (its convolutions, matmuls and attention; elementwise work is not counted): the work both frameworks do,
+    however each carries it out."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            ref.quantize(ref.encode(image).latents)
+        counts["encode"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            z = ref.quantize.embedding(codes).reshape(1, n, n, -1).permute(0, 3, 1, 2)
+            ref.decode(z, force_not_quantize=True)
+        counts["decode"] = counter.get_total_flops()
+    return counts
 
 
 def main():

@@ -40,7 +40,7 @@ def smoke(tmp_path_factory):
 def test_smoke_run_writes_a_row_with_numbers_for_every_benchmark(smoke):
     proc, text, results = smoke
     jobs = suite.select(None, smoke=True)
-    assert [j.group for j in jobs] == ["codec", "generate", "lm_step"]
+    assert [j.group for j in jobs] == ["peak", "codec", "generate", "lm_step"]
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     before, rest = text.split(report.BEGIN)
     block, after = rest.split(report.END)
@@ -50,8 +50,10 @@ def test_smoke_run_writes_a_row_with_numbers_for_every_benchmark(smoke):
                      r"diffusers \S+\.$", block, re.M), block
     assert re.search(r"^Machine: .+, \d+ cores \(\d+ usable by this process\), [\d.]+ GiB memory", block, re.M)
     assert "Command: `python -m benchmarks --smoke --out " in block and re.search(r"Date: \d{4}-\d\d-\d\d ", block)
-    rows = [line for line in block.splitlines() if line.startswith("| `")]
-    cases = {"codec_tiny": ["encode, 64 px, batch 1", "decode, 64 px, batch 1"],
+    table, limits = block.split("What the machine allows: ")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    cases = {"matmul_peak": ["matmul 256 x 256 x 256", "LM head, batch 1: [1, 256] x [256, 51328]"],
+             "codec_tiny": ["encode, 64 px, batch 1", "decode, 64 px, batch 1"],
              "generate": ["report, 4 tokens, batch 1, greedy", "image, 7 tokens, batch 1, greedy"],
              "lm_step": ["forward+backward, 1 x 16 tokens, hidden 512, 4 layers, vocab 1152"]}
     assert len(rows) == sum(len(c) for c in cases.values()), rows
@@ -59,16 +61,20 @@ def test_smoke_run_writes_a_row_with_numbers_for_every_benchmark(smoke):
         for case in cases[job.name]:
             title = suite.title(job.script, job.command(True, None))
             (line,) = [r for r in rows if r.startswith(f"| {title} | {case} |")]
-            unit = "img/s" if job.group == "codec" else "tok/s"
-            goal = "keep >= 3x" if job.group == "generate" else ">= 1.5x"
-            assert re.fullmatch(rf"\| .+ \| {NUMBER} {unit} \| {NUMBER} {unit} \| {NUMBER}x \| {goal} \| (yes|no) \|",
+            unit = {"codec": "img/s", "peak": "GFLOP/s"}.get(job.group, "tok/s")
+            goal = {"generate": "keep >= 3x", "peak": "reference"}.get(job.group, ">= 1.5x")
+            met = "-" if job.group == "peak" else "(yes|no)"
+            assert re.fullmatch(rf"\| .+ \| {NUMBER} {unit} \| {NUMBER} {unit} \| {NUMBER}x \| {goal} \| {met} \|",
                                 line), line
+    ceiling_rows = [line for line in limits.splitlines() if line.startswith("| `")]  # the codec's two, lm_step's
+    assert len(ceiling_rows) == 3 and all(re.fullmatch(rf"\| .+ \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER}x "
+                                                       r"\| >= 1.5x \|", line) for line in ceiling_rows), limits
     runs = {r["job"]: r for r in results["runs"]}
     assert set(runs) == set(cases) and all(r["status"] == "ok" for r in runs.values())
     assert results["smoke"] is True and results["versions"]["jax"] and results["machine"]["cores"] >= 1
     for run in runs.values():  # the PyTorch peer ran on as many threads as XLA:CPU
         assert run["result"]["torch_threads"] == report.usable_cpus(), run["job"]
-    assert "[3/3] lm_step: ok (" in proc.stderr
+    assert "[4/4] lm_step: ok (" in proc.stderr
 
 
 def test_replace_block_replaces_the_marked_block_and_nothing_else():
@@ -106,6 +112,27 @@ def test_table_marks_goals_met_and_not_and_failed_benchmarks():
         "| `generate.py` | image, 259 tokens, batch 8, greedy | 5.50 tok/s | 2.00 tok/s | 2.75x | >= 3x | no |",
         "| `lm_step.py` | failed: RuntimeError: out of memory \\| again | - | - | - | >= 1.5x | no |",
     ]
+
+
+def test_ceilings_divide_xlas_best_matmul_rate_by_the_peers_model_rate():
+    """ceiling = XLA's fastest matmul / the peer's model GFLOP/s (rate x model FLOPs per item); cases without
+    model FLOPs, and runs without matmul_peak, give no row."""
+    peak = {"job": "matmul_peak", "script": "matmul_peak.py", "args": [], "status": "ok",
+            "result": {"rows": [{"case": "matmul", "jax_gflops": 300.0, "torch_gflops": 350.0},
+                                {"case": "head", "jax_gflops": 20.0, "torch_gflops": 30.0}]}}
+    codec = {"job": "codec_tiny", "script": "vqgan_codec.py", "args": [], "status": "ok",
+             "result": {"resolution": 64, "batch": 8, "encode_images_per_s": {"jax": 100.0, "torch": 200.0},
+                        "decode_images_per_s": {"jax": 50.0, "torch": 40.0},
+                        "model_flops_per_image": {"encode": 1e9, "decode": 2.5e9}}}
+    lm = {"job": "lm_step", "script": "lm_step.py", "args": [], "status": "ok",
+          "result": {"batch": 1, "seq": 8, "vocab": 10, "shape": {"hidden": 4, "layers": 1},
+                     "jax_tokens_per_s": 10.0, "torch_tokens_per_s": 20.0}}  # no model FLOPs recorded
+    text = report.ceilings([peak, codec, lm])
+    assert "300 GFLOP/s in XLA:CPU and 350 in PyTorch" in text
+    assert [line for line in text.splitlines() if line.startswith("| `")] == [
+        "| `vqgan_codec.py` | encode, 64 px, batch 8 | 1 | 100 | 200 | 1.50x | >= 1.5x |",
+        "| `vqgan_codec.py` | decode, 64 px, batch 8 | 2.5 | 125 | 100 | 3.00x | >= 1.5x |"]
+    assert report.ceilings([codec, lm]) == ""
 
 
 def test_a_failing_benchmark_is_a_row_and_the_runner_exits_1(tmp_path, monkeypatch, capsys):
