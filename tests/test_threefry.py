@@ -25,7 +25,7 @@ def test_gumbel_rows_are_jax_gumbel_bit_for_bit():
     rows = jax.jit(gumbel_rows, static_argnums=(1, 2, 3))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(11), i))(jnp.arange(3))
     for size in (1, 77, 300):
-        whole = np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (size,), jnp.float32))(keys))
+        whole = np.asarray(jax.vmap(lambda k, n=size: jax.random.gumbel(k, (n,), jnp.float32))(keys))
         np.testing.assert_array_equal(np.asarray(rows(keys, size, 0, size)).view(np.uint32),
                                       whole.view(np.uint32))
         for start, stop in ((0, size // 2), (size // 3, size), (size - 1, size)):
