@@ -188,10 +188,9 @@ def main():
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         print(f"| {r['case']} | {r['sampler']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | "
               f"{r['ours_tokens_per_s']:.0f} | {hf_cell} | {ratio} | {r['ours_compile_s']:.1f} |")
-    print("\n" + json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    from benchmarks.report import emit
+
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

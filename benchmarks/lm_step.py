@@ -10,7 +10,6 @@ the same loss (mean next-token cross-entropy over the LLM-CXR vocabulary T + K =
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -153,10 +152,9 @@ def main():
         result["jax_mfu"] = result["jax_tokens_per_s"] * flops / (peak * 1e12)
         if "torch_tokens_per_s" in result:
             result["torch_mfu"] = result["torch_tokens_per_s"] * flops / (peak * 1e12)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    from benchmarks.report import emit
+
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

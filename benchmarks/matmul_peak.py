@@ -46,7 +46,7 @@ def main():
     import jax.numpy as jnp
     import torch
 
-    from benchmarks.report import usable_cpus
+    from benchmarks.report import emit, usable_cpus
 
     torch.set_num_threads(usable_cpus())
     rng = np.random.default_rng(0)
@@ -81,10 +81,7 @@ def main():
     for r in rows:
         print(f"| {r['case']} | {r['jax_s'] * 1e3:.3f} | {r['torch_s'] * 1e3:.3f} | {r['jax_gflops']:.0f} | "
               f"{r['torch_gflops']:.0f} |")
-    print("\n" + json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 ours vs the PyTorch peer per case against issue 21's goals, kept between two marker lines of docs/performance.md."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -21,6 +22,14 @@ HEADER = ("| benchmark | case | ours | PyTorch peer | ours / peer | goal | met |
 def usable_cpus() -> int:
     """The CPUs this process may run on: XLA:CPU sizes its thread pool by them, and the scripts give torch as many."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def emit(result, path: str | None = None) -> None:
+    """A benchmark script's result: printed as JSON, and written to path (its --json) when given."""
+    print("\n" + json.dumps(result, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def machine() -> dict:

@@ -11,7 +11,6 @@ first holds compilation). Prints a JSON result.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -83,10 +82,9 @@ def main():
               "windows": len(windows), "step_time_ms": 1e3 * step_s, "steps_per_s": 1.0 / step_s,
               "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in windows])), "wall_s": wall,
               "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count()}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    from benchmarks.report import emit
+
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ model vs diffusers' VQModel (PyTorch) on the same weights and batch, side by sid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -129,10 +128,9 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     result = measure(args.variant, args.batch, args.dtype, args.steps, args.warmup)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    from benchmarks.report import emit
+
+    emit(result, args.json)
     return 0
 
 
