@@ -1,9 +1,10 @@
 """`llmcxr demo`: the whole LLM-CXR loop at laptop size on a synthetic CXR corpus.
 
-get_config("full") (the default): 15-19 minutes on 2 CPU cores, as fast as the machine (the
-README has one run's numbers: in that budget the LM's reports name all four findings the README
-lists well above chance, and the classifier finds each of them in its drawings above chance,
-AUROC 0.62-0.70). get_config("quick"): every phase at toy size in a few minutes (CI runs it).
+get_config("full") (the default): 8-9 minutes on 2 CPU cores, as fast as the machine (the README
+has one run's numbers: in that budget the LM's reports name cardiomegaly, effusion and pneumothorax
+well above chance and support devices about at chance, and the classifier finds each of the four in
+its drawings above chance, AUROC 0.55-0.79 over three training seeds, docs/demo.md).
+get_config("quick"): every phase at toy size in a few minutes (CI runs it).
 
 Sections: corpus (llmcxr synth), vqgan / stage1 / stage2 (complete train configs; the demo fills
 in the data paths), tokenizer, classifier (the synthetic-corpus CNN scoring report->CXR images),
