@@ -1,5 +1,6 @@
 """The sampler's fast paths on a CPU: Gumbel noise bit for bit jax.random.gumbel's (an unrolled threefry), and
-the row-by-row top-p/top-k threshold bisection equal to a brute-force reference."""
+the top-p/top-k threshold bisection (row by row on a CPU, all rows at once elsewhere) equal to a brute-force
+reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,16 +56,18 @@ def _brute_force_threshold(keys: np.ndarray, weights: np.ndarray, budget) -> int
 
 
 @pytest.mark.parametrize("integer", [False, True])
-def test_cpu_threshold_bisection_equals_brute_force(integer):
-    """Row by row on [vocab / 128, 128] tiles (with padding), over leading dims, with tied keys; dyadic
-    weights, so every order of summation gives the same sums."""
+@pytest.mark.parametrize("form", [smp._smallest_passing_cpu, smp._smallest_passing_all_rows], ids=["cpu", "all_rows"])
+def test_threshold_bisection_equals_brute_force(integer, form):
+    """Both forms of the bisection (a CPU's, row by row on [vocab / 128, 128] tiles with padding; an
+    accelerator's, every row at once), over leading dims, with tied keys; dyadic weights, so every order of
+    summation gives the same sums."""
     rng = np.random.default_rng(2)
     keys = rng.integers(1, 2 ** 32 - 1, (2, 3, 301), dtype=np.uint32)
     keys[0, 1, :40] = keys[0, 1, 40]  # ties
     weights = (np.ones(keys.shape, np.int32) if integer
                else rng.integers(0, 64, keys.shape).astype(np.float32) / 1024)
     for budget in ((1, 7, 300) if integer else (0.01, 0.5, 0.92 * float(weights.sum(-1).max()))):
-        got = np.asarray(smp._smallest_passing_cpu(jnp.asarray(keys), jnp.asarray(weights), budget))
+        got = np.asarray(form(jnp.asarray(keys), jnp.asarray(weights), budget))
         assert got.shape == (2, 3, 1)
         for i in np.ndindex(2, 3):
             assert int(got[i][0]) == _brute_force_threshold(keys[i], weights[i], budget), (i, budget)

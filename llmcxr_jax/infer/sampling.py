@@ -17,7 +17,7 @@ from llmcxr_jax.infer.threefry import gumbel_rows
 MODES = ("text", "image", "unconstrained")
 # LLM-CXR's generation settings: nucleus sampling at temperature 1, top_p 0.92, top_k 0 (off)
 LLMCXR_TEMPERATURE, LLMCXR_TOP_P, LLMCXR_TOP_K = 1.0, 0.92, 0
-_LANES = 128  # the bisection's independent partial sums per row
+_LANES = 128  # a row length XLA:CPU vectorises: the bisection's partial sums, the noise's padded rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,15 @@ def _smallest_passing_cpu(keys: jax.Array, weights: jax.Array, budget) -> jax.Ar
         keys, weights = args
         return _bisect(lambda t: jnp.sum(jnp.sum(jnp.where(keys > t, weights, 0), axis=0)), budget, ())
 
-    rows = math.prod(lead)
-    at_once = max(1, min(rows, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    at_once = max(1, min(math.prod(lead), cores))  # XLA:CPU runs one thread per core this process may use
     return jax.lax.map(row, (tiles(keys), tiles(weights)), batch_size=at_once).reshape(lead + (1,))
+
+
+def _smallest_passing_all_rows(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
+    """_smallest_passing over every row at once (accelerators)."""
+    return _bisect(lambda t: jnp.sum(jnp.where(keys > t, weights, 0), axis=-1, keepdims=True), budget,
+                   keys.shape[:-1] + (1,))
 
 
 def _smallest_passing(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
@@ -154,11 +160,8 @@ def _smallest_passing(keys: jax.Array, weights: jax.Array, budget) -> jax.Array:
     Bisection over the uint32 range: exact, no sort, one masked sum per step; on a CPU row by row
     (_smallest_passing_cpu), elsewhere all rows at once.
     """
-    def all_rows(keys, weights, budget):
-        return _bisect(lambda t: jnp.sum(jnp.where(keys > t, weights, 0), axis=-1, keepdims=True), budget,
-                       keys.shape[:-1] + (1,))
-
-    return jax.lax.platform_dependent(keys, weights, budget, cpu=_smallest_passing_cpu, default=all_rows)
+    return jax.lax.platform_dependent(keys, weights, budget, cpu=_smallest_passing_cpu,
+                                      default=_smallest_passing_all_rows)
 
 
 def filter_logits(logits: jax.Array, top_k, top_p) -> jax.Array:
