@@ -15,22 +15,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 HEAD_ROWS, HEAD_HIDDEN = 51328, 256
-
-
-def fastest(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -46,7 +35,7 @@ def main():
     import jax.numpy as jnp
     import torch
 
-    from benchmarks.report import emit, usable_cpus
+    from benchmarks.report import emit, fastest, usable_cpus
 
     torch.set_num_threads(usable_cpus())
     rng = np.random.default_rng(0)

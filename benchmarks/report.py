@@ -24,6 +24,17 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def fastest(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of fn (which waits for its own result), after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def emit(result, path: str | None = None) -> None:
     """A benchmark script's result: printed as JSON, and written to path (its --json) when given."""
     print("\n" + json.dumps(result, indent=2))
@@ -126,9 +137,9 @@ def ceilings(runs: list[dict]) -> str:
              "| benchmark | case | model GFLOP per item | ours GFLOP/s | peer GFLOP/s | ceiling | goal |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
-        if run["status"] != "ok" or jobs[run["job"]].goal is None:
-            continue
         job = jobs[run["job"]]
+        if run["status"] != "ok" or job.goal is None:
+            continue
         for r in job.rows(run["result"]):
             if not r.get("model_flops") or r["peer"] is None:
                 continue

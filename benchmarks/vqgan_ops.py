@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -28,13 +27,10 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # benchma
 
 
 def fastest_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    """The fastest call of fn(*args) in ms, its result waited for (the first call compiles / warms up)."""
+    from benchmarks.report import fastest
+
+    return fastest(lambda: jax.block_until_ready(fn(*args)), repeats) * 1e3
 
 
 def main() -> None:
